@@ -1,0 +1,261 @@
+"""`splitllm export`: checkpoint -> artifact directory (manifest, tokenizer, per-stage graphs).
+
+Weights stream one tensor at a time from the checkpoint into each stage's weights file, so peak
+memory is about one layer's working set whatever the depth. The directory appears only when complete:
+everything is written into a hidden sibling and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from splitllm.export.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from splitllm.export.graph_cpu import CpuStageGraph
+from splitllm.export.onnx_writer import GraphBuilder, WeightsFile
+from splitllm.export.quantize import NBitsWeight, RowQuantized, quantize, quantize_rows
+from splitllm.services.common.manifest import (
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    GraphSpec,
+    Manifest,
+    ModelConfig,
+    StagePlan,
+    sha256_file,
+)
+
+LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class ExportError(ValueError):
+    """Bad export arguments or source; the message is the one-line error users see."""
+
+
+def split_plan(
+    layer_bytes: list[int], head_bytes: int, tail_bytes: int, stages: int
+) -> list[tuple[int, int]]:
+    """Contiguous layer ranges, at least one layer each, minimising the largest stage's bytes.
+
+    The first stage also holds `head_bytes` (embedding), the last `tail_bytes` (final norm, lm_head).
+    """
+    n = len(layer_bytes)
+    if not 1 <= stages <= n:
+        raise ExportError(f"--stages {stages} is not possible: the model has {n} layers (allowed: 1 to {n})")
+    prefix = np.concatenate([[0], np.cumsum(layer_bytes)])
+
+    def cost(k: int, a: int, b: int) -> float:  # stage k holds layers a..b-1
+        return prefix[b] - prefix[a] + (head_bytes if k == 0 else 0) + (tail_bytes if k == stages - 1 else 0)
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]  # best[k][j]: first j layers in k stages
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0
+    for k in range(1, stages + 1):
+        for j in range(k, n - (stages - k) + 1):
+            for i in range(k - 1, j):
+                c = max(best[k - 1][i], cost(k - 1, i, j))
+                if c < best[k][j]:
+                    best[k][j], cut[k][j] = c, i
+    ranges, j = [], n
+    for k in range(stages, 0, -1):
+        ranges.append((cut[k][j], j))
+        j = cut[k][j]
+    return ranges[::-1]
+
+
+def estimated_bytes(cfg: ModelConfig) -> tuple[list[int], int, int]:
+    """Weight bytes per layer (4-bit + scales), embedding and lm_head (8-bit + scales)."""
+    h, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads * cfg.head_dim
+    layer = (h * h * 2 + h * kv * 2 + 3 * h * f) * (0.5 + 4 / 32) + 2 * h * 4
+    table = cfg.vocab_size * h * (1 + 4 / 32)
+    return [int(layer)] * cfg.num_layers, int(table), int(table + h * 4)
+
+
+class WeightSource:
+    """Checkpoint tensors in the form the graphs take: 4-bit layers, 8-bit embedding and lm_head.
+
+    Tensors that arrive quantized (GGUF) pass through exactly; float ones are quantized here.
+    Records what happened to each tensor group for the manifest.
+    """
+
+    def __init__(self, ckpt: Checkpoint, layer_bits: int = 4, block_size: int = 32) -> None:
+        self.ckpt, self.layer_bits, self.block_size = ckpt, layer_bits, block_size
+        self.groups: dict[str, dict] = {}
+
+    def _record(self, group: str, w: object, quantized_here: bool) -> None:
+        if isinstance(w, np.ndarray):
+            info = {"bits": 32, "dtype": "float32"}
+        elif isinstance(w, RowQuantized):
+            info = {"bits": 8, "block_size": w.block_size, "format": "int8 rows (Gather + scale)"}
+        else:
+            assert isinstance(w, NBitsWeight)
+            info = {
+                "bits": w.bits,
+                "block_size": w.block_size,
+                "format": "MatMulNBits",
+                "zero_points": w.zero_points is not None,
+                "block_offsets": w.block_offsets is not None,
+            }
+        info["origin"] = "quantized by export" if quantized_here else "from checkpoint (exact)"
+        self.groups.setdefault(group, info)
+
+    def __call__(self, name: str) -> object:
+        w = self.ckpt.tensor(name)
+        short = name.rsplit(".", 1)[-1]
+        group = {
+            "embed": "embedding",
+            "lm_head": "lm_head",
+            "norm": "norms",
+            "attn_norm": "norms",
+            "ffn_norm": "norms",
+        }.get(short, "layers.attention" if short in "qkvo" else "layers.mlp")
+        fresh = isinstance(w, np.ndarray) and w.ndim == 2
+        if fresh and short == "embed":
+            w = quantize_rows(w, block_size=self.block_size)
+        elif fresh and short == "lm_head":
+            w = quantize(w, bits=8, block_size=self.block_size)
+        elif fresh and short in LINEAR:
+            w = quantize(w, bits=self.layer_bits, block_size=self.block_size)
+        self._record(group, w, fresh)
+        return w
+
+
+class Progress:
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.tty:
+            filled = int(30 * self.done / self.total)
+            bar = "#" * filled + "." * (30 - filled)
+            sys.stderr.write(
+                f"\r[{bar}] {self.done}/{self.total} {label} {time.monotonic() - self.start:5.1f}s"
+            )
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def export(
+    source: str | Path,
+    out: str | Path,
+    stages: int = 4,
+    context: int = 1024,
+    prefill: int = 128,
+    target: str = "cpu",
+    accuracy_level: int = 4,
+) -> Manifest:
+    out = Path(out)
+    if target != "cpu":
+        raise ExportError(f"--target {target!r} is not available in this build (allowed: cpu)")
+    if prefill < 1 or context < 1:
+        raise ExportError(f"--prefill-len {prefill} and --context {context} must be positive")
+    if prefill > context:
+        raise ExportError(
+            f"--prefill-len {prefill} is larger than --context {context} (allowed: 1 to {context})"
+        )
+    try:
+        ckpt = open_checkpoint(source)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    cfg = ckpt.config
+    ranges = split_plan(*estimated_bytes(cfg), stages=stages)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).exists():
+        raise ExportError(f"{out} exists and is not an artifact directory; refusing to overwrite it")
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        manifest = _write(ckpt, cfg, work, ranges, context, prefill, accuracy_level)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        work.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        return manifest
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _write(
+    ckpt: Checkpoint,
+    cfg: ModelConfig,
+    work: Path,
+    ranges: list[tuple[int, int]],
+    context: int,
+    prefill: int,
+    accuracy_level: int,
+) -> Manifest:
+    tok = ckpt.tokenizer()
+    (work / "tokenizer.json").write_text(tok.tokenizer_json)
+    weights = WeightSource(ckpt)
+    progress = Progress(cfg.num_layers)
+    plans = []
+    for k, (first, last) in enumerate(ranges):
+        name = f"stage{k + 1}.cpu"
+        wf = WeightsFile(work / f"{name}.weights")
+        b = GraphBuilder(name, wf)
+        ins, outs = CpuStageGraph(b, cfg, context, accuracy_level).build(
+            first,
+            last,
+            has_embedding=k == 0,
+            has_lm_head=k == len(ranges) - 1,
+            weight=weights,
+            on_layer=lambda k=k: progress.step(f"stage {k + 1}/{len(ranges)}"),
+        )
+        wf.close()
+        b.save(work / f"{name}.onnx")
+        spec = dict(file=f"{name}.onnx", weights=wf.path.name, inputs=ins, outputs=outs)
+        plans.append(
+            StagePlan(
+                index=k,
+                first_layer=first,
+                last_layer=last,
+                has_embedding=k == 0,
+                has_lm_head=k == len(ranges) - 1,
+                weight_bytes=wf.offset,
+                graphs={
+                    "cpu": {
+                        "pp": GraphSpec(max_tokens=prefill, **spec),
+                        "tg": GraphSpec(max_tokens=1, **spec),
+                    }
+                },
+            )
+        )
+    kv_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * 4
+    files = {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file()}
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        model=cfg,
+        context_length=context,
+        prefill_length=prefill,
+        kv={
+            "layout": "per layer: key and value [1, kv_heads, context, head_dim], written in place",
+            "dtype": "float32",
+            "bytes_per_token_per_layer": kv_bytes,
+        },
+        quantization={"groups": weights.groups, "accuracy_level": accuracy_level},
+        tokenizer={
+            "file": "tokenizer.json",
+            "chat_template": tok.chat_template,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "stop_token_ids": tok.stop_token_ids,
+            "add_bos": tok.add_bos,
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+        },
+        stages=plans,
+        files=files,
+        source=ckpt.describe(),
+    )
+    (work / MANIFEST_FILE).write_text(manifest.to_json())
+    return manifest

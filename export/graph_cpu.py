@@ -1,0 +1,223 @@
+"""The CPU stage graph: a slice of decoder layers with ONNX Runtime contrib operators.
+
+One graph serves prompt processing and token generation (the sequence length is dynamic), so a
+stage holds one copy of its weights. Per layer:
+
+    h, x = SkipSimplifiedLayerNorm(delta, x)          residual add fused into the norm
+    qkv  = MatMulNBits(h, Wqkv) [+ blocksum(h) @ Oqkv] fused Q/K/V, exact Q4_1 minimum term
+    a    = GroupQueryAttention(qkv, past KV, rotary)   KV written in place (past and present share a buffer)
+    ...  o projection, SwiGLU MLP with fused gate/up
+
+Inputs: input_ids int32 [1, S] (first stage) or hidden_in float32 [1, S, H]; seqlens_k int32 [1]
+(= position + S - 1); total_sequence_length int32 []; past_key.{i}/past_value.{i} float32
+[1, kv_heads, C, head_dim]. Outputs: hidden_out [1, S, H], or logits [1, vocab] of the last row (last
+stage); present_key.{i}/present_value.{i} (the same buffers as past when bound in place).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from splitllm.export.onnx_writer import GraphBuilder
+from splitllm.export.quantize import NBitsWeight, RowQuantized
+from splitllm.services.common.manifest import ModelConfig, TensorSpec
+from splitllm.services.common.rope import cos_sin
+
+MS = "com.microsoft"
+
+
+def concat_rows(ws: list[NBitsWeight]) -> NBitsWeight | None:
+    """Stack weights along N (fused QKV, gate/up); None when their formats differ."""
+    first = ws[0]
+    same = all(
+        w.bits == first.bits
+        and w.block_size == first.block_size
+        and (w.zero_points is None) == (first.zero_points is None)
+        and (w.block_offsets is None) == (first.block_offsets is None)
+        for w in ws
+    )
+    if not same:
+        return None
+    cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=0)  # noqa: E731
+    return NBitsWeight(
+        bits=first.bits,
+        block_size=first.block_size,
+        packed=np.concatenate([w.packed for w in ws], axis=0),
+        scales=np.concatenate([w.scales for w in ws], axis=0),
+        zero_points=cat([w.zero_points for w in ws]),
+        block_offsets=None
+        if first.block_offsets is None
+        else np.concatenate([w.block_offsets for w in ws], axis=1),
+    )
+
+
+class CpuStageGraph:
+    def __init__(self, b: GraphBuilder, cfg: ModelConfig, context: int, accuracy_level: int) -> None:
+        self.b, self.cfg, self.context, self.accuracy_level = b, cfg, context, accuracy_level
+        self.blocksums: dict[tuple[str, int], str] = {}
+        self.dims = {"S": "sequence"}
+
+    def linear(self, x: str, w: NBitsWeight, name: str) -> str:
+        b = self.b
+        n, k = w.scales.shape[0], w.scales.shape[1] * w.block_size
+        inputs = [x, b.weight(name + ".qweight", w.packed), b.weight(name + ".scales", w.scales.reshape(-1))]
+        if w.zero_points is not None:
+            inputs.append(b.weight(name + ".zero_points", w.zero_points.reshape(-1)))
+        y = b.op(
+            "MatMulNBits",
+            inputs,
+            domain=MS,
+            K=k,
+            N=n,
+            bits=w.bits,
+            block_size=w.block_size,
+            accuracy_level=self.accuracy_level,
+        )
+        if w.block_offsets is None:
+            return y
+        key = (x, w.block_size)
+        if key not in self.blocksums:  # sums of x over each quantization block, shared by fused users
+            blocks = b.op("Reshape", [x, b.const([0, 0, k // w.block_size, w.block_size], "blocks")])
+            self.blocksums[key] = b.op("ReduceSum", [blocks, b.const([-1], "axis")], keepdims=0)
+        offset = b.op("MatMul", [self.blocksums[key], b.weight(name + ".block_offsets", w.block_offsets)])
+        return b.op("Add", [y, offset])
+
+    def embedding(self, ids: str, e: RowQuantized) -> str:
+        b = self.b
+        vals = b.op("Cast", [b.op("Gather", [b.weight("embed.values", e.values), ids])], to=1)
+        nblk = e.scales.shape[1]
+        blocks = b.op("Reshape", [vals, b.const([0, 0, nblk, -1], "blocks")])
+        if e.zero_points is not None:
+            zp = b.op("Gather", [b.weight("embed.zero_points", e.zero_points.astype(np.float32)), ids])
+            blocks = b.op("Sub", [blocks, b.op("Unsqueeze", [zp, b.const([-1], "axis")])])
+        scale = b.op(
+            "Unsqueeze", [b.op("Gather", [b.weight("embed.scales", e.scales), ids]), b.const([-1], "axis")]
+        )
+        x = b.op("Mul", [blocks, scale])
+        return b.op("Reshape", [x, b.const([0, 0, self.cfg.hidden_size], "hidden")])
+
+    def norm(self, x: str, w: np.ndarray, name: str) -> str:
+        return self.b.op(
+            "SimplifiedLayerNormalization",
+            [x, self.b.weight(name, w)],
+            axis=-1,
+            epsilon=self.cfg.rms_norm_eps,
+            stash_type=1,
+        )
+
+    def skip_norm(self, delta: str, residual: str, w: np.ndarray, name: str) -> tuple[str, str]:
+        """(norm(residual + delta), residual + delta)."""
+        b = self.b
+        outs = [b.fresh("normed"), "", "", b.fresh("residual")]
+        b.op(
+            "SkipSimplifiedLayerNormalization",
+            [residual, delta, b.weight(name, w)],
+            outputs=outs,
+            domain=MS,
+            epsilon=self.cfg.rms_norm_eps,
+        )
+        return outs[0], outs[3]
+
+    def layer(
+        self,
+        i: int,
+        x: str,
+        delta: str | None,
+        weight: Callable[[str], object],
+        rope: tuple[str, str],
+        seqlens: str,
+        total: str,
+    ) -> tuple[str, str]:
+        b, c, p = self.b, self.cfg, f"layers.{i}."
+        attn_norm = weight(p + "attn_norm")
+        h, x = (
+            (self.norm(x, attn_norm, p + "attn_norm"), x)
+            if delta is None
+            else self.skip_norm(delta, x, attn_norm, p + "attn_norm")
+        )
+        q, k, v = (weight(p + t) for t in "qkv")
+        qkv = concat_rows([q, k, v])
+        if qkv is not None:
+            packed = self.linear(h, qkv, p + "qkv")
+            gqa_in = [packed, "", ""]
+        else:
+            gqa_in = [self.linear(h, q, p + "q"), self.linear(h, k, p + "k"), self.linear(h, v, p + "v")]
+        attn = b.fresh("attn")
+        b.op(
+            "GroupQueryAttention",
+            gqa_in + [f"past_key.{i}", f"past_value.{i}", seqlens, total, rope[0], rope[1]],
+            outputs=[attn, f"present_key.{i}", f"present_value.{i}"],
+            domain=MS,
+            num_heads=c.num_heads,
+            kv_num_heads=c.num_kv_heads,
+            do_rotary=1,
+            rotary_interleaved=0,
+        )
+        o = self.linear(attn, weight(p + "o"), p + "o")
+        h, x = self.skip_norm(o, x, weight(p + "ffn_norm"), p + "ffn_norm")
+        gate_w, up_w = weight(p + "gate"), weight(p + "up")
+        gu_w = concat_rows([gate_w, up_w])
+        if gu_w is not None:
+            gate, up = b.op(
+                "Split",
+                [self.linear(h, gu_w, p + "gate_up"), b.const([c.intermediate_size] * 2, "split")],
+                n_out=2,
+                axis=-1,
+            )
+        else:
+            gate, up = self.linear(h, gate_w, p + "gate"), self.linear(h, up_w, p + "up")
+        act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+        return x, self.linear(act, weight(p + "down"), p + "down")
+
+    def build(
+        self,
+        first: int,
+        last: int,
+        has_embedding: bool,
+        has_lm_head: bool,
+        weight: Callable[[str], object],
+        on_layer: Callable[[], None] = lambda: None,
+    ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        b, c, C = self.b, self.cfg, self.context
+        S, H = "sequence", c.hidden_size
+        kv_shape = [1, c.num_kv_heads, C, c.head_dim]
+        ins = [
+            TensorSpec("input_ids", "int32", [1, S])
+            if has_embedding
+            else TensorSpec("hidden_in", "float32", [1, S, H]),
+            TensorSpec("seqlens_k", "int32", [1]),
+            TensorSpec("total_sequence_length", "int32", []),
+        ]
+        for i in range(first, last):
+            ins += [
+                TensorSpec(f"past_key.{i}", "float32", kv_shape),
+                TensorSpec(f"past_value.{i}", "float32", kv_shape),
+            ]
+        for t in ins:
+            b.input(t.name, t.dtype, t.shape)
+        x = self.embedding("input_ids", weight("embed")) if has_embedding else "hidden_in"
+        cos, sin = cos_sin(c, C)
+        rope = (b.weight("rope.cos", cos), b.weight("rope.sin", sin))
+        delta = None
+        for i in range(first, last):
+            x, delta = self.layer(i, x, delta, weight, rope, "seqlens_k", "total_sequence_length")
+            on_layer()
+        x = b.op("Add", [x, delta])  # every stage holds at least one layer
+        if has_lm_head:  # logits of the last row only: slice before the final norm and lm_head
+            x = b.op("Slice", [x, b.const([-1], "start"), b.const([2**62], "end"), b.const([1], "axis")])
+            y = self.linear(self.norm(x, weight("norm"), "norm"), weight("lm_head"), "lm_head")
+            out = TensorSpec("logits", "float32", [1, c.vocab_size])
+            b.output(
+                b.op("Reshape", [y, b.const([1, c.vocab_size], "shape")]), out.name, out.dtype, out.shape
+            )
+        else:
+            out = TensorSpec("hidden_out", "float32", [1, S, H])
+            b.output(x, out.name, out.dtype, out.shape)
+        outs = [out]
+        for i in range(first, last):
+            for kind in ("key", "value"):
+                spec = TensorSpec(f"present_{kind}.{i}", "float32", kv_shape)
+                b.output(spec.name, spec.name, spec.dtype, spec.shape)
+                outs.append(spec)
+        return ins, outs

@@ -1,0 +1,85 @@
+"""A stage's KV cache: a bounded pool of per-session buffers, written in place by the graphs.
+
+Buffers are np.zeros, so pages are committed only as positions are written, and a released session's
+memory goes back to the system at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from splitllm.services.common.errors import exhausted, invalid, not_found
+
+
+@dataclass
+class Session:
+    id: str
+    buffers: dict[
+        str, np.ndarray
+    ]  # graph input name (past_key.i / past_value.i) -> [1, kv_heads, C, head_dim]
+    length: int = 0  # positions written
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    binding: object = None  # the runtime's reusable I/O binding for these buffers
+
+
+class KVPool:
+    def __init__(self, layers: range, kv_heads: int, context: int, head_dim: int, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"KV capacity must be at least 1 session (got {capacity})")
+        self.layers, self.capacity = layers, capacity
+        self.shape = (1, kv_heads, context, head_dim)
+        self.bytes_per_session = 2 * len(layers) * kv_heads * context * head_dim * 4
+        self.sessions: dict[str, Session] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def in_use(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def bytes_in_use(self) -> int:
+        return self.in_use * self.bytes_per_session
+
+    @property
+    def bytes_capacity(self) -> int:
+        return self.capacity * self.bytes_per_session
+
+    def create(self, session_id: str) -> Session:
+        if not session_id:
+            raise invalid("session_id is empty: every entry needs a non-empty session id")
+        with self.lock:
+            if session_id in self.sessions:
+                raise invalid(f"session {session_id!r} already exists (position 0 starts a new session only)")
+            if len(self.sessions) >= self.capacity:
+                raise exhausted(f"no KV capacity: {self.capacity} sessions in use on this stage; retry later")
+            buffers = {}
+            for i in self.layers:
+                buffers[f"past_key.{i}"] = np.zeros(self.shape, np.float32)
+                buffers[f"past_value.{i}"] = np.zeros(self.shape, np.float32)
+            s = self.sessions[session_id] = Session(session_id, buffers)
+            return s
+
+    def get(self, session_id: str) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise not_found(
+                f"session {session_id!r} is unknown on this stage (never started, released or expired)"
+            )
+        return s
+
+    def release(self, session_id: str) -> bool:
+        with self.lock:
+            return self.sessions.pop(session_id, None) is not None
+
+    def expire(self, ttl: float, now: float | None = None) -> list[str]:
+        """Drop sessions idle for more than `ttl` seconds (and not running); returns their ids."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            old = [sid for sid, s in self.sessions.items() if now - s.last_used > ttl and not s.lock.locked()]
+            for sid in old:
+                del self.sessions[sid]
+        return old
