@@ -1,0 +1,65 @@
+"""What the coordinator needs of the stages: run a step of a session, release it, describe the route.
+
+Two implementations: LocalPipeline (the stage graphs in this process; tests and the overhead baseline)
+and the gRPC one in services/coordinator/remote.py. Both raise ServiceError with a gRPC status code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from splitllm.services.common.errors import invalid
+from splitllm.services.common.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Logits:
+    """Full logits (ids is None) or the top-k values with their token ids."""
+
+    values: np.ndarray
+    ids: np.ndarray | None = None
+
+
+class Pipeline(Protocol):
+    manifest: Manifest
+
+    def step(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Logits:
+        """Run `tokens` (int32, 1..P of them) of a session from `position` through every stage."""
+        ...
+
+    def release(self, session_id: str) -> None:
+        """Free the session on every stage of its route; never raises."""
+        ...
+
+    def addresses(self) -> list[str]: ...
+
+
+def top_k_logits(logits: np.ndarray, k: int) -> Logits:
+    if k <= 0 or k >= logits.shape[-1]:
+        return Logits(logits)
+    ids = np.argpartition(logits, -k)[-k:]
+    return Logits(logits[ids], ids.astype(np.int32))
+
+
+class LocalPipeline:
+    """The in-process chain behind the Pipeline interface."""
+
+    def __init__(self, artifacts: str, kv_capacity: int = 16, threads: int | None = None) -> None:
+        from splitllm.services.stage.chain import LocalChain
+
+        self.chain = LocalChain(artifacts, kv_capacity=kv_capacity, threads=threads)
+        self.manifest = self.chain.manifest
+
+    def step(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Logits:
+        if tokens.size == 0:
+            raise invalid("a step needs at least one token")
+        return top_k_logits(self.chain.step(session_id, position, tokens), top_k)
+
+    def release(self, session_id: str) -> None:
+        self.chain.release(session_id)
+
+    def addresses(self) -> list[str]:
+        return ["local"] * len(self.chain.stages)
