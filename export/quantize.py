@@ -1,0 +1,249 @@
+"""Weights in ONNX Runtime MatMulNBits form (linear layers) and row-quantized form (embedding).
+
+A linear layer y = x @ W.T with W [N, K] becomes com.microsoft MatMulNBits:
+    W[n, k] = scales[n, b] * (code[n, k] - zero_point[n, b]) (+ block_offsets[b, n]),  b = k // block_size
+codes packed low-first along K into uint8 [N, K/block, block*bits/8]; zero points uint8, packed the same
+way per row ([N, ceil(K/block * bits / 8)]), or absent for the op's default 2**(bits-1). block_offsets
+is an extra exact term y += blocksum(x) @ block_offsets that MatMulNBits cannot express (GGUF Q4_1's
+minimum is not an integer number of steps).
+
+GGUF Q4_0, Q4_1 and Q8_0 map exactly (repacked, never quantized twice); float checkpoints are quantized
+here with a per-block least-squares search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+SUPPORTED = "F32, F16, BF16, Q8_0, Q4_0, Q4_1"
+_FLOAT = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+_BLOCKS = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [..., n] -> bytes [..., ceil(n*bits/8)], element 2j in the low nibble of byte j."""
+    if bits == 8:
+        return np.ascontiguousarray(codes, dtype=np.uint8)
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return packed
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+@dataclass(frozen=True)
+class NBitsWeight:
+    """A [N, K] weight in MatMulNBits layout (see the module docstring)."""
+
+    bits: int
+    block_size: int
+    packed: np.ndarray  # uint8 [N, K/block, block*bits/8]
+    scales: np.ndarray  # float32 [N, K/block]
+    zero_points: np.ndarray | None = None  # uint8 [N, ceil(K/block*bits/8)]; None: 2**(bits-1)
+    block_offsets: np.ndarray | None = None  # float32 [K/block, N]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.scales.shape[0], self.scales.shape[1] * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.packed, self.scales, self.zero_points, self.block_offsets)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    def dequantize(self) -> np.ndarray:
+        n, nb = self.scales.shape
+        codes = _unpack(self.packed, self.bits).astype(np.float32)
+        if self.zero_points is None:
+            zp = np.float32(1 << (self.bits - 1))
+        else:
+            zp = _unpack(self.zero_points, self.bits)[:, :nb, None].astype(np.float32)
+        w = (codes - zp) * self.scales[..., None]
+        if self.block_offsets is not None:
+            w += self.block_offsets.T[..., None]
+        return w.reshape(n, nb * self.block_size)
+
+
+@dataclass(frozen=True)
+class RowQuantized:
+    """Embedding rows: W[v, k] = (values[v, k] - zero_points[v, b]) * scales[v, b], b = k // block_size.
+
+    Gather-friendly: the graph gathers rows of values, scales (and zero points) by token id.
+    """
+
+    values: np.ndarray  # int8 [V, K]
+    scales: np.ndarray  # float32 [V, K/block]
+    zero_points: np.ndarray | None = None  # float32 [V, K/block]; None: 0
+
+    @property
+    def block_size(self) -> int:
+        return self.values.shape[1] // self.scales.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.values, self.scales, self.zero_points) if a is not None)
+
+    def dequantize(self) -> np.ndarray:
+        v, nb = self.scales.shape
+        x = self.values.reshape(v, nb, -1).astype(np.float32)
+        if self.zero_points is not None:
+            x -= self.zero_points[..., None]
+        return (x * self.scales[..., None]).reshape(v, -1)
+
+
+def _gguf_type(ggml_type: int) -> GGMLQuantizationType:
+    try:
+        t = GGMLQuantizationType(int(ggml_type))
+    except ValueError:
+        t = None
+    if t not in _FLOAT + _BLOCKS:
+        name = t.name if t is not None else f"type {int(ggml_type)}"
+        raise ValueError(f"GGML tensor type {name} is not supported; supported: {SUPPORTED}")
+    return t
+
+
+def _gguf_blocks(data: np.ndarray, ggml_type: int, shape: tuple[int, ...]):
+    """float32 array for float types, else (d, m | None, q) with q [N, K/32, 32] in element order
+    (uint8 0..15 for Q4, int8 for Q8_0) and d, m float32 [N, K/32]."""
+    t = _gguf_type(ggml_type)
+    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    block, type_size = GGML_QUANT_SIZES[t]
+    count = int(np.prod(shape))
+    if count % block or raw.size != count // block * type_size:
+        raise ValueError(f"{t.name} tensor of shape {tuple(shape)} needs {count // block * type_size} bytes, "
+                         f"got {raw.size}")
+    if t in _FLOAT:
+        return np.ascontiguousarray(gguf_dequantize(raw, t), dtype=np.float32).reshape(shape)
+    n, k = shape
+    blocks = raw.reshape(n, k // block, type_size)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if t == GGMLQuantizationType.Q8_0:
+        return d, None, blocks[..., 2:].view(np.int8)
+    m = None
+    if t == GGMLQuantizationType.Q4_1:
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 2 if m is None else 4:]
+    return d, m, np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # byte j: element j low, j+16 high
+
+
+def from_gguf(data: np.ndarray, ggml_type: int, shape_nk: tuple[int, ...]) -> NBitsWeight | np.ndarray:
+    """A GGUF tensor (ReaderTensor.data bytes) as MatMulNBits weights, exactly; float types as float32."""
+    got = _gguf_blocks(data, ggml_type, shape_nk)
+    if isinstance(got, np.ndarray):
+        return got
+    d, m, q = got
+    if q.dtype == np.int8:  # Q8_0: w = d*q = d*((q+128) - 128)
+        return NBitsWeight(8, 32, q.view(np.uint8) ^ np.uint8(0x80), d)
+    # Q4_0: w = d*(q-8). Q4_1: w = d*q + m = d*(q-8) + (m + 8d).
+    offsets = None if m is None else np.ascontiguousarray((m + 8 * d).T)
+    return NBitsWeight(4, 32, _pack(q, 4), d, None, offsets)
+
+
+def rows_from_gguf(data: np.ndarray, ggml_type: int, shape_vk: tuple[int, int]) -> RowQuantized | np.ndarray:
+    """A GGUF embedding as int8 rows, exactly (Q4_1 to float rounding); float types as float32."""
+    got = _gguf_blocks(data, ggml_type, shape_vk)
+    if isinstance(got, np.ndarray):
+        return got
+    d, m, q = got
+    v, k = shape_vk
+    if q.dtype == np.int8:
+        return RowQuantized(q.reshape(v, k), d)
+    if m is None:
+        return RowQuantized((q.astype(np.int8) - 8).reshape(v, k), d)
+    # Q4_1: d*q + m = d*(q - zp) with zp = -m/d; a block with d == 0 is constant m: code 0, zp -1, scale m.
+    flat = d == 0
+    values = np.where(flat[..., None], 0, q).astype(np.int8).reshape(v, k)
+    zp = np.where(flat, -1, -m / np.where(flat, 1, d)).astype(np.float32)
+    return RowQuantized(values, np.where(flat, m, d), zp)
+
+
+def quantize_rows(w: np.ndarray, block_size: int = 32) -> RowQuantized:
+    """Symmetric int8 per block of each row (absmax / 127): near lossless, no zero points."""
+    v, k = w.shape
+    x = np.asarray(w, np.float32).reshape(v, k // block_size, block_size)
+    s = np.abs(x).max(axis=-1) / 127
+    q = np.rint(x / np.where(s == 0, 1, s)[..., None])
+    return RowQuantized(q.astype(np.int8).reshape(v, k), s.astype(np.float32))
+
+
+_SHRINK = np.linspace(1.0, 0.75, 6, dtype=np.float32)  # candidate fractions of the block's [min, max] range
+_REFINE = 4  # least-squares rescaling rounds after the grid
+
+
+def _sse(x: np.ndarray, inv: np.ndarray, zp: np.ndarray, qmax: int, tmp: np.ndarray) -> np.ndarray:
+    """Per block: sum of (q - (x/s + zp))^2 with q = clip(rint(x/s + zp), 0, qmax); tmp: scratch [2, *x]."""
+    u, r = tmp
+    np.multiply(x, inv, out=u)
+    u += zp
+    np.clip(np.rint(u, out=r), 0, qmax, out=r)
+    r -= u
+    return np.einsum("...j,...j->...", r, r)[..., None]
+
+
+def _search(x: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and integer zero point per block (last axis) minimising the block's squared error.
+
+    A grid over shrunk [min, max] ranges and zero points +-1 around the rounded one, then rounds of
+    least-squares scale for the chosen codes (the scale that is optimal for fixed codes, codes re-rounded).
+    """
+    lo = np.minimum(x.min(-1, keepdims=True), 0)
+    span = np.maximum(x.max(-1, keepdims=True), 0) - lo
+    span[span == 0] = 1
+    tmp = np.empty((2, *x.shape), np.float32)
+    best = np.full(lo.shape, np.inf, np.float32)
+    scale, zp = np.ones_like(lo), np.zeros_like(lo)
+    for f in _SHRINK:
+        s = span * (f / qmax)
+        z0 = np.rint(-lo / s)
+        for dz in (-1, 0, 1):
+            z = np.clip(z0 + dz, 0, qmax)
+            e = _sse(x, 1 / s, z, qmax, tmp) * (s * s)
+            better = e < best
+            best[better], scale[better], zp[better] = e[better], s[better], z[better]
+    for _ in range(_REFINE):
+        c = np.clip(np.rint(x / scale + zp), 0, qmax) - zp
+        den = np.einsum("...j,...j->...", c, c)[..., None]
+        s = np.einsum("...j,...j->...", x, c)[..., None] / np.where(den > 0, den, 1)
+        s = np.where(s > 0, s, scale)
+        e = _sse(x, 1 / s, zp, qmax, tmp) * (s * s)
+        better = e < best
+        best[better], scale[better] = e[better], s[better]
+    return scale, zp
+
+
+def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32) -> NBitsWeight:
+    """Quantize a float [N, K] weight to MatMulNBits form.
+
+    4-bit: asymmetric, uint8 zero points (the fast kernel path), scale and zero point searched per block
+    for the least squared error. 8-bit: symmetric absmax/127, no zero points, the Q8_0 layout (its error is
+    already ~1/16 of 4-bit's and the graph keeps one 8-bit form).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    n, k = w.shape
+    if k % block_size or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 dividing K={k}, got {block_size}")
+    nb = k // block_size
+    x = np.asarray(w, np.float32).reshape(n, nb, block_size)
+    if bits == 8:
+        s = np.abs(x).max(axis=-1) / 127
+        q = np.rint(x / np.where(s == 0, 1, s)[..., None]) + 128
+        return NBitsWeight(8, block_size, q.astype(np.uint8), s.astype(np.float32))
+    qmax = 15
+    scales, zps = np.empty((n, nb), np.float32), np.empty((n, nb), np.uint8)
+    codes = np.empty((n, nb, block_size), np.uint8)
+    step = max(1, (1 << 17) // k)  # rows per chunk: ~512 KiB of float32, cache-sized temporaries
+    for r in range(0, n, step):
+        xr = x[r:r + step]
+        s, z = _search(xr, qmax)
+        codes[r:r + step] = np.clip(np.rint(xr / s + z), 0, qmax)
+        scales[r:r + step], zps[r:r + step] = s[..., 0], z[..., 0]
+    return NBitsWeight(4, block_size, _pack(codes, 4), scales, _pack(zps, 4))
