@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from splitllm.export.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from splitllm.export.graph_cpu import CpuStageGraph
 from splitllm.export.onnx_writer import GraphBuilder, WeightsFile

@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+
 from splitllm.export.quantize import NBitsWeight, RowQuantized, from_gguf, rows_from_gguf
 from splitllm.export.tokenizer import TokenizerBundle, tokenizer_from_gguf, tokenizer_from_hf_dir
 from splitllm.services.common.manifest import ModelConfig
@@ -70,6 +71,7 @@ def unpermute_qk(w: Weight, n_heads: int) -> Weight:
 
 # ---------------------------------------------------------------------------------------------- GGUF
 
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 GGUF_NAMES = {
     "embed": "token_embd.weight",
     "norm": "output_norm.weight",
@@ -104,9 +106,10 @@ class GGUFCheckpoint(Checkpoint):
         a = "llama."
         n_heads = int(self._field(a + "attention.head_count"))
         hidden = int(self._field(a + "embedding_length"))
+        self._check_tensors()
         vocab = self._field(a + "vocab_size", None)
         if vocab is None:
-            vocab = len(self.reader.fields["tokenizer.ggml.tokens"].data)
+            vocab = int(self.tensors["token_embd.weight"].shape[1])
         self.config = ModelConfig(
             name=str(self._field("general.name", path.stem)),
             architecture="llama",
@@ -122,7 +125,6 @@ class GGUFCheckpoint(Checkpoint):
             rope_scaling=self._rope_scaling(),
             tie_word_embeddings="output.weight" not in self.tensors,
         )
-        self._check_sizes()
 
     def _field(self, key: str, default: object = KeyError) -> object:
         f = self.reader.fields.get(key)
@@ -138,8 +140,13 @@ class GGUFCheckpoint(Checkpoint):
             return {"rope_type": "factors", "factors": factors.tolist()}
         return None
 
-    def _check_sizes(self) -> None:
+    def _check_tensors(self) -> None:
         for t in self.reader.tensors:
+            if t.tensor_type.name not in GGUF_TYPES:
+                raise CheckpointError(
+                    f"{self.path}: tensor {t.name} has GGUF type {t.tensor_type.name}; "
+                    f"supported: {', '.join(GGUF_TYPES)}"
+                )
             n_bytes = int(t.data.nbytes)
             if n_bytes != int(t.n_bytes):
                 raise CheckpointError(

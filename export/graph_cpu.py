@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+
 from splitllm.export.onnx_writer import GraphBuilder
 from splitllm.export.quantize import NBitsWeight, RowQuantized
 from splitllm.services.common.manifest import ModelConfig, TensorSpec

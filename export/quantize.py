@@ -118,8 +118,10 @@ def _gguf_blocks(data: np.ndarray, ggml_type: int, shape: tuple[int, ...]):
     block, type_size = GGML_QUANT_SIZES[t]
     count = int(np.prod(shape))
     if count % block or raw.size != count // block * type_size:
-        raise ValueError(f"{t.name} tensor of shape {tuple(shape)} needs {count // block * type_size} bytes, "
-                         f"got {raw.size}")
+        raise ValueError(
+            f"{t.name} tensor of shape {tuple(shape)} needs {count // block * type_size} bytes, "
+            f"got {raw.size}"
+        )
     if t in _FLOAT:
         return np.ascontiguousarray(gguf_dequantize(raw, t), dtype=np.float32).reshape(shape)
     n, k = shape
@@ -130,7 +132,7 @@ def _gguf_blocks(data: np.ndarray, ggml_type: int, shape: tuple[int, ...]):
     m = None
     if t == GGMLQuantizationType.Q4_1:
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    qs = blocks[..., 2 if m is None else 4:]
+    qs = blocks[..., 2 if m is None else 4 :]
     return d, m, np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # byte j: element j low, j+16 high
 
 
@@ -242,8 +244,8 @@ def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32) -> NBitsWeight:
     codes = np.empty((n, nb, block_size), np.uint8)
     step = max(1, (1 << 17) // k)  # rows per chunk: ~512 KiB of float32, cache-sized temporaries
     for r in range(0, n, step):
-        xr = x[r:r + step]
+        xr = x[r : r + step]
         s, z = _search(xr, qmax)
-        codes[r:r + step] = np.clip(np.rint(xr / s + z), 0, qmax)
-        scales[r:r + step], zps[r:r + step] = s[..., 0], z[..., 0]
+        codes[r : r + step] = np.clip(np.rint(xr / s + z), 0, qmax)
+        scales[r : r + step], zps[r : r + step] = s[..., 0], z[..., 0]
     return NBitsWeight(4, block_size, _pack(codes, 4), scales, _pack(zps, 4))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+
 from splitllm.services.common.manifest import ModelConfig
 from splitllm.services.common.rope import cos_sin
 

@@ -26,7 +26,13 @@ PRE_TOKENIZER_REGEXES: dict[str, list[str]] = {
 }
 # Token names that end a turn (the ones of llama.cpp's end-of-generation list that Llama-family chats use).
 END_OF_TURN_TOKENS = (
-    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "<end_of_turn>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<|end|>",
+    "<end_of_turn>",
 )
 # GGUF token types (llama.cpp): 2 unknown and 3 control are special, 4 user-defined is a plain added token.
 _SPECIAL_TYPES, _USER_DEFINED = (2, 3), 4
@@ -73,14 +79,27 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> TokenizerBundle:
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(tokens, types, strict=True) if k in _SPECIAL_TYPES])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, k in zip(tokens, types, strict=True) if k == _USER_DEFINED])
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, types, strict=True)
+            if k in _SPECIAL_TYPES
+        ]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, k in zip(tokens, types, strict=True)
+            if k == _USER_DEFINED
+        ]
+    )
 
     bos, eos = int(field("tokenizer.ggml.bos_token_id")), int(field("tokenizer.ggml.eos_token_id"))
-    eot = [int(v) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-           if (v := field(k)) is not None]
+    eot = [
+        int(v)
+        for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+        if (v := field(k)) is not None
+    ]
     return TokenizerBundle(
         tokenizer_json=tok.to_str(),
         chat_template=field("tokenizer.chat_template"),

@@ -3,24 +3,14 @@ from pathlib import Path
 
 import gguf
 import pytest
-from splitllm.export.tokenizer import PRE_TOKENIZER_REGEXES, tokenizer_from_gguf, tokenizer_from_hf_dir
+from helpers import LLAMA3_TEMPLATE, MULTIBYTE, SPECIALS, tiny_llama3_tokenizer
+from tokenizers import Tokenizer
+
+from splitllm.export.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_dir
 from splitllm.services.coordinator.text import ChatTemplate, IncrementalDecoder, StopMatcher, TextCodec
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 GGUF_PATH = Path.home() / ".cache/splitllm/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REFERENCE = Path(__file__).resolve().parents[1] / "../shared/reference/smollm2/llamacpp_chat_greedy.json"
-
-# Meta-Llama-3-8B-Instruct's chat template.
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-MULTIBYTE = "Grüße, naïve café 😀🚀 日本語のテキスト 한국어 👩‍👩‍👧 ok"
-
 
 @pytest.fixture(scope="module")
 def smollm():
@@ -29,28 +19,10 @@ def smollm():
     return tokenizer_from_gguf(gguf.GGUFReader(GGUF_PATH)), json.loads(REFERENCE.read_text())
 
 
-def _tiny_llama3_tokenizer() -> Tokenizer:
-    """A tiny byte-level BPE laid out like Llama 3's tokenizer.json (specials get ids 0..4 here)."""
-    tok = Tokenizer(models.BPE(ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEXES["llama-bpe"][0]), "isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ["The quick brown fox jumps over the lazy dog. Hello there, how are you today?",
-              "Where is California? It is a state in the west of the United States.", MULTIBYTE] * 20
-    tok.train_from_iterator(corpus, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                       special_tokens=[("<|begin_of_text|>", 0)])
-    return tok
-
-
 @pytest.fixture(scope="module")
 def llama3_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("llama3")
-    _tiny_llama3_tokenizer().save(str(path / "tokenizer.json"))
+    tiny_llama3_tokenizer().save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>", "special": True},
          "chat_template": LLAMA3_TEMPLATE}))

@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+
 from splitllm.services.stage.runtime import Entry, StageRuntime
 
 _ids = itertools.count()

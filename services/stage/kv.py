@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from splitllm.services.common.errors import exhausted, invalid, not_found
 
 

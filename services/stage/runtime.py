@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from splitllm.services.common.errors import invalid
 from splitllm.services.common.manifest import load_manifest, stage_files
 from splitllm.services.stage.kv import KVPool, Session

@@ -1,0 +1,220 @@
+"""Export: graphs reproduce the numpy reference and llama.cpp; the split plan; bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from helpers import REFERENCE_DIR, write_tiny_llama3
+
+from splitllm.export.build import ExportError, WeightSource, export, split_plan
+from splitllm.export.checkpoint import open_checkpoint
+from splitllm.export.reference import ReferenceModel
+from splitllm.services.common.manifest import ManifestError, load_manifest
+from splitllm.services.stage.chain import LocalChain
+from splitllm.services.stage.runtime import StageRuntime
+
+
+def chain_vs_reference(artifacts: Path, source: Path, prompt: list[int], steps: int) -> list[float]:
+    """Max |logit difference| per step: prompt in chunks of P, then token by token (greedy)."""
+    chain = LocalChain(artifacts)
+    ref = ReferenceModel(chain.manifest.model, WeightSource(open_checkpoint(source)))
+    diffs = []
+    got = chain.prefill_tokens("s", prompt)
+    want, kv = ref.forward(prompt)
+    want = want[-1]
+    for i in range(steps + 1):
+        assert int(np.argmax(got)) == int(np.argmax(want))
+        diffs.append(float(np.abs(got - want).max()))
+        if i == steps:
+            break
+        t = int(np.argmax(want))
+        got = chain.step("s", len(prompt) + i, np.array([t], np.int32))
+        want, kv = ref.forward([t], kv)
+        want = want[-1]
+    chain.release("s")
+    assert all(s.kv.in_use == 0 for s in chain.stages)
+    return diffs
+
+
+@pytest.mark.parametrize("stages,tied", [(4, False), (3, True), (1, False)])
+def test_tiny_llama3_graphs_match_reference(tmp_path, stages, tied):
+    src = write_tiny_llama3(tmp_path / "ckpt", tied=tied)
+    out = tmp_path / "art"
+    m = export(src, out, stages=stages, context=64, prefill=8, accuracy_level=0)
+    assert [(s.first_layer, s.last_layer) for s in m.stages][0][0] == 0 and m.stages[-1].last_layer == 4
+    prompt = list(np.random.default_rng(1).integers(0, 448, 21))  # 3 chunks of P=8, the last one partial
+    diffs = chain_vs_reference(out, src, prompt, steps=6)
+    assert max(diffs) < 2e-3, diffs
+
+
+def test_tiny_llama3_fast_path_close_to_reference(tmp_path, tiny_checkpoint):
+    """accuracy_level 4 (int8 activations in the matmuls) stays close to the float reference."""
+    out = tmp_path / "art"
+    export(tiny_checkpoint, out, stages=2, context=64, prefill=16, accuracy_level=4)
+    prompt = list(np.random.default_rng(2).integers(0, 448, 12))
+    assert max(chain_vs_reference(out, tiny_checkpoint, prompt, steps=4)) < 0.1
+
+
+def test_manifest_contract(smollm2_artifacts):
+    m, sha = load_manifest(smollm2_artifacts)
+    assert len(sha) == 64 and m.num_stages == 4 and m.context_length == 1024 and m.prefill_length == 128
+    assert m.stages[0].has_embedding and m.stages[-1].has_lm_head
+    assert [s.first_layer for s in m.stages[1:]] == [s.last_layer for s in m.stages[:-1]]
+    assert m.stages[-1].last_layer == m.model.num_layers == 30
+    assert set(m.files) == {p.name for p in smollm2_artifacts.iterdir() if p.name != "manifest.json"}
+    for s in m.stages:
+        pp, tg = s.graph("cpu", "pp"), s.graph("cpu", "tg")
+        assert pp.weights == tg.weights and pp.max_tokens == 128 and tg.max_tokens == 1
+    last = m.stages[-1].graph("cpu", "pp").outputs[0]
+    assert last.name == "logits" and last.shape == [1, m.model.vocab_size]  # the last position only
+    groups = m.quantization["groups"]
+    assert groups["layers.mlp"]["bits"] == 4 and groups["layers.mlp"]["origin"] == "from checkpoint (exact)"
+    assert groups["lm_head"]["bits"] == 8 and groups["embedding"]["bits"] == 8
+    assert m.tokenizer["eos_token_id"] == 2 and 2 in m.tokenizer["stop_token_ids"]
+
+
+def test_smollm2_logits_match_llamacpp(smollm2_artifacts):
+    meta = json.loads((REFERENCE_DIR / "llamacpp_logits_california.json").read_text())
+    want = np.load(REFERENCE_DIR / "llamacpp_logits_california.npy")
+    chain = LocalChain(smollm2_artifacts)
+    got = chain.prefill_tokens("c", meta["token_ids"])
+    chain.release("c")
+    cos = float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
+    assert int(np.argmax(got)) == int(np.argmax(want))
+    assert cos > 0.9999 and np.abs(got - want).max() < 1.0  # fp32 implementations differ by up to ~0.6 here
+
+
+def test_smollm2_greedy_matches_llamacpp(smollm2_artifacts, reference):
+    chain = LocalChain(smollm2_artifacts)
+    for p in reference["prompts"]:
+        out = chain.greedy(p["prompt_token_ids"], len(p["greedy_token_ids"]), stop_ids={2})
+        assert out == p["greedy_token_ids"], p["prompt"]
+
+
+def test_smollm2_chain_matches_numpy_reference(smollm2_artifacts, smollm2_path):
+    """Chained graphs vs the float32 numpy reference on the same (dequantized) weights."""
+    prompt = list(range(1000, 1150))  # 2 chunks of P=128
+    diffs = chain_vs_reference(smollm2_artifacts, smollm2_path, prompt, steps=3)
+    assert max(diffs) < 1.0, diffs
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 4, 7, 30])
+def test_split_plan_balances_bytes(stages):
+    layers = [100] * 30
+    ranges = split_plan(layers, 1400, 1400, stages)
+    assert len(ranges) == stages and ranges[0][0] == 0 and ranges[-1][1] == 30
+    assert all(a < b for a, b in ranges) and all(ranges[i][1] == ranges[i + 1][0] for i in range(stages - 1))
+    sizes = [sum(layers[a:b]) for a, b in ranges]
+    sizes[0] += 1400
+    sizes[-1] += 1400
+    total = sum(layers) + 2800
+    assert max(sizes) <= max(
+        total / stages + 100, 1500
+    )  # within one layer of the ideal (each stage >= 1 layer)
+
+
+def test_split_plan_rejects_more_stages_than_layers():
+    with pytest.raises(ExportError, match="31 is not possible: the model has 30 layers"):
+        split_plan([1] * 30, 0, 0, 31)
+
+
+def run_export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "splitllm.services.client.cli", "export", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def write_gguf(path: Path, arch: str = "llama", tensor_type: gguf.GGMLQuantizationType | None = None) -> Path:
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(64)
+    w.add_head_count(2)
+    w.add_context_length(128)
+    if tensor_type is None:
+        w.add_tensor("token_embd.weight", np.zeros((16, 32), np.float32))
+    else:  # raw bytes of a type we do not take (e.g. Q5_0: 22 bytes per 32 values)
+        w.add_tensor("token_embd.weight", np.zeros((16, 22), np.uint8), raw_dtype=tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def assert_clean_failure(r: subprocess.CompletedProcess, out: Path, *needles: str) -> None:
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def test_bad_inputs_fail_cleanly(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    assert_clean_failure(run_export(str(tmp_path / "nope.gguf"), "--out", str(out)), out, "no such file")
+    assert_clean_failure(
+        run_export(str(write_gguf(tmp_path / "g.gguf", arch="gpt2")), "--out", str(out)),
+        out,
+        "architecture 'gpt2' is not supported",
+        "llama",
+    )
+    bad = write_gguf(tmp_path / "q5.gguf", tensor_type=gguf.GGMLQuantizationType.Q5_0)
+    assert_clean_failure(run_export(str(bad), "--out", str(out)), out, "Q5_0", "Q4_1")
+    assert_clean_failure(
+        run_export(str(tiny_checkpoint), "--out", str(out), "--stages", "5"), out, "--stages 5", "4 layers"
+    )
+    assert_clean_failure(
+        run_export(str(tiny_checkpoint), "--out", str(out), "--prefill-len", "2048"),
+        out,
+        "--prefill-len 2048",
+        "--context 1024",
+    )
+    mistral = tmp_path / "mistral"
+    shutil.copytree(tiny_checkpoint, mistral)
+    cfg = json.loads((mistral / "config.json").read_text()) | {"model_type": "mistral"}
+    (mistral / "config.json").write_text(json.dumps(cfg))
+    assert_clean_failure(run_export(str(mistral), "--out", str(out)), out, "'mistral' is not supported")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_checkpoint, truncated)
+    shard = sorted(truncated.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert_clean_failure(run_export(str(truncated), "--out", str(out)), out, "truncated")
+    gg = tmp_path / "cut.gguf"
+    gg.write_bytes(b"GGUF" + b"\x03\x00")
+    assert_clean_failure(run_export(str(gg), "--out", str(out)), out, "GGUF")
+
+
+def test_failed_export_keeps_previous_artifacts(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    export(tiny_checkpoint, out, stages=2, context=64, prefill=8)
+    before = (out / "manifest.json").read_bytes()
+    r = run_export(str(tiny_checkpoint), "--out", str(out), "--stages", "9")
+    assert r.returncode == 2 and (out / "manifest.json").read_bytes() == before
+
+
+def test_stage_refuses_corrupt_artifacts(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    export(tiny_checkpoint, out, stages=2, context=64, prefill=8)
+    weights = out / "stage2.cpu.weights"
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    StageRuntime(out, 0)  # stage 1 only checks its own files
+    with pytest.raises(ManifestError, match="stage2.cpu.weights is corrupt"):
+        StageRuntime(out, 1)
+    m = json.loads((out / "manifest.json").read_text()) | {"schema_version": 99}
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="schema_version 99 is not supported"):
+        StageRuntime(out, 0)
