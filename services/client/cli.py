@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stage(a: argparse.Namespace) -> int:
+    from splitllm.services.stage.server import run
+
+    run(a.artifacts, a.stage - 1, a.listen, a.backend, a.kv_capacity, a.metrics_port, a.session_ttl, a.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="splitllm", description="Serve a Llama-class model as a pipeline of gRPC stages."
@@ -84,10 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--backend", default="cpu")
     pp.add_argument("--json", help="also write the figures to this file")
     pp.set_defaults(run=cmd_eval)
+
+    st = sub.add_parser("stage", help="serve one pipeline stage over gRPC")
+    st.add_argument("--artifacts", default=DEFAULT_ARTIFACTS)
+    st.add_argument("--stage", type=int, required=True, help="1-based stage index")
+    st.add_argument("--listen", required=True, help="address to serve on, e.g. 127.0.0.1:50061")
+    st.add_argument("--backend", default="cpu", choices=["cpu", "qnn"])
+    st.add_argument("--kv-capacity", type=int, default=16, help="sessions whose KV cache this stage can hold")
+    st.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    st.add_argument("--session-ttl", type=float, default=600.0, help="seconds before an idle session is freed")
+    st.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: up to 2)")
+    st.set_defaults(run=cmd_stage)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:

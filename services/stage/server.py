@@ -1,0 +1,241 @@
+"""The stage gRPC service: a thin layer over StageRuntime, plus forwarding to the next stage.
+
+Transport (measured in bench/transport.py, see the issue note): nested unary calls. A stage runs its
+entries, then calls Forward on the next stage of the route with the hidden states and returns that
+stage's answer upstream; the last stage answers with logits (or their top-k). Channels to downstream
+stages are kept open and reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from splitllm.protos import stage_pb2, stage_pb2_grpc
+from splitllm.services.common.errors import ServiceError, invalid, unavailable
+from splitllm.services.common.grpc_util import CHANNEL_OPTIONS, SERVER_OPTIONS
+from splitllm.services.common.metrics import StageMetrics
+from splitllm.services.common.tensor import from_proto, to_proto
+from splitllm.services.stage.runtime import Entry, StageRuntime
+
+log = logging.getLogger("splitllm.stage")
+SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
+
+
+class Downstream:
+    """Open channels to next stages, by address."""
+
+    def __init__(self) -> None:
+        self.stubs: dict[str, stage_pb2_grpc.StageStub] = {}
+        self.lock = threading.Lock()
+
+    def stub(self, address: str) -> stage_pb2_grpc.StageStub:
+        with self.lock:
+            s = self.stubs.get(address)
+            if s is None:
+                s = self.stubs[address] = stage_pb2_grpc.StageStub(grpc.insecure_channel(address, CHANNEL_OPTIONS))
+            return s
+
+
+def top_k(logits: np.ndarray, k: int, out: stage_pb2.EntryResult) -> None:
+    if k <= 0 or k >= logits.shape[-1]:
+        to_proto(logits, out.logits)
+        return
+    ids = np.argpartition(logits, -k)[-k:].astype(np.int32)
+    to_proto(logits[ids], out.logits)
+    to_proto(ids, out.token_ids)
+
+
+class StageServicer(stage_pb2_grpc.StageServicer):
+    """`runtime` is None while the graphs load: calls then fail with UNAVAILABLE."""
+
+    def __init__(self, runtime: StageRuntime | None, metrics: StageMetrics | None = None) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.downstream = Downstream()
+
+    @property
+    def rt(self) -> StageRuntime:
+        if self.runtime is None:
+            raise unavailable("the stage is still loading its graphs; retry shortly")
+        return self.runtime
+
+    def _decode(self, request: stage_pb2.ForwardRequest) -> list[Entry]:
+        if not request.entries:
+            raise invalid("entries is empty: a Forward carries at least one session entry")
+        if self.rt.is_last and request.route:
+            raise invalid(f"route has {len(request.route)} addresses after the last stage (allowed: none)")
+        if not self.rt.is_last and not request.route:
+            raise invalid(f"route is empty but stage {self.rt.stage + 1} is not the last stage: name the next stages")
+        entries = []
+        for i, pe in enumerate(request.entries):
+            data = from_proto(pe.input, f"entries[{i}].input")
+            if pe.num_tokens and pe.num_tokens < data.shape[0]:  # padded chunk: only the valid rows run here
+                data = data[: pe.num_tokens]
+            e = Entry(pe.session_id, pe.position, data)
+            self.rt.check(e)
+            entries.append(e)
+        if len({e.session_id for e in entries}) != len(entries):
+            raise invalid("entries name the same session twice; one step per session per Forward")
+        for e in entries:  # every session must exist (or start) before any runs: a bad entry changes nothing
+            if e.position:
+                self.rt.kv.get(e.session_id)
+        return entries
+
+    def Forward(self, request: stage_pb2.ForwardRequest, context: grpc.ServicerContext) -> stage_pb2.ForwardResponse:
+        m = self.metrics
+        try:
+            entries = self._decode(request)
+            mode = "prompt" if any(e.data.shape[0] > 1 for e in entries) else "token"
+            t0 = time.perf_counter()
+            outs = [self.rt.forward(e) for e in entries]
+            if m:
+                m.forward_seconds[mode].observe(time.perf_counter() - t0)
+                m.batch_size[mode].observe(len(entries))
+                m.received_bytes.inc(request.ByteSize())
+                self._kv_gauges()
+            if self.rt.is_last:
+                resp = stage_pb2.ForwardResponse()
+                for e, pe, logits in zip(entries, request.entries, outs, strict=True):
+                    r = resp.results.add(session_id=e.session_id)
+                    top_k(logits, pe.logits.top_k, r)
+                if m:
+                    m.sent_bytes.inc(resp.ByteSize())
+                return resp
+            nxt = stage_pb2.ForwardRequest(route=request.route[1:])
+            for e, pe, hidden in zip(entries, request.entries, outs, strict=True):
+                ne = nxt.entries.add(session_id=e.session_id, position=e.position, num_tokens=hidden.shape[0])
+                ne.logits.CopyFrom(pe.logits)
+                to_proto(hidden, ne.input)
+            t1 = time.perf_counter()
+            try:
+                resp = self.downstream.stub(request.route[0]).Forward(nxt, timeout=context.time_remaining())
+            except grpc.RpcError as err:
+                raise self._downstream_error(request.route[0], err) from None
+            if m:
+                m.hop_seconds[mode].observe(time.perf_counter() - t1)
+                m.sent_bytes.inc(nxt.ByteSize())
+            return resp
+        except ServiceError as e:
+            if m:
+                m.error(e.code)
+            context.abort(e.code, e.message)
+
+    def _downstream_error(self, address: str, err: grpc.RpcError) -> ServiceError:
+        code = err.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+            return unavailable(f"stage at {address} is unavailable: {err.details()}")
+        return ServiceError(code, err.details() or code.name)
+
+    def Release(self, request: stage_pb2.ReleaseRequest, context: grpc.ServicerContext) -> stage_pb2.ReleaseResponse:
+        if self.runtime is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the stage is still loading its graphs")
+        released = self.rt.release(request.session_id)
+        self._kv_gauges()
+        if request.route:
+            try:
+                self.downstream.stub(request.route[0]).Release(
+                    stage_pb2.ReleaseRequest(session_id=request.session_id, route=request.route[1:]), timeout=5
+                )
+            except grpc.RpcError as err:
+                log.warning("release of %s downstream at %s failed: %s", request.session_id, request.route[0], err)
+        return stage_pb2.ReleaseResponse(released=released)
+
+    def Info(self, request: stage_pb2.InfoRequest, context: grpc.ServicerContext) -> stage_pb2.StageInfo:
+        if self.runtime is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the stage is still loading its graphs")
+        rt, kv = self.rt, self.rt.kv
+        return stage_pb2.StageInfo(
+            stage_index=rt.stage,
+            num_stages=rt.manifest.num_stages,
+            first_layer=rt.first,
+            last_layer=rt.last,
+            manifest_sha256=rt.manifest_sha256,
+            backend=rt.backend,
+            kv_capacity_sessions=kv.capacity,
+            sessions_in_use=kv.in_use,
+            kv_bytes_capacity=kv.bytes_capacity,
+            kv_bytes_in_use=kv.bytes_in_use,
+            context_length=rt.context,
+            prefill_length=rt.prefill,
+            hidden_size=rt.hidden,
+        )
+
+    def _kv_gauges(self) -> None:
+        if self.metrics and self.runtime:
+            self.metrics.sessions_active.set(self.rt.kv.in_use)
+            self.metrics.set_kv(self.rt.kv.bytes_in_use, self.rt.kv.bytes_capacity)
+
+    def expire(self, ttl: float) -> None:
+        if self.runtime is None:
+            return
+        for sid in self.rt.kv.expire(ttl):
+            log.info("session %s expired after %.0f s idle", sid, ttl)
+            if self.metrics:
+                self.metrics.sessions_expired.inc()
+        self._kv_gauges()
+
+
+def serve_stage(servicer: StageServicer, listen: str, health_servicer: health.HealthServicer, max_workers: int = 32,
+                ttl: float = 600.0) -> tuple[grpc.Server, int]:
+    """Start the gRPC server (stage service, health, reflection) and the idle-session reaper."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
+    stage_pb2_grpc.add_StageServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    server.start()
+
+    def reap() -> None:
+        while True:
+            time.sleep(min(ttl / 4, 30.0))
+            servicer.expire(ttl)
+
+    threading.Thread(target=reap, name="kv-reaper", daemon=True).start()
+    return server, port
+
+
+def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capacity: int = 16,
+        metrics_port: int | None = None, ttl: float = 600.0, threads: int | None = None) -> None:
+    """The `splitllm stage` process: serve (NOT_SERVING while loading), load, serve until SIGTERM/SIGINT."""
+    import signal
+
+    from prometheus_client import CollectorRegistry
+
+    from splitllm.services import __version__
+    from splitllm.services.common.metrics import serve_metrics, set_build_info
+
+    health_servicer = health.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    servicer = StageServicer(None)
+    server, port = serve_stage(servicer, listen, health_servicer, ttl=ttl)
+    registry = CollectorRegistry()
+    metrics = StageMetrics(registry, stage=stage, replica=listen)
+    http = serve_metrics(registry, metrics_port) if metrics_port is not None else None
+    runtime = StageRuntime(artifacts, stage, backend, kv_capacity, threads)
+    set_build_info(registry, __version__, runtime.manifest_sha256, backend, stage)
+    servicer.metrics, servicer.runtime = metrics, runtime
+    servicer._kv_gauges()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("stage %d (layers %d..%d) serving on %s", stage + 1, runtime.first, runtime.last - 1, listen)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace=2).wait()
+    if http:
+        http.shutdown()
