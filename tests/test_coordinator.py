@@ -1,0 +1,399 @@
+import json
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client import CollectorRegistry
+
+from splitllm.protos import coordinator_pb2 as pb
+from splitllm.protos import coordinator_pb2_grpc as pb_grpc
+from splitllm.services.common.errors import ServiceError
+from splitllm.services.common.metrics import CoordinatorMetrics
+from splitllm.services.coordinator.engine import Engine
+from splitllm.services.coordinator.pipeline import LocalPipeline, Logits, top_k_logits
+from splitllm.services.coordinator.sampler import Sampler, SamplingParams, top_k_needed
+from splitllm.services.coordinator.server import SERVICE_NAME, serve_coordinator
+
+GGUF_PATH = Path.home() / ".cache/splitllm/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+REFERENCE = Path(__file__).resolve().parents[1] / "../shared/reference/smollm2/llamacpp_chat_greedy.json"
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    if not GGUF_PATH.exists() or not REFERENCE.exists():
+        pytest.skip(f"needs {GGUF_PATH} and {REFERENCE}")
+    from splitllm.export.build import export
+
+    path = tmp_path_factory.mktemp("smollm2")
+    export(str(GGUF_PATH), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(artifacts) -> LocalPipeline:
+    return LocalPipeline(str(artifacts), kv_capacity=4)
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[dict]:
+    return json.loads(REFERENCE.read_text())["prompts"]
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def engine(pipeline, artifacts, registry) -> Engine:
+    return Engine(pipeline, CoordinatorMetrics(registry), artifacts=artifacts)
+
+
+def sessions(pipeline: LocalPipeline) -> list[int]:
+    return [s.kv.in_use for s in pipeline.chain.stages]
+
+
+def status_count(registry: CollectorRegistry, status: str) -> float:
+    return registry.get_sample_value("splitllm_requests_total", {"status": status})
+
+
+def run(engine: Engine, **kw) -> tuple[str, list[int], pb.GenerateResponse]:
+    out = list(engine.generate(pb.GenerateRequest(**kw)))
+    assert all(not o.HasField("usage") for o in out[:-1]) and out[-1].HasField("usage")
+    return "".join(o.text for o in out), [i for o in out for i in o.token_ids], out[-1]
+
+
+def greedy(prompt: str, max_tokens: int, **kw) -> dict:
+    return {"prompt": prompt, "max_tokens": max_tokens, **kw}
+
+
+# --- Generate against llama.cpp ---------------------------------------------------------------------------
+
+def test_greedy_matches_llamacpp(engine, pipeline, reference, registry):
+    for case in reference:
+        text, ids, last = run(engine, **greedy(case["prompt"], 30))
+        assert ids == case["greedy_token_ids"]
+        assert text == case["greedy_text"]
+        assert last.finish_reason == {"length": pb.LENGTH, "stop": pb.STOP}[case["finish_reason"]]
+        assert last.usage.prompt_tokens == len(case["prompt_token_ids"])
+        assert last.usage.completion_tokens == len(ids)
+        assert 0 < last.usage.ttft_seconds <= last.usage.total_seconds and last.usage.tokens_per_second > 0
+    assert sessions(pipeline) == [0, 0, 0, 0]
+    assert status_count(registry, "ok") == 3
+    assert registry.get_sample_value("splitllm_generated_tokens_total") == 68
+    assert registry.get_sample_value("splitllm_finish_reason_total", {"reason": "stop"}) == 1
+
+
+def test_chat_and_token_ids_inputs(engine, reference):
+    case = reference[1]
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=case["prompt"])])
+    assert run(engine, chat=chat, max_tokens=10)[1] == case["greedy_token_ids"]
+    ids = pb.TokenIds(ids=case["prompt_token_ids"])
+    assert run(engine, token_ids=ids, max_tokens=10)[1] == case["greedy_token_ids"]
+    # `system` replaces the template's default system message.
+    assert run(engine, prompt=case["prompt"], system="Answer in French.", max_tokens=3)[2].usage.prompt_tokens \
+        != len(case["prompt_token_ids"])
+
+
+def test_concurrent_requests_keep_their_sessions_apart(engine, pipeline, reference):
+    results: dict[int, list[int]] = {}
+
+    def one(i: int) -> None:
+        results[i] = run(engine, **greedy(reference[i]["prompt"], 30))[1]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(reference))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(len(reference))] == [c["greedy_token_ids"] for c in reference]
+    assert sessions(pipeline) == [0, 0, 0, 0]
+
+
+def test_seeds(engine):
+    def sample(seed: int, **kw) -> list[int]:
+        sampling = pb.SamplingParams(temperature=1.0, seed=seed, **kw)
+        return run(engine, prompt="Tell me a story.", sampling=sampling, max_tokens=12)[1]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    assert sample(3, top_k=40, top_p=0.9, min_p=0.05) == sample(3, top_k=40, top_p=0.9, min_p=0.05)
+
+
+class FullLogits:
+    """A pipeline that ignores top_k: the sampler always gets the whole vocabulary."""
+
+    def __init__(self, inner: LocalPipeline) -> None:
+        self.inner, self.manifest = inner, inner.manifest
+        self.ks: list[int] = []
+
+    def step(self, session_id, position, tokens, top_k=0):
+        self.ks.append(top_k)
+        return self.inner.step(session_id, position, tokens, 0)
+
+    def release(self, session_id):
+        self.inner.release(session_id)
+
+    def addresses(self):
+        return self.inner.addresses()
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 20, "seed": 5},
+                                      {"temperature": 1.5, "top_k": 50, "top_p": 0.8, "min_p": 0.1, "seed": 9}])
+def test_top_k_logits_give_the_same_tokens(engine, pipeline, artifacts, sampling):
+    full = FullLogits(pipeline)
+    request = {"prompt": "Name three colours.", "sampling": pb.SamplingParams(**sampling), "max_tokens": 10}
+    assert run(Engine(full, artifacts=artifacts), **request)[1] == run(engine, **request)[1]
+    assert full.ks[-1] == top_k_needed(SamplingParams.from_proto(request["sampling"])) > 0
+
+
+# --- sampler ----------------------------------------------------------------------------------------------
+
+def dist(logits, history=(), **params) -> tuple[list[int], np.ndarray]:
+    ids, probs = Sampler(SamplingParams(**params), seed=0).distribution(Logits(np.array(logits, np.float32)),
+                                                                        history)
+    return ids.tolist(), probs
+
+
+def softmax(x) -> np.ndarray:
+    e = np.exp(np.asarray(x, np.float64) - np.max(x))
+    return e / e.sum()
+
+
+def test_sampler_filters_exactly():
+    logp = np.log([0.1, 0.2, 0.3, 0.4])
+    ids, probs = dist([1, 2, 3, 4, 0], temperature=1, top_k=2)
+    assert ids == [2, 3] and np.allclose(probs, softmax([3, 4]))
+    ids, probs = dist(logp, temperature=1, top_p=0.65)  # 0.4 + 0.3 reaches 0.65
+    assert ids == [2, 3] and np.allclose(probs, [3 / 7, 4 / 7])
+    ids, probs = dist(logp, temperature=1, top_p=0.7001)
+    assert ids == [1, 2, 3]
+    ids, probs = dist(logp, temperature=1, min_p=0.45)  # p >= 0.45 * 0.4
+    assert ids == [1, 2, 3] and np.allclose(probs, [2 / 9, 3 / 9, 4 / 9])
+    ids, probs = dist(logp, temperature=2)
+    assert ids == [0, 1, 2, 3] and np.allclose(probs, np.sqrt([1, 2, 3, 4]) / np.sqrt([1, 2, 3, 4]).sum())
+    # top_k before top_p: top_p sees the renormalized top 3 (0.2, 0.3, 0.4)/0.9.
+    ids, _ = dist(logp, temperature=1, top_k=3, top_p=0.5)
+    assert ids == [2, 3]
+
+
+def test_repetition_penalty():
+    s = Sampler(SamplingParams(repetition_penalty=2.0))
+    logits = Logits(np.array([-1.0, 1.0, 2.5, 4.0], np.float32))
+    assert s._penalized(logits, [3, 0, 3]).tolist() == [-2.0, 1.0, 2.5, 2.0]
+    assert s.sample(logits, [3, 0]) == 2 and s.sample(logits) == 3  # greedy after the penalty
+    subset = Logits(np.array([4.0, -1.0], np.float32), np.array([3, 0], np.int32))
+    assert s._penalized(subset, [3, 0]).tolist() == [2.0, -2.0]
+    assert Sampler(SamplingParams(repetition_penalty=0.0))._penalized(logits, [3]).tolist() == [-1, 1, 2.5, 4]
+
+
+def test_sampler_top_k_subset_matches_full():
+    rng = np.random.default_rng(0)
+    for params in [SamplingParams(), SamplingParams(temperature=0.7, top_k=30),
+                   SamplingParams(temperature=1.3, top_k=100, top_p=0.9, min_p=0.02)]:
+        k = top_k_needed(params)
+        a, b = Sampler(params, seed=1), Sampler(params, seed=1)
+        for _ in range(50):
+            logits = rng.normal(0, 3, 2000).astype(np.float32)
+            assert a.sample(Logits(logits)) == b.sample(top_k_logits(logits, k))
+
+
+def test_top_k_needed():
+    assert top_k_needed(SamplingParams()) == 1
+    assert top_k_needed(SamplingParams(top_k=5, top_p=0.5)) == 1  # greedy
+    assert top_k_needed(SamplingParams(temperature=1, top_k=5, top_p=0.5, min_p=0.1)) == 5
+    assert top_k_needed(SamplingParams(temperature=1, top_p=0.5)) == 0
+    assert top_k_needed(SamplingParams(temperature=1, top_k=5, repetition_penalty=1.1)) == 0
+    assert top_k_needed(SamplingParams(repetition_penalty=1.1)) == 0
+
+
+def test_sampler_seed():
+    logits = Logits(np.zeros(100, np.float32))
+    draws = [[Sampler(SamplingParams(temperature=1), seed).sample(logits) for _ in range(20)]
+             for seed in (1, 1, 2)]
+    assert draws[0] == draws[1] != draws[2]
+    assert Sampler(SamplingParams(temperature=1)).seed != Sampler(SamplingParams(temperature=1)).seed
+
+
+# --- stops and the context --------------------------------------------------------------------------------
+
+def test_stop_string(engine, reference):
+    text, ids, last = run(engine, **greedy(reference[0]["prompt"], 30, stop=["Pacific", "zzz"]))
+    assert text == "California is a state located in the " and last.finish_reason == pb.STOP
+    assert ids == reference[0]["greedy_token_ids"][:8]  # up to and with " Pacific"
+    text, _, _ = run(engine, **greedy(reference[0]["prompt"], 30, stop=["Pacific N"]))
+    assert text == "California is a state located in the "
+
+
+def test_stop_token(engine, reference):
+    text, ids, last = run(engine, **greedy(reference[0]["prompt"], 30, stop_token_ids=[314]))  # " is"
+    assert (text, ids, last.finish_reason) == ("California", [28314, 314], pb.STOP)
+    assert last.usage.completion_tokens == 2
+
+
+def test_context_admission(engine, pipeline, artifacts, registry):
+    prompt = pb.TokenIds(ids=[28314] * 1000)
+    with pytest.raises(ServiceError) as e:
+        list(engine.generate(pb.GenerateRequest(token_ids=prompt, max_tokens=100)))
+    assert e.value.code == INVALID and all(str(n) in e.value.message for n in (1000, 100, 1024, 24))
+    with pytest.raises(ServiceError, match="at most 1023"):
+        list(engine.generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 1024))))
+    assert status_count(registry, "invalid") == 2
+
+    truncating = Engine(pipeline, truncate_to_context=True, artifacts=artifacts)
+    _, ids, last = run(truncating, token_ids=pb.TokenIds(ids=[28314] * 1020), max_tokens=10)
+    assert len(ids) == 4 and last.finish_reason == pb.CONTEXT  # 8 prompt chunks of 128, then 4 tokens
+    assert sessions(pipeline) == [0, 0, 0, 0]
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+
+def chat(*roles: str) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role=r, content="hi") for r in roles])
+
+
+BAD = [
+    ({"prompt": "hi", "sampling": pb.SamplingParams(temperature=-0.5)}, "sampling.temperature must be"),
+    ({"prompt": "hi", "sampling": pb.SamplingParams(temperature=float("nan"))}, "sampling.temperature"),
+    ({"prompt": "hi", "sampling": pb.SamplingParams(top_p=1.5)}, r"sampling.top_p must be in \[0, 1\]"),
+    ({"prompt": "hi", "sampling": pb.SamplingParams(top_k=-1)}, "sampling.top_k must be an integer >= 0"),
+    ({"prompt": "hi", "sampling": pb.SamplingParams(min_p=-0.1)}, r"sampling.min_p must be in \[0, 1\]"),
+    ({"prompt": "hi", "sampling": pb.SamplingParams(repetition_penalty=-1)}, "sampling.repetition_penalty"),
+    ({"prompt": "hi", "max_tokens": -1}, "max_tokens must be >= 0"),
+    ({"prompt": ""}, "prompt is empty"),
+    ({}, "set one of prompt, chat or token_ids"),
+    ({"chat": chat()}, "chat.messages is empty"),
+    ({"chat": chat("user", "tool")}, r"chat.messages\[1\].role 'tool' is not allowed .*system, user, assistant"),
+    ({"token_ids": pb.TokenIds()}, "token_ids is empty"),
+    ({"token_ids": pb.TokenIds(ids=[1, 49152, -3])}, r"token_ids must be token ids in \[0, 49152\); got \[49152"),
+    ({"token_ids": pb.TokenIds(ids=[1]), "system": "x"}, "system applies to prompt and chat"),
+    ({"prompt": "hi", "stop_token_ids": [99999]}, "stop_token_ids must be token ids"),
+]
+
+
+@pytest.mark.parametrize(("request_fields", "message"), BAD)
+def test_bad_input(engine, pipeline, registry, request_fields, message):
+    with pytest.raises(ServiceError, match=message) as e:
+        next(engine.generate(pb.GenerateRequest(**request_fields)))
+    assert e.value.code == INVALID
+    assert sessions(pipeline) == [0, 0, 0, 0]
+    assert status_count(registry, "invalid") == 1 and registry.get_sample_value("splitllm_requests_running") == 0
+
+
+# --- cancellation, deadline, queueing ---------------------------------------------------------------------
+
+def test_cancel_mid_stream_releases_the_session(engine, pipeline, registry):
+    cancelled = threading.Event()
+    stream = engine.generate(pb.GenerateRequest(prompt="Count to fifty.", max_tokens=50), cancelled.is_set)
+    next(stream), next(stream)
+    assert sessions(pipeline) == [1, 1, 1, 1]
+    cancelled.set()
+    with pytest.raises(ServiceError) as e:
+        list(stream)
+    assert e.value.code == grpc.StatusCode.CANCELLED and sessions(pipeline) == [0, 0, 0, 0]
+
+    stream = engine.generate(pb.GenerateRequest(prompt="Count to fifty.", max_tokens=50))
+    next(stream)
+    stream.close()  # the consumer walks away
+    assert sessions(pipeline) == [0, 0, 0, 0] and status_count(registry, "cancelled") == 2
+
+
+def test_deadline(engine, pipeline, registry):
+    left = iter([5.0, 5.0, 5.0, 5.0, 0.0])
+    with pytest.raises(ServiceError) as e:
+        list(engine.generate(pb.GenerateRequest(prompt="Count to fifty.", max_tokens=50),
+                             time_remaining=lambda: next(left, 0.0)))
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert sessions(pipeline) == [0, 0, 0, 0] and status_count(registry, "deadline") == 1
+
+
+def test_queue_waits_for_a_slot(pipeline, artifacts, registry):
+    engine = Engine(pipeline, CoordinatorMetrics(registry), artifacts=artifacts, max_concurrent=1)
+    first = engine.generate(pb.GenerateRequest(prompt="hi", max_tokens=20))
+    next(first)
+    second: list = []
+    waiter = threading.Thread(target=lambda: second.extend(engine.generate(
+        pb.GenerateRequest(prompt="hi", max_tokens=2))))
+    waiter.start()
+    time.sleep(0.2)
+    assert registry.get_sample_value("splitllm_requests_waiting") == 1 and not second
+    assert sessions(pipeline) == [1, 1, 1, 1]
+    first.close()
+    waiter.join(10)
+    assert len(second) == 2 and registry.get_sample_value("splitllm_requests_waiting") == 0
+    assert registry.get_sample_value("splitllm_request_queue_seconds_sum") >= 0.2
+
+
+# --- Tokenize, ModelInfo ----------------------------------------------------------------------------------
+
+def test_tokenize(engine, reference):
+    case = reference[0]
+    out = engine.tokenize(pb.TokenizeRequest(chat=pb.ChatMessages(
+        messages=[pb.ChatMessage(role="user", content=case["prompt"])])))
+    assert list(out.ids) == case["prompt_token_ids"] and out.rendered == case["rendered_prompt"]
+    out = engine.tokenize(pb.TokenizeRequest(text="hello world"))
+    assert list(out.tokens) == ["hello", "Ġworld"] and out.rendered == "hello world"
+    with pytest.raises(ServiceError, match="role 'bot' is not allowed"):
+        engine.tokenize(pb.TokenizeRequest(chat=chat("bot")))
+
+
+def test_model_info(engine):
+    info = engine.model_info()
+    assert (info.architecture, info.num_layers, info.vocab_size, info.num_kv_heads) == ("llama", 30, 49152, 3)
+    assert (info.context_length, info.prefill_length, info.num_stages) == (1024, 128, 4)
+    assert list(info.stop_token_ids) == [2, 0] and len(info.manifest_sha256) == 64
+    assert list(info.stage_addresses) == ["local"] * 4 and "4-bit" in info.quantization
+
+
+# --- over gRPC --------------------------------------------------------------------------------------------
+
+def test_grpc_server(engine, pipeline, reference, registry):
+    served = serve_coordinator(engine, "127.0.0.1:0", max_workers=4)
+    channel = grpc.insecure_channel(f"127.0.0.1:{served.port}")
+    try:
+        stub = pb_grpc.CoordinatorStub(channel)
+        case = reference[1]
+        out = list(stub.Generate(pb.GenerateRequest(prompt=case["prompt"], max_tokens=30), timeout=30))
+        assert "".join(o.text for o in out) == case["greedy_text"] and out[-1].finish_reason == pb.STOP
+        assert stub.ModelInfo(pb.ModelInfoRequest()).num_stages == 4
+        assert list(stub.Tokenize(pb.TokenizeRequest(text="hello world")).ids) == [28120, 905]
+
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=2))))
+        assert e.value.code() == INVALID and "sampling.top_p" in e.value.details()
+
+        call = stub.Generate(pb.GenerateRequest(prompt="Count to a hundred.", max_tokens=200))
+        next(call), next(call)
+        call.cancel()
+        for _ in range(100):
+            if sessions(pipeline) == [0, 0, 0, 0] and status_count(registry, "cancelled") == 1:
+                break
+            time.sleep(0.05)
+        assert sessions(pipeline) == [0, 0, 0, 0] and status_count(registry, "cancelled") == 1
+
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(pb.GenerateRequest(prompt="Count to a hundred.", max_tokens=500), timeout=0.5))
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(100):
+            if status_count(registry, "deadline") == 1:
+                break
+            time.sleep(0.05)
+        assert sessions(pipeline) == [0, 0, 0, 0] and status_count(registry, "deadline") == 1
+
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", SERVICE_NAME):
+            assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        served.set_serving(False)
+        assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME)).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        assert SERVICE_NAME in ProtoReflectionDescriptorDatabase(channel).get_services()
+    finally:
+        channel.close()
+        served.stop(0)
