@@ -11,6 +11,7 @@ import grpc
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+
 from splitllm.services.common.metrics import CoordinatorMetrics, StageMetrics, serve_metrics, set_build_info
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
