@@ -59,6 +59,83 @@ def cmd_stage(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coordinator(a: argparse.Namespace) -> int:
+    from splitllm.services.coordinator.server import run
+
+    stages = [x.strip() for x in a.stages.split(",") if x.strip()]
+    run(a.artifacts, stages, a.listen, a.metrics_port, a.max_concurrent, a.truncate_to_context, a.wait_stages)
+    return 0
+
+
+SAMPLE_PROMPTS = ["where is California?", "what is 2+3?", "what is superposition in Quantum Physics?"]
+
+
+def print_summary(prompt: str, response: str) -> None:
+    print("-------- Response Summary --------")
+    print(f"Prompt: {prompt}")
+    print(f"Response: {response}")
+
+
+def generate(client: object, a: argparse.Namespace, prompt: str) -> None:
+    kwargs = dict(prompt=prompt, system=a.system or "", max_tokens=a.max_output_tokens, temperature=a.temperature,
+                  top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    if a.stream:
+        parts = []
+        for msg in client.stream(**kwargs):  # type: ignore[attr-defined]
+            parts.append(msg.text)
+            print(msg.text, end="", flush=True)
+            if msg.finish_reason:
+                u = msg.usage
+                print(f"\n[{u.completion_tokens} tokens, TTFT {u.ttft_seconds * 1e3:.0f} ms, "
+                      f"{u.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+        print_summary(prompt, "".join(parts))
+    else:
+        print_summary(prompt, client.generate(**kwargs).text)  # type: ignore[attr-defined]
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import grpc
+
+    from splitllm.services.client.client import Client
+
+    try:
+        with Client(a.coordinator) as c:
+            generate(c, a, a.prompt)
+    except grpc.RpcError as e:
+        print(f"splitllm generate: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from splitllm.services.client.launcher import serve
+
+    return serve(a.artifacts, kv_capacity=a.kv_capacity, backend=a.backend)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from splitllm.services.client.client import Client
+    from splitllm.services.client.launcher import Pipeline, describe, ensure_artifacts
+
+    ensure_artifacts(a.artifacts)
+    with Pipeline(a.artifacts, backend=a.backend) as p:
+        print(describe(p), flush=True)
+        with Client(p.coordinator.address) as c:
+            for prompt in SAMPLE_PROMPTS:
+                generate(c, a, prompt)
+    return 0
+
+
+def add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-output-tokens", type=int, default=30)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="splitllm", description="Serve a Llama-class model as a pipeline of gRPC stages."
@@ -103,6 +180,36 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--session-ttl", type=float, default=600.0, help="seconds before an idle session is freed")
     st.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: up to 2)")
     st.set_defaults(run=cmd_stage)
+
+    co = sub.add_parser("coordinator", help="serve the Generate API over a pipeline of stages")
+    co.add_argument("--artifacts", default=DEFAULT_ARTIFACTS)
+    co.add_argument("--stages", required=True, help="stage addresses in pipeline order: ADDR1,ADDR2,...")
+    co.add_argument("--listen", default="127.0.0.1:50051")
+    co.add_argument("--metrics-port", type=int)
+    co.add_argument("--max-concurrent", type=int, default=16, help="sessions running at once (others wait)")
+    co.add_argument("--truncate-to-context", action="store_true",
+                    help="a prompt plus max_tokens beyond the context generates until the context is full "
+                    "(finish reason CONTEXT) instead of failing with INVALID_ARGUMENT")
+    co.add_argument("--wait-stages", type=float, default=60.0, help="seconds to wait for the stages at start")
+    co.set_defaults(run=cmd_coordinator)
+
+    ge = sub.add_parser("generate", help="one Generate call; prints the response summary")
+    ge.add_argument("--prompt", required=True)
+    ge.add_argument("--coordinator", default="127.0.0.1:50051")
+    add_sampling(ge)
+    ge.set_defaults(run=cmd_generate)
+
+    se = sub.add_parser("serve", help="start the stages and the coordinator on loopback (exports smollm2 if needed)")
+    se.add_argument("--artifacts", default=DEFAULT_ARTIFACTS)
+    se.add_argument("--kv-capacity", type=int, default=16)
+    se.add_argument("--backend", default="cpu", choices=["cpu", "qnn"])
+    se.set_defaults(run=cmd_serve)
+
+    de = sub.add_parser("demo", help="serve, then run the model card's three sample prompts")
+    de.add_argument("--artifacts", default=DEFAULT_ARTIFACTS)
+    de.add_argument("--backend", default="cpu", choices=["cpu", "qnn"])
+    add_sampling(de)
+    de.set_defaults(run=cmd_demo)
     return p
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -15,6 +18,7 @@ from splitllm.protos import coordinator_pb2_grpc as pb_grpc
 from splitllm.services.common.errors import ServiceError
 from splitllm.services.coordinator.engine import Engine
 
+log = logging.getLogger("splitllm.coordinator")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 
@@ -86,3 +90,46 @@ def serve_coordinator(engine: Engine, listen: str, max_workers: int) -> Coordina
     served = CoordinatorServer(server, port, health_servicer)
     served.set_serving(True)
     return served
+
+
+def watch_stages(pipeline, served: CoordinatorServer, stop: threading.Event, period: float = 1.0) -> None:
+    """Health that means progress: NOT_SERVING while any stage of the route is unreachable or not serving."""
+    last = None
+    while not stop.is_set():
+        ok = pipeline.healthy(timeout=period)
+        if ok != last:
+            served.set_serving(ok)
+            log.log(logging.INFO if ok else logging.WARNING, "pipeline %s", "serving" if ok else "NOT serving")
+            last = ok
+        stop.wait(period)
+
+
+def run(artifacts: str, stages: list[str], listen: str, metrics_port: int | None = None, max_concurrent: int = 16,
+        truncate_to_context: bool = False, wait_stages: float = 60.0) -> None:
+    """The `splitllm coordinator` process: check the stages, serve Generate until SIGTERM/SIGINT."""
+    from prometheus_client import CollectorRegistry
+
+    from splitllm.services import __version__
+    from splitllm.services.common.manifest import load_manifest
+    from splitllm.services.common.metrics import CoordinatorMetrics, serve_metrics, set_build_info
+    from splitllm.services.coordinator.remote import RemotePipeline
+
+    manifest, _ = load_manifest(artifacts, verify=[])
+    manifest, sha = load_manifest(artifacts, verify=[manifest.tokenizer["file"]])
+    pipeline = RemotePipeline(manifest, sha, stages)
+    pipeline.check(timeout=wait_stages)  # refuses to start on a mismatch, naming it
+    registry = CollectorRegistry()
+    metrics = CoordinatorMetrics(registry)
+    set_build_info(registry, __version__, sha, "-", None)
+    http = serve_metrics(registry, metrics_port) if metrics_port is not None else None
+    engine = Engine(pipeline, metrics, truncate_to_context, artifacts=artifacts, max_concurrent=max_concurrent)
+    served = serve_coordinator(engine, listen, max_workers=max_concurrent + 8)
+    stop = threading.Event()
+    threading.Thread(target=watch_stages, args=(pipeline, served, stop), name="stage-watch", daemon=True).start()
+    log.info("coordinator serving on %s, stages %s", listen, ",".join(stages))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    served.stop(grace=2)
+    if http:
+        http.shutdown()

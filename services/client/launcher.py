@@ -1,0 +1,161 @@
+"""`splitllm serve`: the stages and the coordinator as separate processes on loopback.
+
+Exports the default model first when the artifact directory is missing, waits until every process
+reports SERVING over gRPC health, and stops them all on Ctrl-C, SIGTERM, or when any one of them dies.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from splitllm.services.common.manifest import MANIFEST_FILE, load_manifest
+
+HOST = "127.0.0.1"
+COORDINATOR_PORT, STAGE_PORT = 50051, 50061  # stages: 50061, 50062, ...
+COORDINATOR_METRICS, STAGE_METRICS = 9400, 9401  # stages: 9401, 9402, ...
+
+
+@dataclass
+class Service:
+    name: str
+    address: str
+    metrics_port: int
+    proc: subprocess.Popen
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "splitllm.services.client.cli", *args]
+
+
+def wait_serving(svc: Service, deadline: float) -> None:
+    with grpc.insecure_channel(svc.address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            if svc.proc.poll() is not None:
+                raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode} while starting")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{svc.name} at {svc.address} did not become healthy in time")
+            time.sleep(0.1)
+
+
+class Pipeline:
+    """The running processes of one pipeline; a context manager that always stops them."""
+
+    def __init__(self, artifacts: str | Path, base_port: int = STAGE_PORT, coordinator_port: int = COORDINATOR_PORT,
+                 metrics_base: int | None = COORDINATOR_METRICS, kv_capacity: int = 16, backend: str = "cpu",
+                 stage_threads: int | None = None, extra_coordinator_args: list[str] | None = None) -> None:
+        self.artifacts = str(artifacts)
+        self.base_port, self.coordinator_port, self.metrics_base = base_port, coordinator_port, metrics_base
+        self.kv_capacity, self.backend, self.stage_threads = kv_capacity, backend, stage_threads
+        self.extra = extra_coordinator_args or []
+        self.services: list[Service] = []
+
+    @property
+    def coordinator(self) -> Service:
+        return self.services[-1]
+
+    @property
+    def stages(self) -> list[Service]:
+        return self.services[:-1]
+
+    def start(self, timeout: float = 120.0) -> Pipeline:
+        manifest, _ = load_manifest(self.artifacts, verify=[])
+        deadline = time.monotonic() + timeout
+        metrics = (lambda i: self.metrics_base + i) if self.metrics_base else (lambda i: 0)
+        try:
+            for k in range(manifest.num_stages):
+                addr = f"{HOST}:{self.base_port + k}"
+                args = ["stage", "--artifacts", self.artifacts, "--stage", str(k + 1), "--listen", addr,
+                        "--backend", self.backend, "--kv-capacity", str(self.kv_capacity)]
+                if self.metrics_base:
+                    args += ["--metrics-port", str(metrics(k + 1))]
+                if self.stage_threads:
+                    args += ["--threads", str(self.stage_threads)]
+                self.services.append(Service(f"stage {k + 1}", addr, metrics(k + 1), subprocess.Popen(cli(*args))))
+            for s in self.services:
+                wait_serving(s, deadline)
+            addr = f"{HOST}:{self.coordinator_port}"
+            args = ["coordinator", "--artifacts", self.artifacts, "--listen", addr,
+                    "--stages", ",".join(s.address for s in self.services), "--max-concurrent", str(self.kv_capacity)]
+            if self.metrics_base:
+                args += ["--metrics-port", str(metrics(0))]
+            self.services.append(Service("coordinator", addr, metrics(0), subprocess.Popen(cli(*args + self.extra))))
+            wait_serving(self.coordinator, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def dead(self) -> Service | None:
+        return next((s for s in self.services if s.proc.poll() is not None), None)
+
+    def stop(self) -> None:
+        for s in reversed(self.services):
+            if s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGTERM)
+        for s in self.services:
+            try:
+                s.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+                s.proc.wait()
+
+    def __enter__(self) -> Pipeline:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def ensure_artifacts(artifacts: str | Path) -> None:
+    """Export the embedded default model into `artifacts` when it holds no artifact yet."""
+    if (Path(artifacts) / MANIFEST_FILE).is_file():
+        return
+    from splitllm.export.build import export
+    from splitllm.export.sources import resolve
+
+    print(f"{artifacts} holds no artifact: exporting the embedded default model (smollm2) ...", flush=True)
+    export(resolve("smollm2"), artifacts)
+
+
+def describe(p: Pipeline) -> str:
+    lines = [f"{s.name:12s} grpc {s.address:18s} metrics http://{HOST}:{s.metrics_port}/metrics" for s in p.services]
+    return "\n".join(lines)
+
+
+def serve(artifacts: str, **kwargs: object) -> int:
+    ensure_artifacts(artifacts)
+    stop = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with Pipeline(artifacts, **kwargs) as p:  # type: ignore[arg-type]
+        print(describe(p), flush=True)
+        hint = f"splitllm generate --coordinator {p.coordinator.address} --prompt '...'"
+        print(f"ready: {hint}  (Ctrl-C stops)", flush=True)
+        while not stop:
+            dead = p.dead()
+            if dead:
+                print(f"{dead.name} exited with code {dead.proc.returncode}; stopping the pipeline", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    print("stopped", flush=True)
+    return 0
