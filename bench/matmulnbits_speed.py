@@ -46,24 +46,35 @@ def layer(i: int, variant: str, w: np.ndarray, level: int) -> tuple[list, list]:
         wt = numpy_helper.from_array(np.ascontiguousarray(w.T), p + "w")
         return [helper.make_node("MatMul", ["x", wt.name], [f"y{i}"])], [wt]
     q: NBitsWeight = quantize(w, 8 if variant == "q8" else 4)
-    inits = [numpy_helper.from_array(q.packed, p + "B"),
-             numpy_helper.from_array(q.scales.reshape(-1), p + "s")]
+    inits = [numpy_helper.from_array(q.packed, p + "B"), numpy_helper.from_array(q.scales.reshape(-1), p + "s")]
     if variant == "q4_zp_u8":
         inits.append(numpy_helper.from_array(q.zero_points.reshape(-1), p + "zp"))
     elif variant == "q4_zp_f32":
         zp = np.stack([q.zero_points & 15, q.zero_points >> 4], -1).reshape(n, -1)[:, : k // 32]
         inits.append(numpy_helper.from_array(zp.astype(np.float32).reshape(-1), p + "zp"))
     out = p + "mm" if variant == "q4_off" else f"y{i}"
-    nodes = [helper.make_node("MatMulNBits", ["x"] + [t.name for t in inits], [out], domain="com.microsoft",
-                              K=k, N=n, bits=q.bits, block_size=q.block_size, accuracy_level=level)]
+    nodes = [
+        helper.make_node(
+            "MatMulNBits",
+            ["x"] + [t.name for t in inits],
+            [out],
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=q.bits,
+            block_size=q.block_size,
+            accuracy_level=level,
+        )
+    ]
     if variant == "q4_off":
-        offsets = numpy_helper.from_array(np.random.default_rng(i).standard_normal((k // 32, n), np.float32),
-                                          p + "off")
+        offsets = numpy_helper.from_array(np.random.default_rng(i).standard_normal((k // 32, n), np.float32), p + "off")
         inits.append(offsets)
-        nodes += [helper.make_node("Reshape", ["x", "blocks"], [p + "xb"]),
-                  helper.make_node("ReduceSum", [p + "xb", "last"], [p + "bsum"], keepdims=0),
-                  helper.make_node("MatMul", [p + "bsum", offsets.name], [p + "o"]),
-                  helper.make_node("Add", [out, p + "o"], [f"y{i}"])]
+        nodes += [
+            helper.make_node("Reshape", ["x", "blocks"], [p + "xb"]),
+            helper.make_node("ReduceSum", [p + "xb", "last"], [p + "bsum"], keepdims=0),
+            helper.make_node("MatMul", [p + "bsum", offsets.name], [p + "o"]),
+            helper.make_node("Add", [out, p + "o"], [f"y{i}"]),
+        ]
     return nodes, inits
 
 
@@ -71,8 +82,10 @@ def session(variant: str, k: int, n: int, level: int, threads: int) -> ort.Infer
     rng = np.random.default_rng(0)
     nodes, inits = [], []
     if variant == "q4_off":
-        inits += [numpy_helper.from_array(np.array([0, 0, k // 32, 32], np.int64), "blocks"),
-                  numpy_helper.from_array(np.array([-1], np.int64), "last")]
+        inits += [
+            numpy_helper.from_array(np.array([0, 0, k // 32, 32], np.int64), "blocks"),
+            numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        ]
     for i in range(COPIES):
         nd, it = layer(i, variant, (rng.standard_normal((n, k)) * 0.02).astype(np.float32), level)
         nodes += nd
@@ -80,16 +93,18 @@ def session(variant: str, k: int, n: int, level: int, threads: int) -> ort.Infer
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])
     ys = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, None, n]) for i in range(COPIES)]
     graph = helper.make_graph(nodes, variant, [x], ys, inits)
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
-                                                                   helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def time_us(sessions: dict[str, ort.InferenceSession], x: np.ndarray, repeats: int,
-            budget_s: float) -> dict[str, tuple[float, float]]:
+def time_us(
+    sessions: dict[str, ort.InferenceSession], x: np.ndarray, repeats: int, budget_s: float
+) -> dict[str, tuple[float, float]]:
     """(median, min) per session of the mean time per layer over repeats of ~budget_s each.
 
     The sessions take turns within each repeat, so load from other processes hits them alike."""
@@ -118,26 +133,47 @@ def main() -> None:
     repeats, budget = (5 if args.quick else 15), 0.005
     cols = ["fp32"] + [f"{v}/{lv}" for v in VARIANTS[1:] for lv in (0, 4)]
     rows = []
-    print(f"onnxruntime {ort.__version__}; us per layer, median (min) of {repeats}; "
-          "columns: variant/accuracy_level")
+    print(f"onnxruntime {ort.__version__}; us per layer, median (min) of {repeats}; columns: variant/accuracy_level")
     print(f"{'K':>5} {'N':>5} {'M':>4} {'thr':>3} " + " ".join(f"{c:>13}" for c in cols))
     for threads in map(int, args.threads.split(",")):
         for k, n in SHAPES:
-            sessions = {c: session(c.split("/")[0], k, n, int(c.split("/")[1]) if "/" in c else 0, threads)
-                        for c in cols}
+            sessions = {
+                c: session(c.split("/")[0], k, n, int(c.split("/")[1]) if "/" in c else 0, threads) for c in cols
+            }
             for m in (1, 128):
                 x = np.random.default_rng(1).standard_normal((1, m, k)).astype(np.float32)
                 t = time_us(sessions, x, repeats, budget)
-                rows.append({"K": k, "N": n, "M": m, "threads": threads,
-                             "us_median": {c: round(v[0], 1) for c, v in t.items()},
-                             "us_min": {c: round(v[1], 1) for c, v in t.items()}})
-                print(f"{k:>5} {n:>5} {m:>4} {threads:>3} "
-                      + " ".join(f"{f'{v[0]:.0f}({v[1]:.0f})':>13}" for v in t.values()), flush=True)
+                rows.append(
+                    {
+                        "K": k,
+                        "N": n,
+                        "M": m,
+                        "threads": threads,
+                        "us_median": {c: round(v[0], 1) for c, v in t.items()},
+                        "us_min": {c: round(v[1], 1) for c, v in t.items()},
+                    }
+                )
+                print(
+                    f"{k:>5} {n:>5} {m:>4} {threads:>3} "
+                    + " ".join(f"{f'{v[0]:.0f}({v[1]:.0f})':>13}" for v in t.values()),
+                    flush=True,
+                )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "onnxruntime": ort.__version__, "cpu": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "copies_per_graph": COPIES, "repeats": repeats,
-        "unit": "microseconds per layer", "rows": rows}, indent=1))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "onnxruntime": ort.__version__,
+                "cpu": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(),
+                "load_avg": os.getloadavg(),
+                "copies_per_graph": COPIES,
+                "repeats": repeats,
+                "unit": "microseconds per layer",
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {RESULTS}")
 
 

@@ -20,21 +20,37 @@ def ort_linear(w: NBitsWeight, x: np.ndarray, accuracy_level: int = 0) -> np.nda
     if w.zero_points is not None:
         inits.append(numpy_helper.from_array(w.zero_points.reshape(-1), "zp"))
     out = "y" if w.block_offsets is None else "y0"
-    nodes = [helper.make_node("MatMulNBits", ["x"] + [t.name for t in inits], [out], domain="com.microsoft",
-                              K=k, N=n, bits=w.bits, block_size=w.block_size, accuracy_level=accuracy_level)]
+    nodes = [
+        helper.make_node(
+            "MatMulNBits",
+            ["x"] + [t.name for t in inits],
+            [out],
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=w.bits,
+            block_size=w.block_size,
+            accuracy_level=accuracy_level,
+        )
+    ]
     if w.block_offsets is not None:
-        inits += [numpy_helper.from_array(np.array([0, 0, nb, w.block_size], np.int64), "blocks"),
-                  numpy_helper.from_array(np.array([-1], np.int64), "axis"),
-                  numpy_helper.from_array(w.block_offsets, "offsets")]
-        nodes += [helper.make_node("Reshape", ["x", "blocks"], ["xb"]),
-                  helper.make_node("ReduceSum", ["xb", "axis"], ["bsum"], keepdims=0),
-                  helper.make_node("MatMul", ["bsum", "offsets"], ["off"]),
-                  helper.make_node("Add", ["y0", "off"], ["y"])]
+        inits += [
+            numpy_helper.from_array(np.array([0, 0, nb, w.block_size], np.int64), "blocks"),
+            numpy_helper.from_array(np.array([-1], np.int64), "axis"),
+            numpy_helper.from_array(w.block_offsets, "offsets"),
+        ]
+        nodes += [
+            helper.make_node("Reshape", ["x", "blocks"], ["xb"]),
+            helper.make_node("ReduceSum", ["xb", "axis"], ["bsum"], keepdims=0),
+            helper.make_node("MatMul", ["bsum", "offsets"], ["off"]),
+            helper.make_node("Add", ["y0", "off"], ["y"]),
+        ]
     x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])
     y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, n])
     graph = helper.make_graph(nodes, "linear", [x_info], [y_info], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10
+    )
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": x})[0]
 
