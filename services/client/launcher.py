@@ -72,28 +72,40 @@ class Pipeline:
     def stages(self) -> list[Service]:
         return self.services[:-1]
 
+    def metrics_port(self, i: int) -> int:
+        """0: coordinator, k: stage k (1-based); 0 when metrics are off."""
+        return self.metrics_base + i if self.metrics_base else 0
+
+    def stage_process(self, k: int) -> Service:
+        """Start stage k (0-based) on its fixed address."""
+        addr = f"{HOST}:{self.base_port + k}"
+        args = ["stage", "--artifacts", self.artifacts, "--stage", str(k + 1), "--listen", addr,
+                "--backend", self.backend, "--kv-capacity", str(self.kv_capacity)]
+        if self.metrics_base:
+            args += ["--metrics-port", str(self.metrics_port(k + 1))]
+        if self.stage_threads:
+            args += ["--threads", str(self.stage_threads)]
+        return Service(f"stage {k + 1}", addr, self.metrics_port(k + 1), subprocess.Popen(cli(*args)))
+
+    def restart_stage(self, k: int, timeout: float = 60.0) -> None:
+        self.services[k] = self.stage_process(k)
+        wait_serving(self.services[k], time.monotonic() + timeout)
+
     def start(self, timeout: float = 120.0) -> Pipeline:
         manifest, _ = load_manifest(self.artifacts, verify=[])
         deadline = time.monotonic() + timeout
-        metrics = (lambda i: self.metrics_base + i) if self.metrics_base else (lambda i: 0)
         try:
             for k in range(manifest.num_stages):
-                addr = f"{HOST}:{self.base_port + k}"
-                args = ["stage", "--artifacts", self.artifacts, "--stage", str(k + 1), "--listen", addr,
-                        "--backend", self.backend, "--kv-capacity", str(self.kv_capacity)]
-                if self.metrics_base:
-                    args += ["--metrics-port", str(metrics(k + 1))]
-                if self.stage_threads:
-                    args += ["--threads", str(self.stage_threads)]
-                self.services.append(Service(f"stage {k + 1}", addr, metrics(k + 1), subprocess.Popen(cli(*args))))
+                self.services.append(self.stage_process(k))
             for s in self.services:
                 wait_serving(s, deadline)
             addr = f"{HOST}:{self.coordinator_port}"
             args = ["coordinator", "--artifacts", self.artifacts, "--listen", addr,
                     "--stages", ",".join(s.address for s in self.services), "--max-concurrent", str(self.kv_capacity)]
             if self.metrics_base:
-                args += ["--metrics-port", str(metrics(0))]
-            self.services.append(Service("coordinator", addr, metrics(0), subprocess.Popen(cli(*args + self.extra))))
+                args += ["--metrics-port", str(self.metrics_port(0))]
+            proc = subprocess.Popen(cli(*args + self.extra))
+            self.services.append(Service("coordinator", addr, self.metrics_port(0), proc))
             wait_serving(self.coordinator, deadline)
         except BaseException:
             self.stop()

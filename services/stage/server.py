@@ -139,13 +139,16 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the stage is still loading its graphs")
         released = self.rt.release(request.session_id)
         self._kv_gauges()
-        if request.route:
+        route = list(request.route)
+        while route:  # hand the rest of the route to the next stage; skip stages that are down
             try:
-                self.downstream.stub(request.route[0]).Release(
-                    stage_pb2.ReleaseRequest(session_id=request.session_id, route=request.route[1:]), timeout=5
+                self.downstream.stub(route[0]).Release(
+                    stage_pb2.ReleaseRequest(session_id=request.session_id, route=route[1:]), timeout=5
                 )
+                break
             except grpc.RpcError as err:
-                log.warning("release of %s downstream at %s failed: %s", request.session_id, request.route[0], err)
+                log.warning("release of %s at %s failed: %s", request.session_id, route[0], err.code().name)
+                route = route[1:]
         return stage_pb2.ReleaseResponse(released=released)
 
     def Info(self, request: stage_pb2.InfoRequest, context: grpc.ServicerContext) -> stage_pb2.StageInfo:

@@ -1,0 +1,286 @@
+"""End to end: four stage processes and a coordinator on real loopback sockets."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from splitllm.protos import stage_pb2, stage_pb2_grpc, tensor_pb2
+from splitllm.services.client.client import Client
+from splitllm.services.client.launcher import Pipeline
+from splitllm.services.common.tensor import to_proto
+from splitllm.services.stage.chain import LocalChain
+
+KV_CAPACITY = 4
+
+
+def free_ports(n: int) -> int:
+    """A base port with n consecutive free ports after it."""
+    for _ in range(100):
+        base = random.randint(20000, 40000)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + i))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+@pytest.fixture(scope="module")
+def pipeline(smollm2_artifacts):
+    base = free_ports(5)
+    metrics = free_ports(5)
+    with Pipeline(
+        smollm2_artifacts, base_port=base, coordinator_port=base + 4, metrics_base=metrics, kv_capacity=KV_CAPACITY
+    ) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def client(pipeline):
+    with Client(pipeline.coordinator.address) as c:
+        yield c
+
+
+def stage_stubs(pipeline) -> list[stage_pb2_grpc.StageStub]:
+    return [stage_pb2_grpc.StageStub(grpc.insecure_channel(s.address)) for s in pipeline.stages]
+
+
+def sessions_in_use(pipeline) -> list[int]:
+    return [s.Info(stage_pb2.InfoRequest()).sessions_in_use for s in stage_stubs(pipeline)]
+
+
+def wait_released(pipeline, timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (used := sessions_in_use(pipeline)) != [0] * len(pipeline.stages) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return used
+
+
+def test_greedy_equals_in_process_chain_and_llamacpp(client, pipeline, smollm2_artifacts, reference):
+    chain = LocalChain(smollm2_artifacts)
+    for p in reference["prompts"]:
+        out = client.generate(prompt=p["prompt"], max_tokens=30)
+        assert out.text == p["greedy_text"], p["prompt"]
+        assert out.token_ids == chain.greedy(p["prompt_token_ids"], 30, stop_ids={2})
+        assert out.token_ids[: len(p["greedy_token_ids"])] == p["greedy_token_ids"]
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+
+
+def test_eight_concurrent_generates_match_their_solo_runs(client, pipeline):
+    prompts = [f"Tell me one fact about the number {i}." for i in range(8)]
+    kwargs = [dict(prompt=p, max_tokens=24, temperature=0.8, top_p=0.95, seed=100 + i) for i, p in enumerate(prompts)]
+    solo = [client.generate(**kw).token_ids for kw in kwargs]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda kw: client.generate(**kw).token_ids, kwargs))
+    assert together == solo
+    assert len({tuple(t) for t in solo}) > 1
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+
+
+def test_stream_deltas_and_usage(client, reference):
+    p = reference["prompts"][1]
+    msgs = list(client.stream(prompt=p["prompt"], max_tokens=30))
+    assert "".join(m.text for m in msgs) == p["greedy_text"]
+    last = msgs[-1]
+    assert last.finish_reason and last.usage.prompt_tokens == len(p["prompt_token_ids"])
+    assert last.usage.completion_tokens == len(p["greedy_token_ids"])
+    assert last.usage.ttft_seconds > 0 and last.usage.tokens_per_second > 0
+
+
+def test_cancel_and_deadline_release_every_stage(client, pipeline):
+    stream = client.stub.Generate(client.request(prompt="Write a long story about a dragon.", max_tokens=500))
+    for i, _ in enumerate(stream):
+        if i == 5:
+            stream.cancel()
+            break
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in client.stream(prompt="Write a long story about a cat.", max_tokens=500, timeout=0.3):
+            pass
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+
+
+def test_coordinator_validation_errors(client, pipeline):
+    cases = [
+        (dict(prompt="hi", temperature=-1), "temperature"),
+        (dict(prompt="hi", top_p=1.5), "top_p"),
+        (dict(prompt="x " * 1100, max_tokens=10), "1024"),
+        (dict(token_ids=[1, 10**6]), "[0, 49152)"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate(**kwargs)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kwargs
+        assert needle in e.value.details(), e.value.details()
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+
+
+def forward(stub, sid: str, position: int, data: np.ndarray, route: list[str], num_tokens: int = 0):
+    req = stage_pb2.ForwardRequest(route=route)
+    e = req.entries.add(session_id=sid, position=position, num_tokens=num_tokens or len(data))
+    to_proto(data, e.input)
+    e.logits.top_k = 1
+    return stub.Forward(req, timeout=10)
+
+
+def expect(code: grpc.StatusCode, fn, *needles: str) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    assert e.value.code() == code, e.value.details()
+    for n in needles:
+        assert n in e.value.details(), e.value.details()
+
+
+def test_stage_validation_errors_touch_nothing(pipeline):
+    s1, s2 = stage_stubs(pipeline)[:2]
+    route = [s.address for s in pipeline.stages[1:]]
+    ids = np.array([1, 2, 3], np.int32)
+    forward(s1, "keep", 0, ids, route)  # a healthy session that must survive every bad call below
+    inv = grpc.StatusCode.INVALID_ARGUMENT
+    expect(inv, lambda: forward(s1, "x", 0, ids.astype(np.float32), route), "int32 token ids")
+    expect(inv, lambda: forward(s2, "x", 0, np.zeros((2, 7), np.float32), route[1:]), "[n, 576]")
+    expect(inv, lambda: forward(s1, "x", 1020, np.arange(10, dtype=np.int32), route), "outside the context")
+    expect(inv, lambda: forward(s1, "x", 0, np.arange(200, dtype=np.int32), route), "1 to 128 tokens")
+    expect(inv, lambda: forward(s1, "keep", 7, ids, route), "at position 3")
+    expect(inv, lambda: forward(s1, "x", 0, ids, []), "route is empty")
+    expect(inv, lambda: forward(s1, "keep", 0, ids, route), "already exists")
+    bad = stage_pb2.ForwardRequest(route=route)
+    bad.entries.add(session_id="x", position=0, num_tokens=3).input.CopyFrom(
+        tensor_pb2.Tensor(dtype=tensor_pb2.INT32, shape=[3], data=b"\0" * 5)
+    )
+    expect(inv, lambda: s1.Forward(bad), "entries[0].input", "5 bytes")
+    expect(grpc.StatusCode.NOT_FOUND, lambda: forward(s1, "ghost", 3, ids, route), "ghost")
+    r = forward(s1, "keep", 3, np.array([4], np.int32), route)  # still intact, continues at position 3
+    assert r.results[0].token_ids.shape == [1]
+    assert s1.Release(stage_pb2.ReleaseRequest(session_id="keep", route=route)).released
+    expect(grpc.StatusCode.NOT_FOUND, lambda: forward(s1, "keep", 4, ids, route), "keep")
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+
+
+def test_kv_capacity_exhausted_then_recovers(pipeline):
+    s1 = stage_stubs(pipeline)[0]
+    route = [s.address for s in pipeline.stages[1:]]
+    ids = np.array([1, 2], np.int32)
+    for i in range(KV_CAPACITY):
+        forward(s1, f"full-{i}", 0, ids, route)
+    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: forward(s1, "one-more", 0, ids, route), "retry later")
+    assert sessions_in_use(pipeline) == [KV_CAPACITY] * 4
+    for i in range(KV_CAPACITY):
+        s1.Release(stage_pb2.ReleaseRequest(session_id=f"full-{i}", route=route))
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+    forward(s1, "one-more", 0, ids, route)
+    s1.Release(stage_pb2.ReleaseRequest(session_id="one-more", route=route))
+
+
+def scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("stage", "replica"))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def test_metrics_move_by_the_right_amounts(client, pipeline, reference):
+    ports = [s.metrics_port for s in pipeline.services]
+    before = [scrape(p) for p in ports]
+    prompt = reference["prompts"][1]
+    out = client.generate(prompt=prompt["prompt"], max_tokens=30)
+    time.sleep(0.2)
+    after = [scrape(p) for p in ports]
+    co_b, co_a = before[-1], after[-1]
+
+    def moved(name: str) -> float:
+        return co_a[name] - co_b[name]
+
+    n = len(out.token_ids)
+    assert moved("splitllm_requests_total{status=ok}") == 1
+    assert moved("splitllm_generated_tokens_total{}") == n
+    assert moved("splitllm_prompt_tokens_total{}") == len(prompt["prompt_token_ids"])
+    assert moved("splitllm_time_to_first_token_seconds_count{}") == 1
+    assert moved("splitllm_request_duration_seconds_count{}") == 1
+    assert moved("splitllm_finish_reason_total{reason=stop}") == 1
+    for b, a in zip(before[:-1], after[:-1], strict=True):
+        key = "splitllm_stage_forward_seconds_count{mode=%s}"
+        assert a[key % "prompt"] - b[key % "prompt"] == 1
+        assert a[key % "token"] - b[key % "token"] == n - 1  # the last sampled token is never fed back
+        assert a["splitllm_stage_received_bytes_total{}"] > b["splitllm_stage_received_bytes_total{}"]
+        assert any(k.startswith("splitllm_build_info") for k in a)
+
+
+def test_dashboard_and_rules_query_only_exported_metrics(pipeline):
+    from test_deploy_config import RAW_NAME, dashboard_exprs, rules
+
+    exported: set[str] = set()
+    for s in pipeline.services:
+        exported |= {k.split("{")[0] for k in scrape(s.metrics_port)}
+    queried = {n for e in [r["expr"] for r in rules()] + dashboard_exprs() for n in RAW_NAME.findall(e)}
+    assert queried and queried <= exported, sorted(queried - exported)
+
+
+def health(address: str) -> int:
+    with grpc.insecure_channel(address) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+
+
+def wait_health(address: str, status: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if health(address) == status:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_stage_death_fails_fast_and_service_recovers(client, pipeline):
+    """Last in this module: kills stage 3 mid-generation, then starts it again."""
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert health(pipeline.coordinator.address) == SERVING
+    errors: list[grpc.RpcError] = []
+    started = threading.Event()
+
+    def long_generation() -> None:
+        try:
+            for _ in client.stream(prompt="Write a long story about a lighthouse.", max_tokens=900):
+                started.set()
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=long_generation)
+    t.start()
+    assert started.wait(30)
+    t0 = time.monotonic()
+    pipeline.stages[2].proc.kill()
+    t.join(timeout=10)
+    assert not t.is_alive() and time.monotonic() - t0 < 10
+    assert errors and errors[0].code() == grpc.StatusCode.UNAVAILABLE, errors
+    assert wait_health(pipeline.coordinator.address, NOT_SERVING)
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate(prompt="hi", max_tokens=3, timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    pipeline.restart_stage(2)
+    assert wait_health(pipeline.coordinator.address, SERVING)
+    assert client.generate(prompt="what is 2+3?", max_tokens=30).text == "2 + 3 = 5"
+    assert wait_released(pipeline) == [0, 0, 0, 0]
