@@ -110,7 +110,9 @@ def _gguf_type(ggml_type: int) -> GGMLQuantizationType:
     return t
 
 
-def _gguf_blocks(data: np.ndarray, ggml_type: int, shape: tuple[int, ...]):
+def _gguf_blocks(
+    data: np.ndarray, ggml_type: int, shape: tuple[int, ...]
+) -> np.ndarray | tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """float32 array for float types, else (d, m | None, q) with q [N, K/32, 32] in element order
     (uint8 0..15 for Q4, int8 for Q8_0) and d, m float32 [N, K/32]."""
     t = _gguf_type(ggml_type)
@@ -226,8 +228,9 @@ def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32) -> NBitsWeight:
     """Quantize a float [N, K] weight to MatMulNBits form.
 
     4-bit: asymmetric, uint8 zero points (the fast kernel path), scale and zero point searched per block
-    for the least squared error. 8-bit: symmetric absmax/127, no zero points, the Q8_0 layout (its error is
-    already ~1/16 of 4-bit's and the graph keeps one 8-bit form).
+    for the least squared error. 8-bit: symmetric absmax/127 with the op's default zero point 128, the Q8_0
+    layout: its error is already ~1/15 of 4-bit's, a zero point would buy little, and the graph keeps one
+    8-bit form.
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
