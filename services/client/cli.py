@@ -126,6 +126,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from splitllm.bench.suite import run
+
+    return run(a.artifacts, quick=a.quick, reps=a.reps, gguf=a.gguf or "", runtimes=tuple(a.runtimes.split(",")))
+
+
 def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output-tokens", type=int, default=30)
     p.add_argument("--system", help="system prompt")
@@ -210,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--backend", default="cpu", choices=["cpu", "qnn"])
     add_sampling(de)
     de.set_defaults(run=cmd_demo)
+
+    be = sub.add_parser("bench", help="figures of the pipeline, the in-process chain and llama.cpp, same run")
+    be.add_argument("--quick", action="store_true", help="a smoke check in under 3 minutes")
+    be.add_argument("--artifacts", default="artifacts/smollm2-ctx2048",
+                    help="artifact with context > 1024 (exported from the embedded model when missing)")
+    be.add_argument("--gguf", help="GGUF for llama.cpp (default: the artifact's source)")
+    be.add_argument("--reps", type=int, help="measured repetitions after the warm-up (default 5, --quick 2)")
+    be.add_argument("--runtimes", default="pipeline,chain,llamacpp")
+    be.set_defaults(run=cmd_bench)
     return p
 
 

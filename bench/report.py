@@ -1,0 +1,158 @@
+"""The pure side of `splitllm bench`: statistics, targets, the terminal table and the chart."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+RUNTIMES = {"pipeline": "splitllm pipeline", "chain": "in-process chain", "llamacpp": "llama.cpp"}
+
+# key -> (label, unit, scale from the stored SI value to the shown unit)
+FIGURES: dict[str, tuple[str, str, float]] = {
+    "ttft_32": ("TTFT, 32-token prompt", "ms", 1e3),
+    "ttft_128": ("TTFT, 128-token prompt", "ms", 1e3),
+    "ttft_1024": ("TTFT, 1024-token prompt", "ms", 1e3),
+    "prompt_tps_128": ("prompt tok/s, 128 tokens", "tok/s", 1),
+    "prompt_tps_1024": ("prompt tok/s, 1024 tokens", "tok/s", 1),
+    "gen_tps": ("generation tok/s", "tok/s", 1),
+    "tpot": ("time per output token", "ms", 1e3),
+    "streams_1": ("aggregate tok/s, 1 stream", "tok/s", 1),
+    "streams_4": ("aggregate tok/s, 4 streams", "tok/s", 1),
+    "streams_16": ("aggregate tok/s, 16 streams", "tok/s", 1),
+}
+
+
+def summarize(samples: list[float]) -> dict:
+    """min / median / max of the measured repetitions (warm-up already dropped)."""
+    return {"min": min(samples), "median": statistics.median(samples), "max": max(samples), "samples": samples}
+
+
+def median(results: dict, runtime: str, key: str) -> float | None:
+    fig = results.get(runtime, {}).get("figures", {}).get(key)
+    return fig["median"] if fig else None
+
+
+def rss_total(results: dict, runtime: str) -> float | None:
+    rss = results.get(runtime, {}).get("rss")
+    return rss["total"] if rss else None
+
+
+def ppl(results: dict, runtime: str) -> float | None:
+    p = results.get(runtime, {}).get("perplexity")
+    return p["second_half"] if p else None
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    rule: str  # shown as is
+    measure: Callable[[dict], float | None]  # from the results of every runtime
+    ok: Callable[[float], bool]
+    fmt: str = "{:.2f}x"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def vs_llamacpp(runtime: str, key: str) -> Callable[[dict], float | None]:
+    return lambda r: ratio(median(r, runtime, key), median(r, "llamacpp", key))
+
+
+def overhead_ms(r: dict) -> float | None:
+    """TPOT of the gRPC pipeline minus TPOT of the same graphs in one process."""
+    a, b = median(r, "pipeline", "tpot"), median(r, "chain", "tpot")
+    return (a - b) * 1e3 if a is not None and b is not None else None
+
+
+def ppl_delta_percent(r: dict) -> float | None:
+    q = ratio(ppl(r, "chain"), ppl(r, "llamacpp"))
+    return 100 * (q - 1) if q is not None else None
+
+
+TARGETS = [
+    Target("generation tok/s, pipeline / llama.cpp", ">= 1.4x", vs_llamacpp("pipeline", "gen_tps"),
+           lambda x: x >= 1.4),
+    Target("generation tok/s, chain / llama.cpp", ">= 1.6x", vs_llamacpp("chain", "gen_tps"), lambda x: x >= 1.6),
+    Target("prompt tok/s at 1024, pipeline / llama.cpp", ">= 2.6x", vs_llamacpp("pipeline", "prompt_tps_1024"),
+           lambda x: x >= 2.6),
+    Target("TTFT 32 tokens, pipeline / llama.cpp", "<= 0.5x", vs_llamacpp("pipeline", "ttft_32"), lambda x: x <= 0.5),
+    Target("pipeline overhead per token (TPOT - chain's)", "<= 1.5 ms", overhead_ms, lambda x: x <= 1.5, "{:.2f} ms"),
+    Target("perplexity, splitllm vs llama.cpp", "within 1 %", ppl_delta_percent, lambda x: abs(x) <= 1.0,
+           "{:+.2f} %"),
+    Target("peak RSS, pipeline (5 processes) / llama.cpp", "<= 2.5x",
+           lambda r: ratio(rss_total(r, "pipeline"), rss_total(r, "llamacpp")), lambda x: x <= 2.5),
+]
+
+
+def evaluate(results: dict) -> list[dict]:
+    out = []
+    for t in TARGETS:
+        value = t.measure(results)
+        out.append({"name": t.name, "rule": t.rule, "value": value,
+                    "shown": t.fmt.format(value) if value is not None else "n/a",
+                    "met": t.ok(value) if value is not None else None})
+    return out
+
+
+def _cell(fig: dict | None, scale: float) -> str:
+    if not fig:
+        return "-"
+    return " / ".join(f"{fig[k] * scale:.1f}" for k in ("min", "median", "max"))
+
+
+def render(results: dict, targets: list[dict], notes: list[str] = ()) -> str:
+    """The terminal table: figures per runtime (min / median / max), memory, perplexity, then the targets."""
+    runtimes = [k for k in RUNTIMES if k in results]
+    rows = [["", *(RUNTIMES[k] for k in runtimes)]]
+    for key, (label, unit, scale) in FIGURES.items():
+        rows.append([f"{label} [{unit}]", *(_cell(results[k].get("figures", {}).get(key), scale) for k in runtimes)])
+    names = sorted({n for k in runtimes for n in results[k].get("rss", {})}, key=lambda n: (n == "total", n))
+    for label, field, name in [*(("one stream", "rss", n) for n in names), ("after streams", "rss_streams", "total")]:
+        rows.append([f"peak RSS {name}, {label} [MB]",
+                     *(f"{results[k][field][name] / 1e6:.0f}" if name in results[k].get(field, {}) else "-"
+                       for k in runtimes)])
+    for key, label in (("second_half", "second half"), ("all_tokens", "all tokens")):
+        rows.append([f"perplexity, {label}",
+                     *(f"{results[k]['perplexity'][key]:.3f}" if results[k].get("perplexity") else "-"
+                       for k in runtimes)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines += ["", "target".ljust(48) + "rule".ljust(12) + "measured".rjust(10) + "  met"]
+    for t in targets:
+        met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
+        lines.append(t["name"].ljust(48) + t["rule"].ljust(12) + t["shown"].rjust(10) + "  " + met)
+    return "\n".join(lines + [""] + [f"note: {n}" for n in notes])
+
+
+def chart(results: dict, path: Path) -> None:
+    """Bar panels per runtime: generation tok/s, TTFT of a 32-token prompt, prompt tok/s at 1024 (min-max bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runtimes = [k for k in RUNTIMES if results.get(k, {}).get("figures")]
+    panels = [("gen_tps", "generation (tokens/s, higher is better)"),
+              ("ttft_32", "time to first token, 32-token prompt (ms, lower is better)"),
+              ("prompt_tps_1024", "prompt processing, 1024 tokens (tokens/s)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), layout="constrained")
+    colors = ["#1f77b4", "#7fb3e0", "#d62728"]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        scale = FIGURES[key][2]
+        figs = [results[k]["figures"][key] for k in runtimes]
+        med = [f["median"] * scale for f in figs]
+        err = [[m - f["min"] * scale for m, f in zip(med, figs, strict=True)],
+               [f["max"] * scale - m for m, f in zip(med, figs, strict=True)]]
+        bars = ax.bar([RUNTIMES[k].replace(" ", "\n", 1) for k in runtimes], med, yerr=err, capsize=4,
+                      color=colors[: len(runtimes)])
+        ax.bar_label(bars, labels=[f"{m:.0f}" for m in med], label_type="center", color="white", fontweight="bold")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle("splitllm bench: median of the repetitions, bars show min-max", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,228 @@
+"""The three runtimes under one interface: the gRPC pipeline, the in-process chain, llama.cpp.
+
+Every method times itself with the same clock at the same points: TTFT from the call to the first
+token chosen (greedy), generation as the arrival time of every token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+_ids = itertools.count()
+
+
+def peak_rss(pid: int | str = "self") -> int:
+    """Peak resident set size (VmHWM) of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def free_port_block(n: int) -> int:
+    """A base port with n free consecutive ports after it (other workers' pipelines use the defaults)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for i, s in enumerate(socks):
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"found no {n} free consecutive ports on 127.0.0.1")
+
+
+class Chain:
+    """The stage graphs chained in one process (no gRPC); streams interleave round robin in one thread."""
+
+    name = "chain"
+
+    def __init__(self, artifacts: str, **_: object) -> None:
+        from splitllm.services.stage.chain import LocalChain
+
+        self.chain = LocalChain(artifacts, kv_capacity=16)
+
+    def _prefill(self, sid: str, tokens: list[int]) -> int:
+        return int(np.argmax(self.chain.prefill_tokens(sid, tokens)))
+
+    def _next(self, sid: str, position: int, token: int) -> int:
+        return int(np.argmax(self.chain.step(sid, position, np.array([token], np.int32))))
+
+    def ttft(self, tokens: list[int]) -> float:
+        sid = f"ttft-{next(_ids)}"
+        t0 = time.perf_counter()
+        self._prefill(sid, tokens)
+        dt = time.perf_counter() - t0
+        self.chain.release(sid)
+        return dt
+
+    def generate(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
+        sid, out, times = f"gen-{next(_ids)}", [], []
+        t0 = time.perf_counter()
+        try:
+            out.append(self._prefill(sid, tokens))
+            times.append(time.perf_counter() - t0)
+            while len(out) < n:
+                out.append(self._next(sid, len(tokens) + len(out) - 1, out[-1]))
+                times.append(time.perf_counter() - t0)
+        finally:
+            self.chain.release(sid)
+        return out, times
+
+    def streams(self, prompts: list[list[int]], n: int) -> int:
+        sids = [f"stream-{next(_ids)}" for _ in prompts]
+        try:
+            last = [self._prefill(s, p) for s, p in zip(sids, prompts, strict=True)]
+            for k in range(1, n):
+                last = [self._next(s, len(p) + k - 1, t) for s, p, t in zip(sids, prompts, last, strict=True)]
+        finally:
+            for s in sids:
+                self.chain.release(s)
+        return n * len(prompts)
+
+    def perplexity(self, tokens: list[int], ctx: int) -> dict:
+        from splitllm.export.evaluate import perplexity
+
+        return perplexity(self.chain, tokens, ctx).__dict__
+
+    def rss(self) -> dict[str, int]:
+        return {"total": peak_rss()}
+
+    def close(self) -> None:
+        pass
+
+
+class Pipeline:
+    """`splitllm serve`'s processes (four stages and the coordinator) on free loopback ports; a gRPC client."""
+
+    name = "pipeline"
+
+    def __init__(self, artifacts: str, **_: object) -> None:
+        from splitllm.services.client.client import Client
+        from splitllm.services.client.launcher import Pipeline as Processes
+
+        base = free_port_block(5)
+        self.processes = Processes(artifacts, base_port=base, coordinator_port=base + 4, metrics_base=None,
+                                   kv_capacity=16).start()
+        self.client = Client(self.processes.coordinator.address)
+
+    def _stream(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
+        out, times = [], []
+        t0 = time.perf_counter()
+        for msg in self.client.stream(token_ids=tokens, max_tokens=n):
+            times += [time.perf_counter() - t0] * len(msg.token_ids)
+            out += msg.token_ids
+        return out, times
+
+    def ttft(self, tokens: list[int]) -> float:
+        return self._stream(tokens, 1)[1][0]
+
+    def generate(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
+        return self._stream(tokens, n)
+
+    def streams(self, prompts: list[list[int]], n: int) -> int:
+        counts = [0] * len(prompts)
+
+        def one(i: int) -> None:
+            counts[i] = len(self._stream(prompts[i], n)[0])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(counts)
+
+    def perplexity(self, tokens: list[int], ctx: int) -> None:
+        return None  # the same graphs as the chain: its figure serves both
+
+    def rss(self) -> dict[str, int]:
+        peaks = {s.name: peak_rss(s.proc.pid) for s in self.processes.services}
+        return peaks | {"total": sum(peaks.values())}
+
+    def close(self) -> None:
+        self.client.close()
+        self.processes.stop()
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python on the same GGUF, 2 threads; one context runs streams one after another."""
+
+    name = "llamacpp"
+
+    def __init__(self, gguf: str, **_: object) -> None:
+        import llama_cpp
+
+        self.gguf, self.lib = gguf, llama_cpp
+        self.llm = llama_cpp.Llama(model_path=gguf, n_ctx=2048, n_threads=2, n_batch=512, logits_all=False,
+                                   verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def _eval(self, tokens: list[int]) -> int:
+        """Greedy token after `tokens` (logits_all=False keeps only the last row, read straight from the context)."""
+        self.llm.eval(tokens)
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
+        return int(np.argmax(logits))
+
+    def ttft(self, tokens: list[int]) -> float:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self._eval(tokens)
+        return time.perf_counter() - t0
+
+    def generate(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
+        self.llm.reset()
+        out, times = [], []
+        t0 = time.perf_counter()
+        out.append(self._eval(tokens))
+        times.append(time.perf_counter() - t0)
+        while len(out) < n:
+            out.append(self._eval([out[-1]]))
+            times.append(time.perf_counter() - t0)
+        return out, times
+
+    def streams(self, prompts: list[list[int]], n: int) -> int:
+        return sum(len(self.generate(p, n)[0]) for p in prompts)
+
+    def perplexity(self, tokens: list[int], ctx: int) -> dict:
+        """As export/evaluate.py: non-overlapping windows from an empty cache, no BOS, float64 log-softmax."""
+        llm = self.lib.Llama(model_path=self.gguf, n_ctx=ctx, n_threads=2, n_batch=ctx, logits_all=True,
+                             verbose=False)
+        nll_half = nll_all = 0.0
+        n_half = n_all = 0
+        windows = len(tokens) // ctx
+        for w in range(windows):
+            chunk = tokens[w * ctx : (w + 1) * ctx]
+            llm.reset()
+            llm.eval(chunk)
+            x = llm.scores[: ctx - 1].astype(np.float64)
+            m = x.max(axis=1, keepdims=True)
+            lp = x[np.arange(ctx - 1), chunk[1:]] - (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
+            nll_all -= lp.sum()
+            nll_half -= lp[ctx // 2 :].sum()
+            n_all, n_half = n_all + ctx - 1, n_half + len(lp[ctx // 2 :])
+        return {"second_half": float(np.exp(nll_half / n_half)), "all_tokens": float(np.exp(nll_all / n_all)),
+                "scored_second_half": n_half, "scored_all": n_all, "windows": windows}
+
+    def rss(self) -> dict[str, int]:
+        return {"total": peak_rss()}
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+RUNTIMES = {r.name: r for r in (Pipeline, Chain, LlamaCpp)}

@@ -1,0 +1,219 @@
+"""`splitllm bench`: the same workloads on the same model through every runtime in one run.
+
+Each runtime lives in its own child process (bench/runner.py). The runtimes take turns workload by
+workload inside every repetition, so load from other processes on this machine falls on all of them
+alike and the ratios hold even when the absolute figures drift. The first repetition is a warm-up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from splitllm.bench import report
+
+REFERENCE = Path(__file__).resolve().parents[1] / "../shared/reference/smollm2"
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT_LENGTHS = (32, 128, 1024)
+
+
+@dataclass(frozen=True)
+class Plan:
+    reps: int  # measured repetitions, after one warm-up
+    gen_tokens: int
+    streams: tuple[int, ...]
+    stream_tokens: int
+    ppl_windows: int | None  # None: every 512-token window of the text
+    expected_minutes: float  # on this 2-core machine when it is otherwise idle
+
+    @staticmethod
+    def make(quick: bool, reps: int | None = None) -> Plan:
+        if quick:
+            return Plan(reps or 2, 128, (1, 4, 16), 16, 1, 2.0)
+        return Plan(reps or 5, 128, (1, 4, 16), 64, None, 9.0)
+
+
+class Child:
+    """A runner process and its line protocol."""
+
+    def __init__(self, runtime: str, artifacts: str, gguf: str, log: Path) -> None:
+        self.runtime, self.log = runtime, log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "splitllm.bench.runner", "--runtime", runtime, "--artifacts", artifacts,
+             "--gguf", gguf], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            tail = "\n".join(self.log.read_text().splitlines()[-15:])
+            raise RuntimeError(f"the {self.runtime} runner exited (code {self.proc.poll()}); {self.log}:\n{tail}")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(msg["error"])
+        return msg
+
+    def ready(self) -> None:
+        self._read()
+
+    def call(self, op: str, **kwargs: object) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def single(child: Child, plan: Plan, prompts: dict[int, list[int]], out: dict[str, list]) -> None:
+    """One repetition of the one-stream workloads on one runtime; appends a sample per figure to `out`."""
+    for n in PROMPT_LENGTHS:
+        s = child.call("ttft", tokens=prompts[n])["value"]
+        out.setdefault(f"ttft_{n}", []).append(s)
+        if n >= 128:
+            out.setdefault(f"prompt_tps_{n}", []).append(n / s)
+    tokens, times = child.call("generate", tokens=prompts[32], n=plan.gen_tokens)["value"]
+    if len(tokens) != plan.gen_tokens:
+        raise RuntimeError(f"{child.runtime} generated {len(tokens)} tokens, not {plan.gen_tokens} (a stop token?)")
+    tpot = (times[-1] - times[0]) / (len(times) - 1)
+    out.setdefault("tpot", []).append(tpot)
+    out.setdefault("gen_tps", []).append(1 / tpot)
+    out["greedy"] = tokens
+
+
+def streams(child: Child, plan: Plan, prompts: list[list[int]], out: dict[str, list]) -> None:
+    for k in plan.streams:
+        r = child.call("streams", prompts=prompts[:k], n=plan.stream_tokens)
+        out.setdefault(f"streams_{k}", []).append(r["value"] / r["seconds"])
+
+
+def reference_perplexity(windows: int) -> dict:
+    """llama.cpp's figure from the reference JSON (its chunks score equally many tokens: geometric mean)."""
+    ref = json.loads((REFERENCE / "llamacpp_perplexity.json").read_text())
+    chunks = ref["per_chunk"][:windows]
+    gmean = lambda k: math.exp(sum(math.log(c[k]) for c in chunks) / len(chunks))  # noqa: E731
+    return {"second_half": gmean("ppl_second_half"), "all_tokens": gmean("ppl_all"), "windows": len(chunks),
+            "source": "reference JSON"}
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+
+
+def clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def ensure_artifacts(artifacts: str) -> str:
+    """The bench artifact: context 2048 like llama.cpp's n_ctx, so a 1024-token prompt plus answer fits."""
+    from splitllm.services.common.manifest import MANIFEST_FILE, load_manifest
+
+    if not (Path(artifacts) / MANIFEST_FILE).is_file():
+        from splitllm.export.build import export
+        from splitllm.export.sources import resolve
+
+        print(f"exporting the embedded default model with context 2048 into {artifacts} ...", flush=True)
+        export(resolve("smollm2"), artifacts, context=2048)
+    m, _ = load_manifest(artifacts, verify=[])
+    if m.context_length <= max(PROMPT_LENGTHS):
+        raise ValueError(f"{artifacts} has context {m.context_length}: the 1024-token prompt needs more "
+                         "(splitllm export ... --context 2048)")
+    return m.source.get("path", "") if m.source.get("kind") == "gguf" else ""
+
+
+def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str = "",
+        runtimes: tuple[str, ...] = tuple(report.RUNTIMES), out_dir: Path = RESULTS) -> int:
+    from splitllm.services.common.manifest import load_manifest
+    from splitllm.services.coordinator.text import TextCodec
+
+    t_start, load_start = time.monotonic(), os.getloadavg()[0]
+    plan, notes = Plan.make(quick, reps), []
+    gguf = gguf or ensure_artifacts(artifacts)
+    m, _ = load_manifest(artifacts, verify=[])
+    text = (REFERENCE / "ppl_text.txt").read_text()
+    ids = TextCodec((Path(artifacts) / m.tokenizer["file"]).read_text()).encode(text)
+    prompts = {n: ids[:n] for n in PROMPT_LENGTHS}
+    stream_prompts = [ids[32 * i : 32 * i + 32] for i in range(max(plan.streams))]
+    ppl_tokens = ids[: 512 * plan.ppl_windows] if plan.ppl_windows else ids
+
+    runtimes = list(runtimes)
+    if "llamacpp" in runtimes and (importlib.util.find_spec("llama_cpp") is None or not Path(gguf).is_file()):
+        why = "llama-cpp-python is not installed (pip install 'splitllm[bench]')" \
+            if importlib.util.find_spec("llama_cpp") is None else f"no GGUF file ({gguf!r}; pass --gguf)"
+        print(f"skipping llama.cpp: {why}", flush=True)
+        notes.append(f"llama.cpp skipped: {why}")
+        runtimes.remove("llamacpp")
+    print(f"splitllm bench{' --quick' if quick else ''}: {', '.join(runtimes)}; 1 warm-up + {plan.reps} "
+          f"repetitions; expect about {plan.expected_minutes:.0f} min (longer when the machine is busy)", flush=True)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    children = {r: Child(r, artifacts, gguf, out_dir / f"{r}.log") for r in runtimes}
+    samples: dict[str, dict[str, list]] = {r: {} for r in runtimes}
+    results: dict[str, dict] = {r: {} for r in runtimes}
+    try:
+        for c in children.values():
+            c.ready()
+        print(f"[{clock(time.monotonic() - t_start)}] runtimes started", flush=True)
+        t_loop = time.monotonic()
+        for rep in range(plan.reps + 1):
+            order = runtimes[rep % len(runtimes):] + runtimes[: rep % len(runtimes)]
+            for r in order:
+                single(children[r], plan, prompts, samples[r] if rep else {})
+                if rep == 0:  # the peak of one stream at a time, as llama.cpp's single context runs
+                    results[r]["rss"] = children[r].call("rss")["value"]
+                streams(children[r], plan, stream_prompts, samples[r] if rep else {})
+            left = (time.monotonic() - t_loop) / (rep + 1) * (plan.reps - rep)
+            if "chain" in samples and rep:  # the chain's perplexity runs token by token
+                left += len(ppl_tokens) * statistics.median(samples["chain"]["tpot"])
+            print(f"[{clock(time.monotonic() - t_start)}] {'warm-up' if rep == 0 else f'repetition {rep}/{plan.reps}'}"
+                  f" done; ~{clock(left)} left", flush=True)
+        for r in runtimes:
+            results[r]["figures"] = {k: report.summarize(v) for k, v in samples[r].items() if k != "greedy"}
+            results[r]["rss_streams"] = children[r].call("rss")["value"]
+        for r in runtimes:
+            if r != "pipeline":
+                print(f"[{clock(time.monotonic() - t_start)}] perplexity: {r} ...", flush=True)
+                results[r]["perplexity"] = children[r].call("perplexity", tokens=ppl_tokens, ctx=512)["value"]
+    finally:
+        for c in children.values():
+            c.close()
+    if "llamacpp" not in results:
+        results["llamacpp"] = {"perplexity": reference_perplexity(len(ppl_tokens) // 512)}
+        notes.append("llama.cpp perplexity quoted from the reference JSON (same text and windows)")
+
+    notes += [f"{r}: greedy {plan.gen_tokens} tokens first differ from llama.cpp's at token {d}"
+              if (d := first_divergence(samples[r]["greedy"], samples["llamacpp"]["greedy"])) is not None
+              else f"{r}: greedy {plan.gen_tokens} tokens identical to llama.cpp's"
+              for r in runtimes if r != "llamacpp" and "llamacpp" in runtimes]
+    notes += ["TTFT is timed at the caller: for the pipeline at the gRPC client (raw token ids, max_tokens=1)",
+              "the pipeline runs the chain's graphs: the chain's perplexity serves both",
+              f"concurrent streams: {plan.stream_tokens} tokens each after a 32-token prompt; the chain interleaves "
+              "them round robin in one thread, llama.cpp (one context) runs them one after another",
+              f"noisy machine: load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+              f"({os.cpu_count()} cores)"]
+    targets = report.evaluate(results)
+    doc = {"plan": asdict(plan), "artifacts": artifacts, "gguf": gguf, "runtimes": results, "targets": targets,
+           "notes": notes, "seconds": time.monotonic() - t_start}
+    (out_dir / "bench.json").write_text(json.dumps(doc, indent=1))
+    print("\n" + report.render(results, targets, notes))
+    try:
+        report.chart(results, out_dir / "bench.png")
+        charted = f" and {out_dir / 'bench.png'}"
+    except ImportError:
+        charted = " (no chart: matplotlib is not installed, pip install 'splitllm[bench]')"
+    print(f"\nwrote {out_dir / 'bench.json'}{charted} in {clock(time.monotonic() - t_start)}")
+    return 0

@@ -1,0 +1,85 @@
+"""The pure parts of `splitllm bench`: statistics, targets, table (no timing here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from splitllm.bench import report
+from splitllm.bench.suite import REFERENCE, first_divergence, reference_perplexity
+
+
+def fig(median: float) -> dict:
+    return report.summarize([median * 0.9, median, median * 1.2])
+
+
+def results(gen: dict[str, float], tpot_ms: dict[str, float]) -> dict:
+    out = {}
+    for r in gen:
+        figures = {k: fig(1.0) for k in report.FIGURES}
+        figures |= {"gen_tps": fig(gen[r]), "tpot": fig(tpot_ms[r] / 1e3), "ttft_32": fig(0.1),
+                    "prompt_tps_1024": fig(300.0)}
+        out[r] = {"figures": figures, "rss": {"total": 200e6}, "rss_streams": {"total": 300e6},
+                  "perplexity": {"second_half": 13.5, "all_tokens": 14.5}}
+    out["pipeline"]["rss"] = {f"stage {i}": 100e6 for i in (1, 2, 3, 4)} | {"coordinator": 80e6, "total": 480e6}
+    out["pipeline"].pop("perplexity")
+    return out
+
+
+def test_summarize_min_median_max():
+    s = report.summarize([3.0, 1.0, 2.0, 10.0])
+    assert (s["min"], s["median"], s["max"]) == (1.0, 2.5, 10.0)
+    assert s["samples"] == [3.0, 1.0, 2.0, 10.0]
+
+
+def test_targets_ratios_and_verdicts():
+    r = results({"pipeline": 150.0, "chain": 150.0, "llamacpp": 100.0}, {"pipeline": 7.0, "chain": 6.0, "llamacpp": 10})
+    r["llamacpp"]["figures"]["prompt_tps_1024"] = fig(100.0)
+    r["chain"]["perplexity"]["second_half"] = 13.5 * 1.02
+    t = {x["name"]: x for x in report.evaluate(r)}
+    gen = t["generation tok/s, pipeline / llama.cpp"]
+    assert gen["value"] == pytest.approx(1.5) and gen["met"] is True and gen["shown"] == "1.50x"
+    assert t["generation tok/s, chain / llama.cpp"]["met"] is False  # 1.5 < 1.6
+    assert t["prompt tok/s at 1024, pipeline / llama.cpp"]["value"] == pytest.approx(3.0)
+    assert t["TTFT 32 tokens, pipeline / llama.cpp"]["met"] is False  # same TTFT: ratio 1
+    overhead = t["pipeline overhead per token (TPOT - chain's)"]
+    assert overhead["value"] == pytest.approx(1.0) and overhead["met"] is True and overhead["shown"] == "1.00 ms"
+    ppl = t["perplexity, splitllm vs llama.cpp"]
+    assert ppl["value"] == pytest.approx(2.0) and ppl["met"] is False
+    assert t["peak RSS, pipeline (5 processes) / llama.cpp"]["value"] == pytest.approx(2.4)
+
+
+def test_targets_without_llamacpp_are_not_applicable():
+    r = results({"pipeline": 150.0, "chain": 160.0, "llamacpp": 1.0}, {"pipeline": 8.0, "chain": 6.0, "llamacpp": 1})
+    r["llamacpp"] = {"perplexity": {"second_half": 13.5, "all_tokens": 14.5}}  # quoted from the reference
+    t = {x["name"]: x for x in report.evaluate(r)}
+    assert t["generation tok/s, pipeline / llama.cpp"]["met"] is None
+    assert t["generation tok/s, pipeline / llama.cpp"]["shown"] == "n/a"
+    assert t["pipeline overhead per token (TPOT - chain's)"]["met"] is False  # 2 ms
+    assert t["perplexity, splitllm vs llama.cpp"]["met"] is True
+
+
+def test_table_shows_figures_memory_and_targets():
+    r = results({"pipeline": 150.0, "chain": 155.0, "llamacpp": 100.0}, {"pipeline": 7.0, "chain": 6.0, "llamacpp": 10})
+    text = report.render(r, report.evaluate(r), ["a note"])
+    assert "generation tok/s [tok/s]" in text and "135.0 / 150.0 / 180.0" in text
+    assert "peak RSS stage 3, one stream [MB]" in text and "peak RSS total, after streams [MB]" in text
+    assert text.index("peak RSS coordinator") < text.index("peak RSS total, one stream")
+    lines = {line.split("  ")[0]: line for line in text.splitlines()}
+    assert lines["generation tok/s, pipeline / llama.cpp"].endswith("1.50x  yes")
+    assert lines["generation tok/s, chain / llama.cpp"].endswith("NO")
+    assert text.endswith("note: a note")
+
+
+def test_reference_perplexity_is_the_geometric_mean_of_equal_chunks():
+    ref = json.loads((REFERENCE / "llamacpp_perplexity.json").read_text())
+    p = reference_perplexity(4)
+    assert p["second_half"] == pytest.approx(ref["ppl_llama_perplexity_style_second_half"], rel=1e-3)
+    assert p["all_tokens"] == pytest.approx(ref["ppl_all_tokens_in_windows"], rel=1e-3)
+    assert reference_perplexity(1)["second_half"] == pytest.approx(ref["per_chunk"][0]["ppl_second_half"])
+
+
+def test_first_divergence():
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
