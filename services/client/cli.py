@@ -132,6 +132,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return run(a.artifacts, quick=a.quick, reps=a.reps, gguf=a.gguf or "", runtimes=tuple(a.runtimes.split(",")))
 
 
+def cmd_hub(a: argparse.Namespace) -> int:
+    from splitllm.services.client import hub
+
+    stages = [int(x) for x in a.stages.split(",")] if a.stages else None
+    getattr(hub, a.action)(a.artifacts, a.device, stages=stages)
+    return 0
+
+
 def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output-tokens", type=int, default=30)
     p.add_argument("--system", help="system prompt")
@@ -216,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--backend", default="cpu", choices=["cpu", "qnn"])
     add_sampling(de)
     de.set_defaults(run=cmd_demo)
+
+    hu = sub.add_parser("hub", help="compile and profile the qnn stage graphs on Qualcomm AI Hub (needs a token)")
+    hu.add_argument("action", choices=["compile", "profile"])
+    hu.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact exported with --target qnn")
+    hu.add_argument("--device", required=True, help='AI Hub device name, e.g. "Snapdragon X Elite CRD"')
+    hu.add_argument("--stages", help="1-based stage numbers, e.g. 1,2 (default: all)")
+    hu.set_defaults(run=cmd_hub)
 
     be = sub.add_parser("bench", help="figures of the pipeline, the in-process chain and llama.cpp, same run")
     be.add_argument("--quick", action="store_true", help="a smoke check in under 3 minutes")
