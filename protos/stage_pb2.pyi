@@ -28,12 +28,16 @@ class ForwardEntry(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logits: _Optional[_Union[LogitsRequest, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("entries", "route")
+    __slots__ = ("entries", "route", "step_id", "reply_to")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[ForwardEntry]
     route: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, entries: _Optional[_Iterable[_Union[ForwardEntry, _Mapping]]] = ..., route: _Optional[_Iterable[str]] = ...) -> None: ...
+    step_id: int
+    reply_to: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[ForwardEntry, _Mapping]]] = ..., route: _Optional[_Iterable[str]] = ..., step_id: _Optional[int] = ..., reply_to: _Optional[str] = ...) -> None: ...
 
 class EntryResult(_message.Message):
     __slots__ = ("session_id", "logits", "token_ids")
@@ -46,10 +50,28 @@ class EntryResult(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "step_id", "code", "message")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[EntryResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[EntryResult, _Mapping]]] = ...) -> None: ...
+    step_id: int
+    code: int
+    message: str
+    def __init__(self, results: _Optional[_Iterable[_Union[EntryResult, _Mapping]]] = ..., step_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ResultsRequest(_message.Message):
+    __slots__ = ("subscriber_id",)
+    SUBSCRIBER_ID_FIELD_NUMBER: _ClassVar[int]
+    subscriber_id: str
+    def __init__(self, subscriber_id: _Optional[str] = ...) -> None: ...
+
+class ForwardStreamSummary(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    def __init__(self, steps: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_id", "route")

@@ -1,8 +1,17 @@
-"""The Pipeline over gRPC: a route of stage addresses, one per stage, called through stage 1."""
+"""The Pipeline over gRPC: a route of stage addresses, one per stage.
+
+Steps go out on one long-lived ForwardStream to stage 1; each stage passes them on; the last stage
+pushes the answer to the Results stream this coordinator holds open on it. The coordinator also
+subscribes on every other stage, which report failed steps there; when any subscription breaks (a
+stage died), every step in flight fails at once with UNAVAILABLE instead of waiting.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
+import uuid
 
 import grpc
 import numpy as np
@@ -12,11 +21,22 @@ from splitllm.protos import stage_pb2, stage_pb2_grpc
 from splitllm.services.common.errors import ServiceError, unavailable
 from splitllm.services.common.grpc_util import CHANNEL_OPTIONS
 from splitllm.services.common.manifest import Manifest
+from splitllm.services.common.streams import OutStream
 from splitllm.services.common.tensor import from_proto, to_proto
 from splitllm.services.coordinator.pipeline import Logits
 
 log = logging.getLogger("splitllm.coordinator")
 STEP_TIMEOUT = 60.0  # a step of a live pipeline takes milliseconds; this only bounds a hung stage
+STATUS = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class _Pending:
+    __slots__ = ("event", "response", "error")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.response: stage_pb2.ForwardResponse | None = None
+        self.error: ServiceError | None = None
 
 
 class RemotePipeline:
@@ -29,6 +49,47 @@ class RemotePipeline:
         self.channels = [grpc.insecure_channel(a, CHANNEL_OPTIONS) for a in addresses]
         self.stubs = [stage_pb2_grpc.StageStub(c) for c in self.channels]
         self.health = [health_pb2_grpc.HealthStub(c) for c in self.channels]
+        self.subscriber_id = f"coordinator-{uuid.uuid4().hex[:12]}"
+        self.pending: dict[int, _Pending] = {}
+        self.pending_lock = threading.Lock()
+        self.step_ids = itertools.count(1)
+        self.closed = threading.Event()
+        self.subscribed = [threading.Event() for _ in addresses]
+        self.calls: list[grpc.Future | None] = [None] * len(addresses)
+        self.out = OutStream(self.stubs[0], addresses[0],
+                             on_break=lambda a: self._fail_all(unavailable(f"the stream to stage 1 at {a} broke")))
+        for k in range(len(addresses)):
+            threading.Thread(target=self._subscribe, args=(k,), name=f"results-{k + 1}", daemon=True).start()
+
+    def _subscribe(self, k: int) -> None:
+        """Keep a Results stream open on stage k; deliver answers; on a break, fail every step in flight."""
+        while not self.closed.is_set():
+            call = self.stubs[k].Results(stage_pb2.ResultsRequest(subscriber_id=self.subscriber_id),
+                                         wait_for_ready=True)
+            self.calls[k] = call
+            try:
+                for msg in call:
+                    if msg.step_id == 0:
+                        self.subscribed[k].set()
+                        continue
+                    with self.pending_lock:
+                        p = self.pending.pop(msg.step_id, None)
+                    if p is not None:
+                        p.response = msg
+                        p.event.set()
+            except grpc.RpcError:
+                pass
+            if self.subscribed[k].is_set():
+                self.subscribed[k].clear()
+                self._fail_all(unavailable(f"stage {k + 1} at {self.route[k]} is unavailable"))
+            self.closed.wait(0.2)
+
+    def _fail_all(self, error: ServiceError) -> None:
+        with self.pending_lock:
+            pending, self.pending = self.pending, {}
+        for p in pending.values():
+            p.error = error
+            p.event.set()
 
     def addresses(self) -> list[str]:
         return list(self.route)
@@ -65,23 +126,32 @@ class RemotePipeline:
         return True
 
     def step(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Logits:
-        req = stage_pb2.ForwardRequest(route=self.route[1:])
+        step_id = next(self.step_ids)
+        req = stage_pb2.ForwardRequest(route=self.route[1:], step_id=step_id, reply_to=self.subscriber_id)
         e = req.entries.add(session_id=session_id, position=position, num_tokens=len(tokens))
         e.logits.top_k = top_k
         to_proto(np.ascontiguousarray(tokens, np.int32), e.input)
-        try:
-            resp = self.stubs[0].Forward(req, timeout=STEP_TIMEOUT)
-        except grpc.RpcError as err:
-            raise self._error(err) from None
-        r = resp.results[0]
+        p = _Pending()
+        with self.pending_lock:  # registered before the check, so a stage dying from here on fails it
+            self.pending[step_id] = p
+        down = [k for k, ev in enumerate(self.subscribed) if not ev.wait(0 if ev.is_set() else 2.0)]
+        if down:
+            with self.pending_lock:
+                self.pending.pop(step_id, None)
+            raise unavailable(f"stage {down[0] + 1} at {self.route[down[0]]} is unavailable")
+        self.out.send(req)
+        if not p.event.wait(STEP_TIMEOUT):
+            with self.pending_lock:
+                self.pending.pop(step_id, None)
+            raise unavailable(f"no answer from the pipeline within {STEP_TIMEOUT:.0f} s")
+        if p.error is not None:
+            raise p.error
+        msg = p.response
+        if msg.code:
+            raise ServiceError(STATUS.get(msg.code, grpc.StatusCode.UNKNOWN), msg.message)
+        r = msg.results[0]
         values = from_proto(r.logits, "logits")
         return Logits(values, from_proto(r.token_ids, "token_ids") if r.HasField("token_ids") else None)
-
-    def _error(self, err: grpc.RpcError) -> ServiceError:
-        code = err.code()
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
-            return unavailable(f"the pipeline is unavailable: {err.details()}")
-        return ServiceError(code, err.details() or code.name)
 
     def release(self, session_id: str) -> None:
         try:
@@ -94,5 +164,10 @@ class RemotePipeline:
                     log.warning("release of %s at %s failed: %s", session_id, addr, e.code().name)
 
     def close(self) -> None:
+        self.closed.set()
+        self.out.close()
+        for call in self.calls:
+            if call is not None:
+                call.cancel()
         for c in self.channels:
             c.close()

@@ -22,6 +22,7 @@ from splitllm.protos import stage_pb2, stage_pb2_grpc
 from splitllm.services.common.errors import ServiceError, invalid, unavailable
 from splitllm.services.common.grpc_util import CHANNEL_OPTIONS, SERVER_OPTIONS
 from splitllm.services.common.metrics import StageMetrics
+from splitllm.services.common.streams import OutStream, Subscribers
 from splitllm.services.common.tensor import from_proto, to_proto
 from splitllm.services.stage.runtime import Entry, StageRuntime
 
@@ -30,11 +31,22 @@ SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 
 
 class Downstream:
-    """Open channels to next stages, by address."""
+    """Open channels and data streams to next stages, by address."""
 
     def __init__(self) -> None:
         self.stubs: dict[str, stage_pb2_grpc.StageStub] = {}
+        self.streams: dict[str, OutStream] = {}
         self.lock = threading.Lock()
+
+    def stream(self, address: str, metrics: StageMetrics | None) -> OutStream:
+        with self.lock:
+            s = self.streams.get(address)
+        if s is None:
+            on_sent = (lambda dt, req: metrics.hop_seconds[step_mode(req)].observe(dt)) if metrics else None
+            s = OutStream(self.stub(address), address, on_sent)
+            with self.lock:
+                s = self.streams.setdefault(address, s)
+        return s
 
     def stub(self, address: str) -> stage_pb2_grpc.StageStub:
         with self.lock:
@@ -42,6 +54,10 @@ class Downstream:
             if s is None:
                 s = self.stubs[address] = stage_pb2_grpc.StageStub(grpc.insecure_channel(address, CHANNEL_OPTIONS))
             return s
+
+
+def step_mode(request: stage_pb2.ForwardRequest) -> str:
+    return "prompt" if any(e.num_tokens > 1 for e in request.entries) else "token"
 
 
 def top_k(logits: np.ndarray, k: int, out: stage_pb2.EntryResult) -> None:
@@ -60,6 +76,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self.runtime = runtime
         self.metrics = metrics
         self.downstream = Downstream()
+        self.subscribers = Subscribers()
 
     @property
     def rt(self) -> StageRuntime:
@@ -89,44 +106,81 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 self.rt.kv.get(e.session_id)
         return entries
 
-    def Forward(self, request: stage_pb2.ForwardRequest, context: grpc.ServicerContext) -> stage_pb2.ForwardResponse:
+    def _step(self, request: stage_pb2.ForwardRequest) -> stage_pb2.ForwardResponse | stage_pb2.ForwardRequest:
+        """Run the entries: the answer (last stage) or the request for the next stage."""
         m = self.metrics
-        try:
-            entries = self._decode(request)
-            mode = "prompt" if any(e.data.shape[0] > 1 for e in entries) else "token"
-            t0 = time.perf_counter()
-            outs = [self.rt.forward(e) for e in entries]
+        entries = self._decode(request)
+        mode = "prompt" if any(e.data.shape[0] > 1 for e in entries) else "token"
+        t0 = time.perf_counter()
+        outs = [self.rt.forward(e) for e in entries]
+        if m:
+            m.forward_seconds[mode].observe(time.perf_counter() - t0)
+            m.batch_size[mode].observe(len(entries))
+            m.received_bytes.inc(request.ByteSize())
+            self._kv_gauges()
+        if self.rt.is_last:
+            resp = stage_pb2.ForwardResponse(step_id=request.step_id)
+            for e, pe, logits in zip(entries, request.entries, outs, strict=True):
+                top_k(logits, pe.logits.top_k, resp.results.add(session_id=e.session_id))
             if m:
-                m.forward_seconds[mode].observe(time.perf_counter() - t0)
-                m.batch_size[mode].observe(len(entries))
-                m.received_bytes.inc(request.ByteSize())
-                self._kv_gauges()
-            if self.rt.is_last:
-                resp = stage_pb2.ForwardResponse()
-                for e, pe, logits in zip(entries, request.entries, outs, strict=True):
-                    r = resp.results.add(session_id=e.session_id)
-                    top_k(logits, pe.logits.top_k, r)
-                if m:
-                    m.sent_bytes.inc(resp.ByteSize())
-                return resp
-            nxt = stage_pb2.ForwardRequest(route=request.route[1:])
-            for e, pe, hidden in zip(entries, request.entries, outs, strict=True):
-                ne = nxt.entries.add(session_id=e.session_id, position=e.position, num_tokens=hidden.shape[0])
-                ne.logits.CopyFrom(pe.logits)
-                to_proto(hidden, ne.input)
+                m.sent_bytes.inc(resp.ByteSize())
+            return resp
+        nxt = stage_pb2.ForwardRequest(route=request.route[1:], step_id=request.step_id, reply_to=request.reply_to)
+        for e, pe, hidden in zip(entries, request.entries, outs, strict=True):
+            ne = nxt.entries.add(session_id=e.session_id, position=e.position, num_tokens=hidden.shape[0])
+            ne.logits.CopyFrom(pe.logits)
+            to_proto(hidden, ne.input)
+        if m:
+            m.sent_bytes.inc(nxt.ByteSize())
+        return nxt
+
+    def Forward(self, request: stage_pb2.ForwardRequest, context: grpc.ServicerContext) -> stage_pb2.ForwardResponse:
+        """Unary form (tests, tools): runs here, then calls the next stage and returns its answer."""
+        try:
+            out = self._step(request)
+            if isinstance(out, stage_pb2.ForwardResponse):
+                return out
             t1 = time.perf_counter()
             try:
-                resp = self.downstream.stub(request.route[0]).Forward(nxt, timeout=context.time_remaining())
+                resp = self.downstream.stub(request.route[0]).Forward(out, timeout=context.time_remaining())
             except grpc.RpcError as err:
                 raise self._downstream_error(request.route[0], err) from None
-            if m:
-                m.hop_seconds[mode].observe(time.perf_counter() - t1)
-                m.sent_bytes.inc(nxt.ByteSize())
+            if self.metrics:
+                self.metrics.hop_seconds[step_mode(out)].observe(time.perf_counter() - t1)
             return resp
         except ServiceError as e:
-            if m:
-                m.error(e.code)
+            if self.metrics:
+                self.metrics.error(e.code)
             context.abort(e.code, e.message)
+
+    def ForwardStream(self, request_iterator, context: grpc.ServicerContext) -> stage_pb2.ForwardStreamSummary:
+        """The data path: each step runs here and goes on to the next stage's stream, or (last stage) to the
+        coordinator's Results stream; a failed step is reported there too and the stream goes on."""
+        steps = 0
+        for request in request_iterator:
+            steps += 1
+            try:
+                out = self._step(request)
+                if isinstance(out, stage_pb2.ForwardResponse):
+                    self.subscribers.push(request.reply_to, out)
+                else:
+                    self.downstream.stream(request.route[0], self.metrics).send(out)
+            except ServiceError as e:
+                if self.metrics:
+                    self.metrics.error(e.code)
+                self.subscribers.push(request.reply_to, stage_pb2.ForwardResponse(
+                    step_id=request.step_id, code=e.code.value[0], message=e.message))
+            except Exception as e:  # never let one step take the stream (and every session on it) down
+                log.exception("step %d failed", request.step_id)
+                internal = grpc.StatusCode.INTERNAL.value[0]
+                self.subscribers.push(request.reply_to, stage_pb2.ForwardResponse(
+                    step_id=request.step_id, code=internal, message=f"{type(e).__name__}: {e}"))
+        return stage_pb2.ForwardStreamSummary(steps=steps)
+
+    def Results(self, request: stage_pb2.ResultsRequest, context: grpc.ServicerContext):
+        if not request.subscriber_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subscriber_id is empty")
+        yield from self.subscribers.stream(request.subscriber_id, context)
 
     def _downstream_error(self, address: str, err: grpc.RpcError) -> ServiceError:
         code = err.code()

@@ -1,0 +1,103 @@
+"""Plumbing of the streamed data path (DESIGN.md transport; measured in bench/transport.py).
+
+OutStream: one long-lived ForwardStream call to a receiver, fed from a queue (gRPC's own thread sends).
+Subscribers: the Results streams that coordinators hold open on a stage, by subscriber id.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from splitllm.protos import stage_pb2, stage_pb2_grpc
+
+log = logging.getLogger("splitllm.streams")
+_CLOSE = object()
+
+
+class OutStream:
+    """Sends ForwardRequests on one ForwardStream call; a broken call is replaced on the next send."""
+
+    def __init__(self, stub: stage_pb2_grpc.StageStub, address: str,
+                 on_sent: Callable[[float, stage_pb2.ForwardRequest], None] | None = None,
+                 on_break: Callable[[str], None] | None = None) -> None:
+        self.stub, self.address, self.on_sent, self.on_break = stub, address, on_sent, on_break
+        self.lock = threading.Lock()
+        self.queue: queue.SimpleQueue | None = None
+        self.call: grpc.Future | None = None
+
+    def _requests(self, q: queue.SimpleQueue) -> Iterator[stage_pb2.ForwardRequest]:
+        while (item := q.get()) is not _CLOSE:
+            req, t = item
+            if self.on_sent:
+                self.on_sent(time.perf_counter() - t, req)
+            yield req
+
+    def _broken(self, call: grpc.Future) -> None:
+        with self.lock:
+            if self.call is call:
+                self.call = self.queue = None
+        err = call.exception() if not call.cancelled() else None
+        if err is not None:
+            log.warning("stream to %s broke: %s", self.address, getattr(err, "code", lambda: err)())
+            if self.on_break:
+                self.on_break(self.address)
+
+    def send(self, request: stage_pb2.ForwardRequest) -> None:
+        with self.lock:
+            if self.call is None:
+                self.queue = queue.SimpleQueue()
+                self.call = self.stub.ForwardStream.future(self._requests(self.queue))
+                self.call.add_done_callback(self._broken)
+            self.queue.put((request, time.perf_counter()))
+
+    def close(self) -> None:
+        with self.lock:
+            if self.queue is not None:
+                self.queue.put(_CLOSE)
+            self.call = self.queue = None
+
+
+class Subscribers:
+    """Results streams by subscriber id: where answers and per-step errors are pushed."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, queue.SimpleQueue] = {}
+        self.lock = threading.Lock()
+
+    def open(self, subscriber_id: str) -> queue.SimpleQueue:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        with self.lock:
+            self.queues[subscriber_id] = q
+        return q
+
+    def close(self, subscriber_id: str, q: queue.SimpleQueue) -> None:
+        with self.lock:
+            if self.queues.get(subscriber_id) is q:
+                del self.queues[subscriber_id]
+
+    def push(self, subscriber_id: str, response: stage_pb2.ForwardResponse) -> bool:
+        q = self.queues.get(subscriber_id)
+        if q is None:
+            log.warning("no Results subscriber %r for step %d", subscriber_id, response.step_id)
+            return False
+        q.put(response)
+        return True
+
+    def stream(self, subscriber_id: str, context: grpc.ServicerContext) -> Iterator[stage_pb2.ForwardResponse]:
+        """The body of a Results call: confirm (step_id 0), then forward pushed messages until the peer leaves."""
+        q = self.open(subscriber_id)
+        try:
+            yield stage_pb2.ForwardResponse(step_id=0)
+            while context.is_active():
+                try:
+                    yield q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+        finally:
+            self.close(subscriber_id, q)
