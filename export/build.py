@@ -151,10 +151,13 @@ def export(
     prefill: int = 128,
     target: str = "cpu",
     accuracy_level: int = 4,
+    calibration: str | Path | None = None,
+    qnn_context: bool = False,
 ) -> Manifest:
+    """Target qnn writes the cpu graphs too (export/build_qnn.py), so one artifact serves mixed pipelines."""
     out = Path(out)
-    if target != "cpu":
-        raise ExportError(f"--target {target!r} is not available in this build (allowed: cpu)")
+    if target not in ("cpu", "qnn"):
+        raise ExportError(f"--target {target!r} is not available in this build (allowed: cpu, qnn)")
     if prefill < 1 or context < 1:
         raise ExportError(f"--prefill-len {prefill} and --context {context} must be positive")
     if prefill > context:
@@ -165,6 +168,10 @@ def export(
         ckpt = open_checkpoint(source)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
+    if target == "qnn":
+        from splitllm.export.build_qnn import check_shapes
+
+        check_shapes(context, prefill)
     cfg = ckpt.config
     ranges = split_plan(*estimated_bytes(cfg), stages=stages)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).exists():
@@ -174,6 +181,10 @@ def export(
     work.mkdir(parents=True)
     try:
         manifest = _write(ckpt, cfg, work, ranges, context, prefill, accuracy_level)
+        if target == "qnn":
+            from splitllm.export.build_qnn import add_qnn_target
+
+            manifest = add_qnn_target(ckpt, manifest, work, calibration and Path(calibration), qnn_context)
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             out.rename(old)

@@ -24,6 +24,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         prefill=a.prefill_len,
         target=a.target,
         accuracy_level=a.accuracy_level,
+        calibration=a.calibration,
+        qnn_context=a.qnn_context,
     )
     for s in m.stages:
         print(
@@ -55,7 +57,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_stage(a: argparse.Namespace) -> int:
     from splitllm.services.stage.server import run
 
-    run(a.artifacts, a.stage - 1, a.listen, a.backend, a.kv_capacity, a.metrics_port, a.session_ttl, a.threads)
+    run(a.artifacts, a.stage - 1, a.listen, a.backend, a.kv_capacity, a.metrics_port, a.session_ttl, a.threads,
+        allow_cpu_fallback=a.allow_cpu_fallback)
     return 0
 
 
@@ -172,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[0, 1, 2, 3, 4],
         help="MatMulNBits accuracy_level: 4 computes with int8 activations (fast), 0 in float",
     )
+    e.add_argument("--calibration", help="qnn: text whose activations set the 16-bit ranges (default: shipped)")
+    e.add_argument("--qnn-context", action="store_true",
+                   help="qnn: also write EPContext models (QNN context binaries) so stages start without compiling")
     e.set_defaults(run=cmd_export)
 
     ev = sub.add_parser("eval", help="quality figures of an artifact")
@@ -193,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     st.add_argument("--session-ttl", type=float, default=600.0, help="seconds before an idle session is freed")
     st.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: up to 2)")
+    st.add_argument("--allow-cpu-fallback", action="store_true",
+                    help="qnn: run nodes the HTP backend rejects on the CPU (logged) instead of failing")
     st.set_defaults(run=cmd_stage)
 
     co = sub.add_parser("coordinator", help="serve the Generate API over a pipeline of stages")

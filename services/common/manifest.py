@@ -52,6 +52,7 @@ class GraphSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     quant_params: dict[str, Any] = field(default_factory=dict)  # per I/O name (qnn: scale, zero point)
+    context: list[str] = field(default_factory=list)  # qnn: EPContext model, then its context binaries
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def stage_files(manifest: Manifest, stage: int, target: str) -> list[str]:
     files: list[str] = []
     for mode in MODES:
         g = plan.graph(target, mode)
-        for f in (g.file, g.weights):
+        for f in (g.file, g.weights, *g.context):
             if f and f not in files:
                 files.append(f)
     return files

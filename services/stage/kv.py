@@ -28,12 +28,23 @@ class Session:
 
 
 class KVPool:
-    def __init__(self, layers: range, kv_heads: int, context: int, head_dim: int, capacity: int) -> None:
+    def __init__(
+        self,
+        layers: range,
+        kv_heads: int,
+        context: int,
+        head_dim: int,
+        capacity: int,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        """`shapes`: buffer name -> shape when the graphs want another layout (qnn); default past_key.{i} and
+        past_value.{i} [1, kv_heads, context, head_dim]."""
         if capacity < 1:
             raise ValueError(f"KV capacity must be at least 1 session (got {capacity})")
         self.layers, self.capacity = layers, capacity
-        self.shape = (1, kv_heads, context, head_dim)
-        self.bytes_per_session = 2 * len(layers) * kv_heads * context * head_dim * 4
+        shape = (1, kv_heads, context, head_dim)
+        self.shapes = shapes or {f"past_{kind}.{i}": shape for i in layers for kind in ("key", "value")}
+        self.bytes_per_session = sum(4 * int(np.prod(s)) for s in self.shapes.values())
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
 
@@ -57,10 +68,7 @@ class KVPool:
                 raise invalid(f"session {session_id!r} already exists (position 0 starts a new session only)")
             if len(self.sessions) >= self.capacity:
                 raise exhausted(f"no KV capacity: {self.capacity} sessions in use on this stage; retry later")
-            buffers = {}
-            for i in self.layers:
-                buffers[f"past_key.{i}"] = np.zeros(self.shape, np.float32)
-                buffers[f"past_value.{i}"] = np.zeros(self.shape, np.float32)
+            buffers = {name: np.zeros(shape, np.float32) for name, shape in self.shapes.items()}
             s = self.sessions[session_id] = Session(session_id, buffers)
             return s
 

@@ -19,7 +19,7 @@ from splitllm.services.common.errors import invalid
 from splitllm.services.common.manifest import load_manifest, stage_files
 from splitllm.services.stage.kv import KVPool, Session
 
-BACKENDS = ("cpu",)
+BACKENDS = ("cpu", "qnn")
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class StageRuntime:
         kv_capacity: int = 16,
         threads: int | None = None,
         verify: bool = True,
+        allow_cpu_fallback: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not supported (allowed: {', '.join(BACKENDS)})")
@@ -96,12 +97,18 @@ class StageRuntime:
         cfg = self.manifest.model
         self.first, self.last = self.plan.first_layer, self.plan.last_layer
         self.context, self.prefill = self.manifest.context_length, self.manifest.prefill_length
-        self.kv = KVPool(
-            range(self.first, self.last), cfg.num_kv_heads, self.context, cfg.head_dim, kv_capacity
-        )
         g = self.plan.graph(backend, "pp")
         threads = threads or min(2, os.cpu_count() or 1)
-        self.graph = CpuGraph(root / g.file, threads, g.outputs[0].name)
+        if backend == "qnn":
+            from splitllm.services.stage.qnn import QnnGraph
+
+            self.graph = QnnGraph.from_manifest(root, self.manifest, stage, threads, allow_cpu_fallback)
+        else:
+            self.graph = CpuGraph(root / g.file, threads, g.outputs[0].name)
+        self.kv = KVPool(
+            range(self.first, self.last), cfg.num_kv_heads, self.context, cfg.head_dim, kv_capacity,
+            getattr(self.graph, "kv_shapes", None),
+        )
         self.is_first, self.is_last = self.plan.has_embedding, self.plan.has_lm_head
         self.hidden = cfg.hidden_size
         self.lock = threading.Lock()  # one graph run at a time: the cores are shared with other stages

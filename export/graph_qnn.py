@@ -1,0 +1,149 @@
+"""The QNN stage graph: float, static shapes, standard ONNX operators, in the layout of Qualcomm's Llama export.
+
+qnn_quantize.py turns it into QDQ form. S is P (prompt graph) or 1 (token graph); L = C - S past slots.
+
+    input_ids int32 [1, S] (first stage) or hidden_in float32 [1, S, H]
+    attention_mask float32 [1, 1, S, C]   additive (0 or MASK_VALUE); columns 0..L-1 are the past slots,
+                                           L..C-1 the S new tokens
+    position_cos, position_sin float32 [1, 1, S, head_dim/2]   rotary tables of the S positions
+    past_key_{i}_in [kv, 1, head_dim, L] (keys transposed), past_value_{i}_in [kv, 1, L, head_dim]
+    last_index int32 [1]                  last stage, prompt graph: the row whose logits are returned
+outputs:
+    hidden_out [1, S, H], or logits [1, vocab] (last stage)
+    past_key_{i}_out [kv, 1, head_dim, S], past_value_{i}_out [kv, 1, S, head_dim]   the new entries only
+
+Attention is grouped-query as one broadcast MatMul per layer ([kv, group, S, hd] x [kv, 1, hd, C]), which the
+HTP backend takes whole; RMSNorm is one op; 1/sqrt(head_dim) is folded into Wq.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from splitllm.export.onnx_writer import GraphBuilder
+from splitllm.export.reference import as_float
+from splitllm.services.common.manifest import ModelConfig, TensorSpec
+
+OPSET = 23  # RMSNormalization; QDQ with 4- and 16-bit types needs QuantizeLinear >= 21
+LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def io_specs(
+    cfg: ModelConfig, layers: range, context: int, seq: int, first: bool, last: bool
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    kv, hd, past, h = cfg.num_kv_heads, cfg.head_dim, context - seq, cfg.hidden_size
+    ins = [
+        TensorSpec("input_ids", "int32", [1, seq]) if first else TensorSpec("hidden_in", "float32", [1, seq, h]),
+        TensorSpec("attention_mask", "float32", [1, 1, seq, context]),
+        TensorSpec("position_cos", "float32", [1, 1, seq, hd // 2]),
+        TensorSpec("position_sin", "float32", [1, 1, seq, hd // 2]),
+    ]
+    out = ("logits", [1, cfg.vocab_size]) if last else ("hidden_out", [1, seq, h])
+    outs = [TensorSpec(out[0], "float32", out[1])]
+    for i in layers:
+        ins += [
+            TensorSpec(f"past_key_{i}_in", "float32", [kv, 1, hd, past]),
+            TensorSpec(f"past_value_{i}_in", "float32", [kv, 1, past, hd]),
+        ]
+        outs += [
+            TensorSpec(f"past_key_{i}_out", "float32", [kv, 1, hd, seq]),
+            TensorSpec(f"past_value_{i}_out", "float32", [kv, 1, seq, hd]),
+        ]
+    if last and seq > 1:
+        ins.append(TensorSpec("last_index", "int32", [1]))
+    return ins, outs
+
+
+class QnnStageGraph:
+    def __init__(self, b: GraphBuilder, cfg: ModelConfig, context: int, seq: int) -> None:
+        self.b, self.cfg, self.context, self.seq = b, cfg, context, seq
+
+    def norm(self, x: str, w: np.ndarray, name: str) -> str:
+        """One RMSNormalization op, not its decomposition: the first position's residual reaches ~25000 in
+        SmolLM2 (an attention sink), so a quantized x*x would need a 16-bit range of ~6e8 and round every
+        other token's squares to zero. QNN's RmsNorm keeps that inside the op."""
+        w = self.b.weight(name, w.astype(np.float32))
+        return self.b.op("RMSNormalization", [x, w], axis=-1, epsilon=self.cfg.rms_norm_eps)
+
+    def rope(self, x: str, cos: str, sin: str) -> str:
+        b, half = self.b, self.cfg.head_dim // 2
+        x1, x2 = b.op("Split", [x, b.const([half, half], "split")], n_out=2, axis=-1)
+        re = b.op("Sub", [b.op("Mul", [x1, cos]), b.op("Mul", [x2, sin])])
+        im = b.op("Add", [b.op("Mul", [x2, cos]), b.op("Mul", [x1, sin])])
+        return b.op("Concat", [re, im], axis=-1)
+
+    def linear(self, x: str, w: np.ndarray, name: str) -> str:
+        """x @ W.T for a Hugging Face weight W [out, in]; stored as the MatMul operand [in, out]."""
+        return self.b.op("MatMul", [x, self.b.weight(name, np.ascontiguousarray(w.T, np.float32))])
+
+    def layer(self, i: int, x: str, weight: Callable[[str], np.ndarray]) -> str:
+        b, c, S, p = self.b, self.cfg, self.seq, f"layers.{i}."
+        kv, g, hd = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+        h = self.norm(x, weight(p + "attn_norm"), p + "attn_norm")
+        q = self.linear(h, weight(p + "q") / np.sqrt(hd), p + "q")
+        k, v = self.linear(h, weight(p + "k"), p + "k"), self.linear(h, weight(p + "v"), p + "v")
+        heads = lambda t, n, m: b.op(  # noqa: E731  [1, S, n*m*hd] -> [n, m, S, hd]
+            "Transpose", [b.op("Reshape", [t, b.const([S, n, m, hd], "shape")])], perm=[1, 2, 0, 3]
+        )
+        cos, sin = "position_cos", "position_sin"
+        k_new = b.op("Transpose", [self.rope(heads(k, kv, 1), cos, sin)], perm=[0, 1, 3, 2])
+        v_new = heads(v, kv, 1)
+        b.op("Identity", [k_new], outputs=[f"past_key_{i}_out"])
+        b.op("Identity", [v_new], outputs=[f"past_value_{i}_out"])
+        keys = b.op("Concat", [f"past_key_{i}_in", k_new], axis=3)  # [kv, 1, hd, C]
+        values = b.op("Concat", [f"past_value_{i}_in", v_new], axis=2)  # [kv, 1, C, hd]
+        scores = b.op("Add", [b.op("MatMul", [self.rope(heads(q, kv, g), cos, sin), keys]), "attention_mask"])
+        attn = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), values])  # [kv, g, S, hd]
+        attn = b.op("Reshape", [b.op("Transpose", [attn], perm=[2, 0, 1, 3]), b.const([1, S, -1], "shape")])
+        x = b.op("Add", [x, self.linear(attn, weight(p + "o"), p + "o")])
+        h = self.norm(x, weight(p + "ffn_norm"), p + "ffn_norm")
+        gate, up = self.linear(h, weight(p + "gate"), p + "gate"), self.linear(h, weight(p + "up"), p + "up")
+        act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+        return b.op("Add", [x, self.linear(act, weight(p + "down"), p + "down")])
+
+    def build(
+        self, layers: range, first: bool, last: bool, weight: Callable[[str], np.ndarray]
+    ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        b, c = self.b, self.cfg
+        ins, outs = io_specs(c, layers, self.context, self.seq, first, last)
+        for t in ins:
+            b.input(t.name, t.dtype, t.shape)
+        x = b.op("Gather", [b.weight("embed", weight("embed")), "input_ids"], axis=0) if first else "hidden_in"
+        for i in layers:
+            x = self.layer(i, x, weight)
+        if last:
+            if self.seq > 1:
+                x = b.op("Gather", [x, "last_index"], axis=1)  # [1, 1, H]: the last valid row
+            y = self.linear(self.norm(x, weight("norm"), "norm"), weight("lm_head"), "lm_head")
+            x = b.op("Reshape", [y, b.const([1, c.vocab_size], "shape")])
+        b.output(x, outs[0].name, outs[0].dtype, outs[0].shape)
+        for t in outs[1:]:
+            b.output(t.name, t.name, t.dtype, t.shape)
+        return ins, outs
+
+
+def float_weights(ckpt: object) -> Callable[[str], np.ndarray]:
+    """Checkpoint tensors as float32 (quantized GGUF tensors dequantized); the embedding doubles as the
+    lm_head of tied models."""
+
+    def weight(name: str) -> np.ndarray:
+        return as_float(ckpt.tensor(name))  # type: ignore[attr-defined]
+
+    return weight
+
+
+def save(b: GraphBuilder, path: Path) -> None:
+    graph = helper.make_graph(b.nodes, b.name, b.inputs, b.outputs, list(b.initializers.values()))
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10, producer_name="splitllm"
+    )
+    path.write_bytes(model.SerializeToString())
+
+
+def check(path: Path) -> None:
+    onnx.checker.check_model(str(path), full_check=True)

@@ -1,0 +1,198 @@
+"""QDQ quantization of the QNN stage graphs: 16-bit activations, 4-bit weights, 8-bit where it matters.
+
+The prompt graph (S = P) is calibrated on real hidden states; its activation encodings are copied by tensor name
+into the token graph (S = 1), whose own few calibration runs would clip badly, so both graphs agree on every
+encoding, the KV cache's included. Weights are per output channel, symmetric; their quantization depends on
+the weights only, so the two graphs' quantized weights are identical and share_weights() stores them once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
+
+W8_DEFAULT = ("embed", "lm_head")  # measured: a 4-bit lm_head alone costs ~1% cosine on the logits
+ACTIVATIONS = "uint16"
+BLOCK = 64  # rows of a 4-bit weight block; 0: per output channel only
+
+
+class Feeds:
+    """onnxruntime.quantization CalibrationDataReader over recorded graph inputs."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds, self.it = feeds, iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.it, None)
+
+    def rewind(self) -> None:
+        self.it = iter(self.feeds)
+
+
+def weight_bits(name: str, w8: tuple[str, ...]) -> int:
+    """8 for names matching a w8 pattern (fnmatch on canonical names: 'lm_head', 'layers.0.*', '*.down')."""
+    return 8 if any(fnmatch.fnmatchcase(name, p) for p in w8) else 4
+
+
+def weight_overrides(model: onnx.ModelProto, w8: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    from onnxruntime.quantization import QuantType
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for t in model.graph.initializer:
+        if t.name == "embed":  # a Gather table: one encoding for the whole table (QNN Gather keeps it)
+            out[t.name] = [{"quant_type": QuantType.QUInt8}]
+        elif t.name.endswith("norm"):
+            out[t.name] = [{"quant_type": QuantType.QUInt16}]
+        elif len(t.dims) == 2:  # MatMul operands [in, out]: per output channel (4-bit ones become LPBQ later)
+            qt = QuantType.QInt8 if weight_bits(t.name, w8) == 8 else QuantType.QInt4
+            out[t.name] = [{"axis": 1, "quant_type": qt, "symmetric": True}]
+    return out
+
+
+def lpbq(w: np.ndarray, block: int, steps: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Low-power block quantization of a MatMul operand w [K, N] in blocks of `block` rows along K:
+    int4 codes [K, N] with block scales = integers 1..15 [K/block, N] x a float scale per channel [N]
+    (the largest block of each channel at 15, as the QNN EP's own BQ -> LPBQ conversion derives them).
+    Each block's clipping range is the one of a grid (max |w| shrunk by up to 45%) with the least squared
+    error."""
+    k, n = w.shape
+    blocks = w.reshape(k // block, block, n)
+    amax = np.maximum(np.abs(blocks).max(axis=1), 1e-12)  # [K/block, N]
+    best, best_err = amax / 7, np.full(amax.shape, np.inf)
+    for r in np.linspace(1.0, 0.55, steps):
+        s = amax * r / 7
+        err = ((np.clip(np.round(blocks / s[:, None]), -8, 7) * s[:, None] - blocks) ** 2).sum(axis=1)
+        better = err < best_err
+        best, best_err = np.where(better, s, best), np.where(better, err, best_err)
+    channel = (best.max(axis=0) / 15).astype(np.float32)
+    iscale = np.clip(np.round(best / channel), 1, 15).astype(np.uint8)
+    codes = np.clip(np.round(blocks / (iscale * channel)[:, None]), -8, 7).astype(np.int8).reshape(k, n)
+    return codes, iscale, channel
+
+
+def int4_tensor(name: str, codes: np.ndarray) -> TensorProto:
+    flat = codes.astype(np.uint8).ravel() & 0xF
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    t = TensorProto(name=name, dims=list(codes.shape), data_type=TensorProto.INT4)
+    t.raw_data = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    return t
+
+
+def to_blocks(model: onnx.ModelProto, weights: dict[str, np.ndarray], block: int) -> None:
+    """Replace each per-channel int4 weight's DequantizeLinear by a block-wise one (block_size along K) whose
+    float scales are LPBQ-exact (4-bit integers x a per-channel scale), so the QNN EP turns it into LPBQ
+    (enable_block_quant_weight_optimization) without loss. One DQ node, not the two-DQ LPBQ pattern, so a
+    partition boundary (CPU fallback) cannot separate the scales from their weight."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    drop = set()
+    for node in g.node:
+        name = node.input[0].removesuffix("_quantized") if node.op_type == "DequantizeLinear" else ""
+        t, w = inits.get(node.input[0]), weights.get(name)
+        if t is None or w is None or t.data_type != TensorProto.INT4 or w.shape[0] % block:
+            continue
+        codes, iscale, channel = lpbq(w, block)
+        drop.update(node.input)
+        scales = (iscale * channel).astype(np.float32)
+        g.initializer.extend([
+            int4_tensor(name + "_q4", codes),
+            numpy_helper.from_array(scales, name + "_block_scale"),
+            int4_tensor(name + "_q4_zero", np.zeros(scales.shape, np.int8)),
+        ])
+        node.input[:] = [name + "_q4", name + "_block_scale", name + "_q4_zero"]
+        del node.attribute[:]
+        node.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", block)])
+    keep = [t for t in g.initializer if t.name not in drop]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def activation_encodings(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """Scale and zero point of every quantized activation (QuantizeLinear of a non-initializer)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    enc = {}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[1] in inits:
+            name = n.input[0].removesuffix("_QuantizeLinear_Input")  # graph outputs get renamed so
+            scale, zp = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]])
+            enc[name] = [{"scale": scale.astype(np.float32), "zero_point": zp}]
+    return enc
+
+
+def io_params(model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
+    """The encoding of every float graph input and output: the QuantizeLinear right after an input, the
+    DequantizeLinear right before an output."""
+    inits = {t.name: t for t in model.graph.initializer}
+    ins, outs = {i.name for i in model.graph.input}, {o.name for o in model.graph.output}
+    params = {}
+    for n in model.graph.node:
+        name = (
+            n.input[0]
+            if n.op_type == "QuantizeLinear" and n.input[0] in ins
+            else n.output[0]
+            if n.op_type == "DequantizeLinear" and n.output[0] in outs
+            else None
+        )
+        if name and name not in params:
+            scale, zp = (numpy_helper.to_array(inits[t]) for t in n.input[1:3])
+            params[name] = {"scale": float(scale), "zero_point": int(zp), "dtype": str(zp.dtype)}
+    return params
+
+
+def quantize_graph(
+    src: Path,
+    dst: Path,
+    feeds: list[dict[str, np.ndarray]],
+    w8: tuple[str, ...],
+    encodings: dict[str, list[dict[str, Any]]] | None = None,
+    block: int = BLOCK,
+) -> onnx.ModelProto:
+    """QDQ model of the float graph `src` written to `dst` (weights inline; see share_weights)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    float_model = onnx.load(str(src))
+    overrides = weight_overrides(float_model, w8)
+    overrides.update(encodings or {})
+    cfg = get_qnn_qdq_config(
+        str(src),
+        Feeds(feeds),
+        calibrate_method=CalibrationMethod.MinMax,
+        activation_type=QuantType.QUInt16,
+        weight_type=QuantType.QUInt8,
+        per_channel=True,
+        init_overrides=overrides,
+    )
+    quantize(str(src), str(dst), cfg)
+    model = onnx.load(str(dst))
+    if block:
+        weights = {t.name: numpy_helper.to_array(t) for t in float_model.graph.initializer if len(t.dims) == 2}
+        to_blocks(model, weights, block)
+    return model
+
+
+def share_weights(models: dict[Path, onnx.ModelProto], weights: Path, min_bytes: int = 1024) -> None:
+    """Write the models with their large initializers moved into one external file, each distinct tensor
+    stored once (the prompt and token graphs quantize their weights identically)."""
+    seen: dict[tuple[str, str], tuple[int, int]] = {}
+    with open(weights, "wb") as f:
+        for path, model in models.items():
+            for t in model.graph.initializer:
+                if t.data_location == TensorProto.EXTERNAL or len(t.raw_data) < min_bytes:
+                    continue
+                key = (t.name, hashlib.sha256(t.raw_data).hexdigest())
+                if key not in seen:
+                    f.write(b"\0" * (-f.tell() % 4096))
+                    seen[key] = (f.tell(), len(t.raw_data))
+                    f.write(t.raw_data)
+                offset, length = seen[key]
+                external_data_helper.set_external_data(t, weights.name, offset, length)
+                t.ClearField("raw_data")
+            path.write_bytes(model.SerializeToString())
