@@ -129,7 +129,7 @@ def render(results: dict, targets: list[dict], notes: list[str] = ()) -> str:
     return "\n".join(lines + [""] + [f"note: {n}" for n in notes])
 
 
-def chart(results: dict, path: Path) -> None:
+def chart(results: dict, path: Path, subtitle: str = "") -> None:
     """Bar panels per runtime: generation tok/s, TTFT of a 32-token prompt, prompt tok/s at 1024 (min-max bars)."""
     import matplotlib
 
@@ -148,11 +148,12 @@ def chart(results: dict, path: Path) -> None:
         med = [f["median"] * scale for f in figs]
         err = [[m - f["min"] * scale for m, f in zip(med, figs, strict=True)],
                [f["max"] * scale - m for m, f in zip(med, figs, strict=True)]]
-        bars = ax.bar([RUNTIMES[k].replace(" ", "\n", 1) for k in runtimes], med, yerr=err, capsize=4,
-                      color=colors[: len(runtimes)])
-        ax.bar_label(bars, labels=[f"{m:.0f}" for m in med], label_type="center", color="white", fontweight="bold")
+        names = [f"{RUNTIMES[k].replace(' ', chr(10), 1)}\n{m:.0f}" for k, m in zip(runtimes, med, strict=True)]
+        ax.bar(names, med, yerr=err, capsize=4, color=colors[: len(runtimes)])
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle("splitllm bench: median of the repetitions, bars show min-max", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"splitllm bench: median of the repetitions (value under each bar), whiskers min-max; {subtitle}",
+                 fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,6 +1,7 @@
 """One runtime in a process of its own, so that its peak RSS is its own; `splitllm bench` drives it.
 
-    python -m splitllm.bench.runner --runtime {pipeline,chain,llamacpp} --artifacts DIR --gguf FILE
+    python -m splitllm.bench.runner --runtime {pipeline,chain,llamacpp} --artifacts DIR \
+        --gguf FILE [--threads N] [--spin]
 
 Protocol: one JSON command per line on stdin ({"op": "ttft", "tokens": [...]}: a method of the runtime
 and its arguments); one JSON line per command on stdout, {"value": ..., "seconds": wall time of the call}
@@ -23,6 +24,8 @@ def main() -> int:
     ap.add_argument("--runtime", required=True, choices=sorted(RUNTIMES))
     ap.add_argument("--artifacts", required=True)
     ap.add_argument("--gguf", default="")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    ap.add_argument("--spin", action="store_true", help="llama.cpp threads spin at barriers (its stock setting)")
     a = ap.parse_args()
     # The protocol keeps the real stdout; anything else printed here or by the pipeline's processes
     # (which inherit fd 1) goes to stderr.
@@ -33,7 +36,7 @@ def main() -> int:
         out.write(json.dumps(msg) + "\n")
 
     try:
-        rt = RUNTIMES[a.runtime](artifacts=a.artifacts, gguf=a.gguf)
+        rt = RUNTIMES[a.runtime](artifacts=a.artifacts, gguf=a.gguf, threads=a.threads, spin=a.spin)
     except Exception as e:  # reported to the parent, which says what failed
         reply(error=f"{a.runtime} did not start: {type(e).__name__}: {e}")
         return 1

@@ -7,6 +7,7 @@ token chosen (greedy), generation as the arrival time of every token.
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import threading
 import time
@@ -160,15 +161,22 @@ class Pipeline:
 
 
 class LlamaCpp:
-    """llama.cpp through llama-cpp-python on the same GGUF, 2 threads; one context runs streams one after another."""
+    """llama.cpp through llama-cpp-python on the same GGUF; one context runs streams one after another.
+
+    By default its OpenMP threads sleep at barriers (OMP_WAIT_POLICY=PASSIVE), as the stages' ONNX Runtime
+    threads do: spinning threads (llama.cpp's stock setting, `spin`) run 10-20x slower as soon as other
+    processes want the cores, which on a shared machine says nothing about either runtime.
+    """
 
     name = "llamacpp"
 
-    def __init__(self, gguf: str, **_: object) -> None:
+    def __init__(self, gguf: str, threads: int = 2, spin: bool = False, **_: object) -> None:
+        if not spin:
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when libgomp loads, with llama_cpp
         import llama_cpp
 
-        self.gguf, self.lib = gguf, llama_cpp
-        self.llm = llama_cpp.Llama(model_path=gguf, n_ctx=2048, n_threads=2, n_batch=512, logits_all=False,
+        self.gguf, self.lib, self.threads = gguf, llama_cpp, threads
+        self.llm = llama_cpp.Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, logits_all=False,
                                    verbose=False)
         self.n_vocab = self.llm.n_vocab()
 
@@ -200,7 +208,7 @@ class LlamaCpp:
 
     def perplexity(self, tokens: list[int], ctx: int) -> dict:
         """As export/evaluate.py: non-overlapping windows from an empty cache, no BOS, float64 log-softmax."""
-        llm = self.lib.Llama(model_path=self.gguf, n_ctx=ctx, n_threads=2, n_batch=ctx, logits_all=True,
+        llm = self.lib.Llama(model_path=self.gguf, n_ctx=ctx, n_threads=self.threads, n_batch=ctx, logits_all=True,
                              verbose=False)
         nll_half = nll_all = 0.0
         n_half = n_all = 0

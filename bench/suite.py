@@ -37,18 +37,17 @@ class Plan:
     @staticmethod
     def make(quick: bool, reps: int | None = None) -> Plan:
         if quick:
-            return Plan(reps or 2, 128, (1, 4, 16), 16, 1, 2.0)
+            return Plan(reps or 2, 64, (1, 4, 16), 8, 1, 2.0)
         return Plan(reps or 5, 128, (1, 4, 16), 64, None, 9.0)
 
 
 class Child:
     """A runner process and its line protocol."""
 
-    def __init__(self, runtime: str, artifacts: str, gguf: str, log: Path) -> None:
+    def __init__(self, runtime: str, log: Path, *args: str) -> None:
         self.runtime, self.log = runtime, log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "splitllm.bench.runner", "--runtime", runtime, "--artifacts", artifacts,
-             "--gguf", gguf], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "splitllm.bench.runner", "--runtime", runtime, *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -135,85 +134,112 @@ def ensure_artifacts(artifacts: str) -> str:
     return m.source.get("path", "") if m.source.get("kind") == "gguf" else ""
 
 
+def oversubscribed(loads: list[float]) -> str | None:
+    """With --llamacpp-spin: a busy machine makes llama.cpp's spinning threads collapse."""
+    cores = os.cpu_count() or 1
+    if max(loads) <= cores:
+        return None
+    return (f"the load average reached {max(loads):.1f} on {cores} cores: llama.cpp's threads spin at every "
+            "barrier and then run 10-20x slower, so ratios to llama.cpp overstate splitllm (drop --llamacpp-spin)")
+
+
+def skip_llamacpp(gguf: str) -> str | None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install 'splitllm[bench]'; it compiles llama.cpp, ~6 min)"
+    return None if Path(gguf).is_file() else f"no GGUF file ({gguf!r}; pass --gguf)"
+
+
 def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str = "",
-        runtimes: tuple[str, ...] = tuple(report.RUNTIMES), out_dir: Path = RESULTS) -> int:
+        runtimes: tuple[str, ...] = tuple(report.RUNTIMES), llamacpp_threads: int = 2, llamacpp_spin: bool = False,
+        out_dir: Path = RESULTS) -> int:
     from splitllm.services.common.manifest import load_manifest
     from splitllm.services.coordinator.text import TextCodec
 
-    t_start, load_start = time.monotonic(), os.getloadavg()[0]
-    plan, notes = Plan.make(quick, reps), []
-    gguf = gguf or ensure_artifacts(artifacts)
+    t_start, loads = time.monotonic(), [os.getloadavg()[0]]
+    elapsed = lambda: clock(time.monotonic() - t_start)  # noqa: E731
+    plan, notes, runtimes = Plan.make(quick, reps), [], list(runtimes)
+    if unknown := set(runtimes) - set(report.RUNTIMES):
+        raise ValueError(f"unknown runtimes {sorted(unknown)} (allowed: {', '.join(report.RUNTIMES)})")
+    source = ensure_artifacts(artifacts)
+    gguf = gguf or source
     m, _ = load_manifest(artifacts, verify=[])
-    text = (REFERENCE / "ppl_text.txt").read_text()
-    ids = TextCodec((Path(artifacts) / m.tokenizer["file"]).read_text()).encode(text)
+    codec = TextCodec((Path(artifacts) / m.tokenizer["file"]).read_text())
+    ids = codec.encode((REFERENCE / "ppl_text.txt").read_text())
     prompts = {n: ids[:n] for n in PROMPT_LENGTHS}
     stream_prompts = [ids[32 * i : 32 * i + 32] for i in range(max(plan.streams))]
     ppl_tokens = ids[: 512 * plan.ppl_windows] if plan.ppl_windows else ids
-
-    runtimes = list(runtimes)
-    if "llamacpp" in runtimes and (importlib.util.find_spec("llama_cpp") is None or not Path(gguf).is_file()):
-        why = "llama-cpp-python is not installed (pip install 'splitllm[bench]')" \
-            if importlib.util.find_spec("llama_cpp") is None else f"no GGUF file ({gguf!r}; pass --gguf)"
+    if "llamacpp" in runtimes and (why := skip_llamacpp(gguf)):
         print(f"skipping llama.cpp: {why}", flush=True)
         notes.append(f"llama.cpp skipped: {why}")
         runtimes.remove("llamacpp")
     print(f"splitllm bench{' --quick' if quick else ''}: {', '.join(runtimes)}; 1 warm-up + {plan.reps} "
           f"repetitions; expect about {plan.expected_minutes:.0f} min (longer when the machine is busy)", flush=True)
+    if llamacpp_spin and (warning := oversubscribed(loads)):
+        print(f"warning: {warning}", flush=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    children = {r: Child(r, artifacts, gguf, out_dir / f"{r}.log") for r in runtimes}
+    args = ["--artifacts", artifacts, "--gguf", gguf, "--threads", str(llamacpp_threads)]
+    args += ["--spin"] if llamacpp_spin else []
+    children = {r: Child(r, out_dir / f"{r}.log", *args) for r in runtimes}
     samples: dict[str, dict[str, list]] = {r: {} for r in runtimes}
     results: dict[str, dict] = {r: {} for r in runtimes}
     try:
         for c in children.values():
             c.ready()
-        print(f"[{clock(time.monotonic() - t_start)}] runtimes started", flush=True)
+        print(f"[{elapsed()}] runtimes started", flush=True)
         t_loop = time.monotonic()
         for rep in range(plan.reps + 1):
-            order = runtimes[rep % len(runtimes):] + runtimes[: rep % len(runtimes)]
-            for r in order:
+            for r in runtimes[rep % len(runtimes) :] + runtimes[: rep % len(runtimes)]:
                 single(children[r], plan, prompts, samples[r] if rep else {})
-                if rep == 0:  # the peak of one stream at a time, as llama.cpp's single context runs
+                if rep == 0:  # the peak with one stream at a time, as llama.cpp's single context runs
                     results[r]["rss"] = children[r].call("rss")["value"]
                 streams(children[r], plan, stream_prompts, samples[r] if rep else {})
+            loads.append(os.getloadavg()[0])
             left = (time.monotonic() - t_loop) / (rep + 1) * (plan.reps - rep)
             if "chain" in samples and rep:  # the chain's perplexity runs token by token
                 left += len(ppl_tokens) * statistics.median(samples["chain"]["tpot"])
-            print(f"[{clock(time.monotonic() - t_start)}] {'warm-up' if rep == 0 else f'repetition {rep}/{plan.reps}'}"
-                  f" done; ~{clock(left)} left", flush=True)
+            print(f"[{elapsed()}] {f'repetition {rep}/{plan.reps}' if rep else 'warm-up'} done, load average "
+                  f"{loads[-1]:.1f}; ~{clock(left)} left", flush=True)
         for r in runtimes:
             results[r]["figures"] = {k: report.summarize(v) for k, v in samples[r].items() if k != "greedy"}
             results[r]["rss_streams"] = children[r].call("rss")["value"]
-        for r in runtimes:
-            if r != "pipeline":
-                print(f"[{clock(time.monotonic() - t_start)}] perplexity: {r} ...", flush=True)
-                results[r]["perplexity"] = children[r].call("perplexity", tokens=ppl_tokens, ctx=512)["value"]
+        for r in [r for r in runtimes if r != "pipeline"]:
+            print(f"[{elapsed()}] perplexity: {r} ...", flush=True)
+            results[r]["perplexity"] = children[r].call("perplexity", tokens=ppl_tokens, ctx=512)["value"]
     finally:
         for c in children.values():
             c.close()
-    if "llamacpp" not in results:
+
+    if "llamacpp" in runtimes:
+        wait = "spin (stock)" if llamacpp_spin else "sleep (OMP_WAIT_POLICY=PASSIVE, as the stages' threads)"
+        notes.append(f"llama.cpp: {llamacpp_threads} threads that {wait} at barriers, n_batch 512; "
+                     "concurrent streams run one after another in its one context")
+        for r in [r for r in runtimes if r != "llamacpp"]:
+            d = first_divergence(samples[r]["greedy"], samples["llamacpp"]["greedy"])
+            notes.append(f"{r}: greedy {plan.gen_tokens} tokens " + (
+                "identical to llama.cpp's" if d is None else f"first differ from llama.cpp's at token {d}"))
+    else:
         results["llamacpp"] = {"perplexity": reference_perplexity(len(ppl_tokens) // 512)}
         notes.append("llama.cpp perplexity quoted from the reference JSON (same text and windows)")
-
-    notes += [f"{r}: greedy {plan.gen_tokens} tokens first differ from llama.cpp's at token {d}"
-              if (d := first_divergence(samples[r]["greedy"], samples["llamacpp"]["greedy"])) is not None
-              else f"{r}: greedy {plan.gen_tokens} tokens identical to llama.cpp's"
-              for r in runtimes if r != "llamacpp" and "llamacpp" in runtimes]
     notes += ["TTFT is timed at the caller: for the pipeline at the gRPC client (raw token ids, max_tokens=1)",
-              "the pipeline runs the chain's graphs: the chain's perplexity serves both",
               f"concurrent streams: {plan.stream_tokens} tokens each after a 32-token prompt; the chain interleaves "
-              "them round robin in one thread, llama.cpp (one context) runs them one after another",
-              f"noisy machine: load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
-              f"({os.cpu_count()} cores)"]
+              "them round robin in one thread",
+              "perplexity: the pipeline runs the chain's graphs, one figure serves both; "
+              f"{len(ppl_tokens) // 512} windows of 512 tokens",
+              f"load average {min(loads):.1f} to {max(loads):.1f} during the run ({os.cpu_count()} cores)"]
+    if llamacpp_spin and (warning := oversubscribed(loads)):
+        notes.append(warning)
     targets = report.evaluate(results)
-    doc = {"plan": asdict(plan), "artifacts": artifacts, "gguf": gguf, "runtimes": results, "targets": targets,
+    doc = {"plan": asdict(plan), "artifacts": artifacts, "gguf": gguf, "llamacpp_threads": llamacpp_threads,
+           "llamacpp_spin": llamacpp_spin, "load_average": loads, "runtimes": results, "targets": targets,
            "notes": notes, "seconds": time.monotonic() - t_start}
     (out_dir / "bench.json").write_text(json.dumps(doc, indent=1))
     print("\n" + report.render(results, targets, notes))
     try:
-        report.chart(results, out_dir / "bench.png")
+        report.chart(results, out_dir / "bench.png", f"load average {min(loads):.1f}-{max(loads):.1f} "
+                     f"on {os.cpu_count()} cores")
         charted = f" and {out_dir / 'bench.png'}"
     except ImportError:
         charted = " (no chart: matplotlib is not installed, pip install 'splitllm[bench]')"
-    print(f"\nwrote {out_dir / 'bench.json'}{charted} in {clock(time.monotonic() - t_start)}")
+    print(f"\nwrote {out_dir / 'bench.json'}{charted} in {elapsed()}")
     return 0

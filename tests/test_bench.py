@@ -7,7 +7,7 @@ import json
 import pytest
 
 from splitllm.bench import report
-from splitllm.bench.suite import REFERENCE, first_divergence, reference_perplexity
+from splitllm.bench.suite import REFERENCE, first_divergence, oversubscribed, reference_perplexity
 
 
 def fig(median: float) -> dict:
@@ -83,3 +83,9 @@ def test_reference_perplexity_is_the_geometric_mean_of_equal_chunks():
 def test_first_divergence():
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+
+
+def test_oversubscription_warning(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert oversubscribed([0.5, 1.9]) is None
+    assert "load average reached 6.0 on 2 cores" in oversubscribed([1.0, 6.0])

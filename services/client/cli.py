@@ -132,7 +132,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from splitllm.bench.suite import run
 
-    return run(a.artifacts, quick=a.quick, reps=a.reps, gguf=a.gguf or "", runtimes=tuple(a.runtimes.split(",")))
+    try:
+        return run(a.artifacts, quick=a.quick, reps=a.reps, gguf=a.gguf or "", runtimes=tuple(a.runtimes.split(",")),
+                   llamacpp_threads=a.llamacpp_threads, llamacpp_spin=a.llamacpp_spin)
+    except RuntimeError as e:  # a runtime failed: its message says which and where its log is
+        print(f"splitllm bench: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_hub(a: argparse.Namespace) -> int:
@@ -198,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--kv-capacity", type=int, default=16, help="sessions whose KV cache this stage can hold")
     st.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     st.add_argument("--session-ttl", type=float, default=600.0, help="seconds before an idle session is freed")
-    st.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: up to 2)")
+    st.add_argument("--threads", type=int, default=1,
+                    help="ONNX Runtime intra-op threads (default 1: stages share the cores, and prompt chunks are "
+                    "pipelined across stages so several run at once)")
     st.add_argument("--allow-cpu-fallback", action="store_true",
                     help="qnn: run nodes the HTP backend rejects on the CPU (logged) instead of failing")
     st.set_defaults(run=cmd_stage)
@@ -247,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--gguf", help="GGUF for llama.cpp (default: the artifact's source)")
     be.add_argument("--reps", type=int, help="measured repetitions after the warm-up (default 5, --quick 2)")
     be.add_argument("--runtimes", default="pipeline,chain,llamacpp")
+    be.add_argument("--llamacpp-threads", type=int, default=2)
+    be.add_argument("--llamacpp-spin", action="store_true",
+                    help="llama.cpp's stock spinning threads (faster on an idle machine, collapses on a busy one)")
     be.set_defaults(run=cmd_bench)
     return p
 
