@@ -137,6 +137,10 @@ class FullLogits:
         self.ks.append(top_k)
         return self.inner.step(session_id, position, tokens, 0)
 
+    def prefill(self, session_id, tokens, top_k=0):
+        self.ks.append(top_k)
+        return self.inner.prefill(session_id, tokens, 0)
+
     def release(self, session_id):
         self.inner.release(session_id)
 

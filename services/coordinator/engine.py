@@ -198,7 +198,7 @@ class Engine:
 
     def _run(self, job: _Job, t0: float, is_cancelled: Callable[[], bool],
              time_remaining: Callable[[], float | None]) -> Iterator[pb.GenerateResponse]:
-        m, p = self.metrics, self.manifest.prefill_length
+        m = self.metrics
         sampler, k = Sampler(job.params, job.params.seed), top_k_needed(job.params)
         decoder, stopper = IncrementalDecoder(self.codec), StopMatcher(job.stop)
         history, n = list(job.prompt), len(job.prompt)
@@ -207,10 +207,8 @@ class Engine:
         if m:
             m.queue_seconds.observe(time.monotonic() - t0)
         try:
-            for start in range(0, n, p):
-                self._check(is_cancelled, time_remaining)
-                chunk = np.asarray(history[start : start + p], np.int32)
-                logits = self.pipeline.step(sid, start, chunk, k if start + p >= n else 1)
+            self._check(is_cancelled, time_remaining)
+            logits = self.pipeline.prefill(sid, np.asarray(history, np.int32), k)
             if m:
                 m.prompt_tokens.inc(n)
             t_first = t_prev = 0.0

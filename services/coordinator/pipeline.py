@@ -30,6 +30,10 @@ class Pipeline(Protocol):
         """Run `tokens` (int32, 1..P of them) of a session from `position` through every stage."""
         ...
 
+    def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0) -> Logits:
+        """Prompt processing from position 0 in chunks of P; the logits after the last token."""
+        ...
+
     def release(self, session_id: str) -> None:
         """Free the session on every stage of its route; never raises."""
         ...
@@ -57,6 +61,9 @@ class LocalPipeline:
         if tokens.size == 0:
             raise invalid("a step needs at least one token")
         return top_k_logits(self.chain.step(session_id, position, tokens), top_k)
+
+    def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0) -> Logits:
+        return top_k_logits(self.chain.prefill_tokens(session_id, list(tokens)), top_k)
 
     def release(self, session_id: str) -> None:
         self.chain.release(session_id)

@@ -125,7 +125,7 @@ class RemotePipeline:
                 return False
         return True
 
-    def step(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Logits:
+    def _send(self, session_id: str, position: int, tokens: np.ndarray, top_k: int) -> tuple[int, _Pending]:
         step_id = next(self.step_ids)
         req = stage_pb2.ForwardRequest(route=self.route[1:], step_id=step_id, reply_to=self.subscriber_id)
         e = req.entries.add(session_id=session_id, position=position, num_tokens=len(tokens))
@@ -140,6 +140,9 @@ class RemotePipeline:
                 self.pending.pop(step_id, None)
             raise unavailable(f"stage {down[0] + 1} at {self.route[down[0]]} is unavailable")
         self.out.send(req)
+        return step_id, p
+
+    def _wait(self, step_id: int, p: _Pending) -> Logits:
         if not p.event.wait(STEP_TIMEOUT):
             with self.pending_lock:
                 self.pending.pop(step_id, None)
@@ -152,6 +155,26 @@ class RemotePipeline:
         r = msg.results[0]
         values = from_proto(r.logits, "logits")
         return Logits(values, from_proto(r.token_ids, "token_ids") if r.HasField("token_ids") else None)
+
+    def step(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Logits:
+        return self._wait(*self._send(session_id, position, tokens, top_k))
+
+    def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0) -> Logits:
+        """All chunks go out at once: each stage runs its stream in order, so stage 1 works on chunk k+1
+        while stage 2 works on chunk k. Every answer is awaited; the first error wins."""
+        p = self.manifest.prefill_length
+        sent = [self._send(session_id, s, tokens[s : s + p], top_k if s + p >= len(tokens) else 1)
+                for s in range(0, len(tokens), p)]
+        results: list[Logits | ServiceError] = []
+        for step_id, pending in sent:
+            try:
+                results.append(self._wait(step_id, pending))
+            except ServiceError as e:
+                results.append(e)
+        for r in results:
+            if isinstance(r, ServiceError):
+                raise r
+        return results[-1]  # type: ignore[return-value]
 
     def release(self, session_id: str) -> None:
         try:
