@@ -141,8 +141,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             if isinstance(out, stage_pb2.ForwardResponse):
                 return out
             t1 = time.perf_counter()
+            left = context.time_remaining()  # no deadline reads as a huge number, which gRPC cannot take
             try:
-                resp = self.downstream.stub(request.route[0]).Forward(out, timeout=context.time_remaining())
+                resp = self.downstream.stub(request.route[0]).Forward(out, timeout=left if left < 1e6 else None)
             except grpc.RpcError as err:
                 raise self._downstream_error(request.route[0], err) from None
             if self.metrics:
