@@ -24,3 +24,9 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+
+
+def listen_host(listen: str) -> str:
+    """The host part of a --listen address ("0.0.0.0:50061" -> "0.0.0.0"), where /metrics is served too."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    return host or "127.0.0.1"

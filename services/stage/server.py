@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from splitllm.protos import stage_pb2, stage_pb2_grpc
 from splitllm.services.common.errors import ServiceError, invalid, unavailable
-from splitllm.services.common.grpc_util import CHANNEL_OPTIONS, SERVER_OPTIONS
+from splitllm.services.common.grpc_util import CHANNEL_OPTIONS, SERVER_OPTIONS, listen_host
 from splitllm.services.common.metrics import StageMetrics
 from splitllm.services.common.streams import OutStream, Subscribers
 from splitllm.services.common.tensor import from_proto, to_proto
@@ -282,7 +282,7 @@ def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capaci
     server, port = serve_stage(servicer, listen, health_servicer, ttl=ttl)
     registry = CollectorRegistry()
     metrics = StageMetrics(registry, stage=stage, replica=listen)
-    http = serve_metrics(registry, metrics_port) if metrics_port is not None else None
+    http = serve_metrics(registry, metrics_port, listen_host(listen)) if metrics_port is not None else None
     runtime = StageRuntime(artifacts, stage, backend, kv_capacity, threads, allow_cpu_fallback=allow_cpu_fallback)
     set_build_info(registry, __version__, runtime.manifest_sha256, backend, stage)
     servicer.metrics, servicer.runtime = metrics, runtime
