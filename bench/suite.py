@@ -151,7 +151,7 @@ def skip_llamacpp(gguf: str) -> str | None:
 
 def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str = "",
         runtimes: tuple[str, ...] = tuple(report.RUNTIMES), llamacpp_threads: int = 2, llamacpp_spin: bool = False,
-        out_dir: Path = RESULTS) -> int:
+        out_dir: str | Path | None = None) -> int:
     from splitllm.services.common.manifest import load_manifest
     from splitllm.services.coordinator.text import TextCodec
 
@@ -177,6 +177,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
     if llamacpp_spin and (warning := oversubscribed(loads)):
         print(f"warning: {warning}", flush=True)
 
+    out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = ["--artifacts", artifacts, "--gguf", gguf, "--threads", str(llamacpp_threads)]
     args += ["--spin"] if llamacpp_spin else []
@@ -224,8 +225,8 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
     notes += ["TTFT is timed at the caller: for the pipeline at the gRPC client (raw token ids, max_tokens=1)",
               f"concurrent streams: {plan.stream_tokens} tokens each after a 32-token prompt; the chain interleaves "
               "them round robin in one thread",
-              "perplexity: the pipeline runs the chain's graphs, one figure serves both; "
-              f"{len(ppl_tokens) // 512} windows of 512 tokens",
+              f"perplexity over {len(ppl_tokens) // 512} x 512-token windows; the pipeline runs the chain's graphs, "
+              "one figure serves both",
               f"load average {min(loads):.1f} to {max(loads):.1f} during the run ({os.cpu_count()} cores)"]
     if llamacpp_spin and (warning := oversubscribed(loads)):
         notes.append(warning)

@@ -134,7 +134,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     try:
         return run(a.artifacts, quick=a.quick, reps=a.reps, gguf=a.gguf or "", runtimes=tuple(a.runtimes.split(",")),
-                   llamacpp_threads=a.llamacpp_threads, llamacpp_spin=a.llamacpp_spin)
+                   llamacpp_threads=a.llamacpp_threads, llamacpp_spin=a.llamacpp_spin, out_dir=a.out)
     except RuntimeError as e:  # a runtime failed: its message says which and where its log is
         print(f"splitllm bench: {e}", file=sys.stderr)
         return 1
@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--gguf", help="GGUF for llama.cpp (default: the artifact's source)")
     be.add_argument("--reps", type=int, help="measured repetitions after the warm-up (default 5, --quick 2)")
     be.add_argument("--runtimes", default="pipeline,chain,llamacpp")
+    be.add_argument("--out", help="directory for bench.json, bench.png and the runtimes' logs (default bench/results)")
     be.add_argument("--llamacpp-threads", type=int, default=2)
     be.add_argument("--llamacpp-spin", action="store_true",
                     help="llama.cpp's stock spinning threads (faster on an idle machine, collapses on a busy one)")
