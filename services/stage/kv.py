@@ -1,11 +1,14 @@
 """A stage's KV cache: a bounded pool of per-session buffers, written in place by the graphs.
 
-Buffers are np.zeros, so pages are committed only as positions are written, and a released session's
-memory goes back to the system at once.
+Each session's buffers are views of one anonymous memory mapping of its own: pages are committed only
+as positions are written, and releasing the session unmaps them at once. (np.zeros would not do: once
+glibc has raised its mmap threshold, it serves big blocks from the heap and zeroes them, so they are
+resident at once and stay resident after release.)
 """
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +28,18 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     binding: object = None  # the runtime's reusable I/O binding for these buffers
+
+
+def mapped_zeros(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Zeroed float32 arrays carved from one private anonymous mapping (freed when the last view goes)."""
+    sizes = {name: int(np.prod(shape)) for name, shape in shapes.items()}
+    area = mmap.mmap(-1, max(4 * sum(sizes.values()), 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    flat = np.frombuffer(area, dtype=np.float32)
+    out, at = {}, 0
+    for name, shape in shapes.items():
+        out[name] = flat[at : at + sizes[name]].reshape(shape)
+        at += sizes[name]
+    return out
 
 
 class KVPool:
@@ -68,7 +83,7 @@ class KVPool:
                 raise invalid(f"session {session_id!r} already exists (position 0 starts a new session only)")
             if len(self.sessions) >= self.capacity:
                 raise exhausted(f"no KV capacity: {self.capacity} sessions in use on this stage; retry later")
-            buffers = {name: np.zeros(shape, np.float32) for name, shape in self.shapes.items()}
+            buffers = mapped_zeros(self.shapes)
             s = self.sessions[session_id] = Session(session_id, buffers)
             return s
 
