@@ -18,7 +18,7 @@ import numpy as np
 from splitllm.export.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from splitllm.export.graph_cpu import CpuStageGraph
 from splitllm.export.onnx_writer import GraphBuilder, WeightsFile
-from splitllm.export.quantize import NBitsWeight, RowQuantized, quantize, quantize_rows
+from splitllm.export.quantize import NBitsWeight, RowQuantized, concat, quantize, quantize_rows
 from splitllm.services.common.manifest import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
@@ -30,6 +30,10 @@ from splitllm.services.common.manifest import (
 )
 
 LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
+# Float tensors are read and quantized in row blocks of at most this many float32 bytes, so a 128256 x 4096
+# embedding or lm_head costs its quantized form plus one block, not 2.1 GB of float32 and temporaries.
+CHUNK_BYTES = 64 << 20
+GROUPS = {"embed": "embedding", "lm_head": "lm_head", "norm": "norms", "attn_norm": "norms", "ffn_norm": "norms"}
 
 
 class ExportError(ValueError):
@@ -104,23 +108,27 @@ class WeightSource:
         info["origin"] = "quantized by export" if quantized_here else "from checkpoint (exact)"
         self.groups.setdefault(group, info)
 
-    def __call__(self, name: str) -> object:
-        w = self.ckpt.tensor(name)
+    def _convert(self, name: str, w: object) -> object:
         short = name.rsplit(".", 1)[-1]
-        group = {
-            "embed": "embedding",
-            "lm_head": "lm_head",
-            "norm": "norms",
-            "attn_norm": "norms",
-            "ffn_norm": "norms",
-        }.get(short, "layers.attention" if short in "qkvo" else "layers.mlp")
-        fresh = isinstance(w, np.ndarray) and w.ndim == 2
-        if fresh and short == "embed":
-            w = quantize_rows(w, block_size=self.block_size)
-        elif fresh and short == "lm_head":
-            w = quantize(w, bits=8, block_size=self.block_size)
-        elif fresh and short in LINEAR:
-            w = quantize(w, bits=self.layer_bits, block_size=self.block_size)
+        if not (isinstance(w, np.ndarray) and w.ndim == 2):
+            return w
+        if short == "embed":
+            return quantize_rows(w, block_size=self.block_size)
+        if short == "lm_head":
+            return quantize(w, bits=8, block_size=self.block_size)
+        if short in LINEAR:
+            return quantize(w, bits=self.layer_bits, block_size=self.block_size)
+        return w
+
+    def __call__(self, name: str) -> object:
+        short = name.rsplit(".", 1)[-1]
+        group = GROUPS.get(short, "layers.attention" if short in "qkvo" else "layers.mlp")
+        pieces, fresh = [], False
+        for chunk in self.ckpt.row_chunks(name, CHUNK_BYTES):
+            fresh = isinstance(chunk, np.ndarray) and chunk.ndim == 2
+            pieces.append(self._convert(name, chunk))
+            del chunk  # the float block goes before the next one is read
+        w = pieces[0] if len(pieces) == 1 else concat(pieces)
         self._record(group, w, fresh)
         return w
 

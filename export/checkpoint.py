@@ -6,7 +6,8 @@ GGUF's Q/K rows are un-permuted here), so everything downstream is source-agnost
     embed, norm, lm_head, layers.{i}.{attn_norm,q,k,v,o,ffn_norm,gate,up,down}
 
 `tensor(name)` returns float32 arrays or, for GGUF weights already quantized, an exact NBitsWeight /
-RowQuantized (never quantized a second time). Only one tensor is resident at a time.
+RowQuantized (never quantized a second time). Only one tensor is resident at a time; `row_chunks` reads
+a float tensor in row blocks (Hugging Face), so even a 128256 x 4096 embedding never is.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,11 @@ class Checkpoint:
 
     def tensor(self, name: str) -> Weight:
         raise NotImplementedError
+
+    def row_chunks(self, name: str, max_bytes: int) -> Iterator[Weight]:
+        """The tensor in blocks of rows of at most `max_bytes` as float32 (at least one row); readers that
+        cannot split a tensor (GGUF) yield it whole."""
+        yield self.tensor(name)
 
     def tokenizer(self) -> TokenizerBundle:
         raise NotImplementedError
@@ -210,6 +217,14 @@ HF_NAMES = {
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
+def _float32(flat: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype != "BF16":
+        return flat.astype(np.float32)
+    out = np.zeros(flat.size, np.float32)  # bf16 is a float32's high half: one allocation, no temporaries
+    out.view(np.uint16)[1::2] = flat
+    return out
+
+
 class HFCheckpoint(Checkpoint):
     """A Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files)."""
 
@@ -280,19 +295,25 @@ class HFCheckpoint(Checkpoint):
         return HF_NAMES[name]
 
     def tensor(self, name: str) -> Weight:
+        (whole,) = self.row_chunks(name, 1 << 62)
+        return whole
+
+    def row_chunks(self, name: str, max_bytes: int) -> Iterator[np.ndarray]:
         hname = self._hf_name(name)
         if hname not in self.index:
             raise CheckpointError(f"{self.path}: tensor {hname} is missing")
         file, dtype, shape, begin, end = self.index[hname]
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{file}: tensor {hname} has dtype {dtype}; supported: F32, F16, BF16")
+        np_dtype = np.dtype(SAFETENSORS_DTYPES[dtype])
+        row = int(np.prod(shape[1:]))  # elements per row
+        step = max(1, max_bytes // (4 * row))
         with open(file, "rb") as fh:  # plain reads, not mmap: mapped pages would count in RSS
             fh.seek(begin)
-            buf = fh.read(end - begin)
-        a = np.frombuffer(buf, dtype=SAFETENSORS_DTYPES[dtype]).reshape(shape)
-        if dtype == "BF16":
-            return (a.astype(np.uint32) << 16).view(np.float32)
-        return a.astype(np.float32)
+            for r in range(0, shape[0], step):
+                m = min(step, shape[0] - r)
+                raw = np.frombuffer(fh.read(m * row * np_dtype.itemsize), np_dtype)
+                yield _float32(raw, dtype).reshape(m, *shape[1:])
 
     def tokenizer(self) -> TokenizerBundle:
         try:

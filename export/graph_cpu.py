@@ -21,36 +21,11 @@ from collections.abc import Callable
 import numpy as np
 
 from splitllm.export.onnx_writer import GraphBuilder
-from splitllm.export.quantize import NBitsWeight, RowQuantized
+from splitllm.export.quantize import NBitsWeight, RowQuantized, concat_rows
 from splitllm.services.common.manifest import ModelConfig, TensorSpec
 from splitllm.services.common.rope import cos_sin
 
 MS = "com.microsoft"
-
-
-def concat_rows(ws: list[NBitsWeight]) -> NBitsWeight | None:
-    """Stack weights along N (fused QKV, gate/up); None when their formats differ."""
-    first = ws[0]
-    same = all(
-        w.bits == first.bits
-        and w.block_size == first.block_size
-        and (w.zero_points is None) == (first.zero_points is None)
-        and (w.block_offsets is None) == (first.block_offsets is None)
-        for w in ws
-    )
-    if not same:
-        return None
-    cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=0)  # noqa: E731
-    return NBitsWeight(
-        bits=first.bits,
-        block_size=first.block_size,
-        packed=np.concatenate([w.packed for w in ws], axis=0),
-        scales=np.concatenate([w.scales for w in ws], axis=0),
-        zero_points=cat([w.zero_points for w in ws]),
-        block_offsets=None
-        if first.block_offsets is None
-        else np.concatenate([w.block_offsets for w in ws], axis=1),
-    )
 
 
 class CpuStageGraph:

@@ -13,6 +13,7 @@ here with a per-block least-squares search.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +98,32 @@ class RowQuantized:
         if self.zero_points is not None:
             x -= self.zero_points[..., None]
         return (x * self.scales[..., None]).reshape(v, -1)
+
+
+def concat(ws: list) -> np.ndarray | NBitsWeight | RowQuantized:
+    """Row pieces of one tensor (float, or quantized piece by piece, same format) stacked along N."""
+    first = ws[0]
+    if isinstance(first, np.ndarray):
+        return np.concatenate(ws)
+    fields = {}
+    for f in dataclasses.fields(first):
+        parts = [getattr(w, f.name) for w in ws]
+        if isinstance(parts[0], np.ndarray):  # block_offsets is [K/block, N]
+            fields[f.name] = np.concatenate(parts, axis=1 if f.name == "block_offsets" else 0)
+    return dataclasses.replace(first, **fields)
+
+
+def concat_rows(ws: list[NBitsWeight]) -> NBitsWeight | None:
+    """Stack weights along N (fused QKV, gate/up); None when their formats differ."""
+    first = ws[0]
+    same = all(
+        w.bits == first.bits
+        and w.block_size == first.block_size
+        and (w.zero_points is None) == (first.zero_points is None)
+        and (w.block_offsets is None) == (first.block_offsets is None)
+        for w in ws
+    )
+    return concat(ws) if same else None
 
 
 def _gguf_type(ggml_type: int) -> GGMLQuantizationType:

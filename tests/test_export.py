@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from helpers import REFERENCE_DIR, write_tiny_llama3
 
+from splitllm.export import build
 from splitllm.export.build import ExportError, WeightSource, export, split_plan
 from splitllm.export.checkpoint import open_checkpoint
 from splitllm.export.reference import ReferenceModel
@@ -103,6 +104,14 @@ def test_smollm2_chain_matches_numpy_reference(smollm2_artifacts, smollm2_path):
     prompt = list(range(1000, 1150))  # 2 chunks of P=128
     diffs = chain_vs_reference(smollm2_artifacts, smollm2_path, prompt, steps=3)
     assert max(diffs) < 1.0, diffs
+
+
+def test_row_chunked_export_writes_the_same_bytes(tmp_path, tiny_checkpoint, monkeypatch):
+    """Float tensors read and quantized in row blocks (how an 8B embedding streams) change no byte."""
+    whole = export(tiny_checkpoint, tmp_path / "whole", stages=2, context=64, prefill=8)
+    monkeypatch.setattr(build, "CHUNK_BYTES", 3000)  # 5 rows of 128 floats, 2 of 256: many uneven blocks
+    chunked = export(tiny_checkpoint, tmp_path / "chunked", stages=2, context=64, prefill=8)
+    assert chunked.files == whole.files and chunked.quantization == whole.quantization
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3, 4, 7, 30])
