@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from splitllm.export.calibrate import ActivationStats
 from splitllm.export.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from splitllm.export.graph_cpu import CpuStageGraph
 from splitllm.export.onnx_writer import GraphBuilder, WeightsFile
@@ -90,6 +91,7 @@ class WeightSource:
     def __init__(self, ckpt: Checkpoint, layer_bits: int = 4, block_size: int = 32) -> None:
         self.ckpt, self.layer_bits, self.block_size = ckpt, layer_bits, block_size
         self.groups: dict[str, dict] = {}
+        self.importance = ActivationStats(ckpt)  # lazy: runs only for float layers to quantize
 
     def _record(self, group: str, w: object, quantized_here: bool) -> None:
         if isinstance(w, np.ndarray):
@@ -117,7 +119,7 @@ class WeightSource:
         if short == "lm_head":
             return quantize(w, bits=8, block_size=self.block_size)
         if short in LINEAR:
-            return quantize(w, bits=self.layer_bits, block_size=self.block_size)
+            return quantize(w, self.layer_bits, self.block_size, importance=self.importance(name))
         return w
 
     def __call__(self, name: str) -> object:

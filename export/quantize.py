@@ -8,7 +8,7 @@ is an extra exact term y += blocksum(x) @ block_offsets that MatMulNBits cannot 
 minimum is not an integer number of steps).
 
 GGUF Q4_0, Q4_1 and Q8_0 map exactly (repacked, never quantized twice); float checkpoints are quantized
-here with a per-block least-squares search.
+here with a per-block least-squares search, weighted by input-channel importance (calibrate.py).
 """
 
 from __future__ import annotations
@@ -210,18 +210,23 @@ _SHRINK = np.linspace(1.0, 0.92, 5, dtype=np.float32)
 _REFINE = 3
 
 
-def _sse(x: np.ndarray, inv: np.ndarray, zp: np.ndarray, qmax: int, tmp: np.ndarray) -> np.ndarray:
-    """Per block: sum of (q - (x/s + zp))^2 with q = clip(rint(x/s + zp), 0, qmax); tmp: scratch [2, *x]."""
+def _sse(
+    x: np.ndarray, inv: np.ndarray, zp: np.ndarray, qmax: int, tmp: np.ndarray, sw: np.ndarray | None
+) -> np.ndarray:
+    """Per block: sum of (sw * (q - (x/s + zp)))^2 with q = clip(rint(x/s + zp), 0, qmax); tmp: scratch [2, *x]."""
     u, r = tmp
     np.multiply(x, inv, out=u)
     u += zp
     np.clip(np.rint(u, out=r), 0, qmax, out=r)
     r -= u
+    if sw is not None:
+        r *= sw
     return np.einsum("...j,...j->...", r, r)[..., None]
 
 
-def _search(x: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and integer zero point per block (last axis) minimising the block's squared error.
+def _search(x: np.ndarray, qmax: int, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and integer zero point per block (last axis) minimising the block's squared error, each
+    element's weighted by its column's importance (x: [..., blocks, block], importance: [blocks, block]).
 
     A grid over shrunk [min, max] ranges and zero points +-1 around the rounded one, then rounds of
     least-squares scale for the chosen codes (the scale that is optimal for fixed codes, codes re-rounded).
@@ -229,6 +234,8 @@ def _search(x: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     lo = np.minimum(x.min(-1, keepdims=True), 0)
     span = np.maximum(x.max(-1, keepdims=True), 0) - lo
     span[span == 0] = 1
+    sw = None if importance is None else np.sqrt(importance)
+    wt = 1 if importance is None else importance
     tmp = np.empty((2, *x.shape), np.float32)
     best = np.full(lo.shape, np.inf, np.float32)
     scale, zp = np.ones_like(lo), np.zeros_like(lo)
@@ -237,27 +244,43 @@ def _search(x: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
         z0 = np.rint(-lo / s)
         for dz in (-1, 0, 1):
             z = np.clip(z0 + dz, 0, qmax)
-            e = _sse(x, 1 / s, z, qmax, tmp) * (s * s)
+            e = _sse(x, 1 / s, z, qmax, tmp, sw) * (s * s)
             better = e < best
             best[better], scale[better], zp[better] = e[better], s[better], z[better]
     for _ in range(_REFINE):
         c = np.clip(np.rint(x / scale + zp), 0, qmax) - zp
-        den = np.einsum("...j,...j->...", c, c)[..., None]
-        s = np.einsum("...j,...j->...", x, c)[..., None] / np.where(den > 0, den, 1)
+        wc = c * wt
+        den = np.einsum("...j,...j->...", wc, c)[..., None]
+        s = np.einsum("...j,...j->...", x, wc)[..., None] / np.where(den > 0, den, 1)
         s = np.where(s > 0, s, scale)
-        e = _sse(x, 1 / s, zp, qmax, tmp) * (s * s)
+        e = _sse(x, 1 / s, zp, qmax, tmp, sw) * (s * s)
         better = e < best
         best[better], scale[better] = e[better], s[better]
     return scale, zp
 
 
-def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32) -> NBitsWeight:
+def _round_to_nearest(x: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """The baseline: the block's [min, max] (with 0) in qmax steps, zero point rounded."""
+    lo = np.minimum(x.min(-1, keepdims=True), 0)
+    s = (np.maximum(x.max(-1, keepdims=True), 0) - lo) / qmax
+    s[s == 0] = 1
+    return s, np.clip(np.rint(-lo / s), 0, qmax)
+
+
+def quantize(
+    w: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    search: bool = True,
+    importance: np.ndarray | None = None,
+) -> NBitsWeight:
     """Quantize a float [N, K] weight to MatMulNBits form.
 
     4-bit: asymmetric, uint8 zero points (the fast kernel path), scale and zero point searched per block
-    for the least squared error. 8-bit: symmetric absmax/127 with the op's default zero point 128, the Q8_0
-    layout: its error is already ~1/15 of 4-bit's, a zero point would buy little, and the graph keeps one
-    8-bit form.
+    for the least squared error, weighted by `importance` [K] when given (the mean square of each input
+    channel's activation, see calibrate.py); search=False: plain round-to-nearest, for comparison. 8-bit: symmetric
+    absmax/127 with the op's default zero point 128, the Q8_0 layout: its error is already ~1/15 of
+    4-bit's, a zero point would buy little, and the graph keeps one 8-bit form.
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -266,6 +289,9 @@ def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32) -> NBitsWeight:
         raise ValueError(f"block_size must be a power of two >= 16 dividing K={k}, got {block_size}")
     nb, qmax = k // block_size, (1 << bits) - 1
     x = np.asarray(w, np.float32).reshape(n, nb, block_size)
+    if importance is not None:  # relative, floored: a block of silent channels still gets a sane fit
+        imp = np.asarray(importance, np.float32)
+        importance = (imp / max(float(imp.mean()), 1e-30) + 1e-3).reshape(nb, block_size)
     scales, zps = np.empty((n, nb), np.float32), np.empty((n, nb), np.uint8)
     codes = np.empty((n, nb, block_size), np.uint8)
     step = max(1, (1 << 17) // k)  # rows per chunk: ~512 KiB of float32, cache-sized temporaries
@@ -276,7 +302,7 @@ def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32) -> NBitsWeight:
             s[s == 0] = 1
             z = np.float32(128)
         else:
-            s, z = _search(xr, qmax)
+            s, z = _search(xr, qmax, importance) if search else _round_to_nearest(xr, qmax)
             zps[r : r + step] = z[..., 0]
         codes[r : r + step] = np.clip(np.rint(xr / s + z), 0, qmax)
         scales[r : r + step] = s[..., 0]
