@@ -163,6 +163,7 @@ def export(
     accuracy_level: int = 4,
     calibration: str | Path | None = None,
     qnn_context: bool = False,
+    qnn_w8: tuple[str, ...] = (),
 ) -> Manifest:
     """Target qnn writes the cpu graphs too (export/build_qnn.py), so one artifact serves mixed pipelines."""
     out = Path(out)
@@ -194,7 +195,7 @@ def export(
         if target == "qnn":
             from splitllm.export.build_qnn import add_qnn_target
 
-            manifest = add_qnn_target(ckpt, manifest, work, calibration and Path(calibration), qnn_context)
+            manifest = add_qnn_target(ckpt, manifest, work, calibration and Path(calibration), qnn_context, qnn_w8)
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             out.rename(old)

@@ -24,10 +24,11 @@ from tokenizers import Tokenizer
 
 from splitllm.export.build import ExportError, Progress
 from splitllm.export.checkpoint import Checkpoint
-from splitllm.export.graph_qnn import QnnStageGraph, float_weights, io_specs, save
+from splitllm.export.graph_qnn import QnnStageGraph, io_specs, save
 from splitllm.export.onnx_writer import GraphBuilder, WeightsFile
 from splitllm.export.qnn_quantize import (
     ACTIVATIONS,
+    BLOCK,
     W8_DEFAULT,
     activation_encodings,
     io_params,
@@ -90,20 +91,18 @@ def calibration_windows(
     return windows, info
 
 
-def float_graphs(ckpt: Checkpoint, manifest: Manifest, k: int, tmp: Path) -> dict[str, Path]:
+def float_graphs(ckpt: Checkpoint, manifest: Manifest, k: int, tmp: Path) -> tuple[dict[str, Path], dict]:
+    """Stage k's float prompt and token graphs (one weights file), and the checkpoint's exact 4-bit weights."""
     plan, cfg = manifest.stages[k], manifest.model
     wf = WeightsFile(tmp / f"stage{k + 1}.float.weights")
     paths = {}
-    weight = float_weights(ckpt)
     for mode, seq in (("pp", manifest.prefill_length), ("tg", 1)):
-        b = GraphBuilder(f"stage{k + 1}.qnn.{mode}", wf)
-        QnnStageGraph(b, cfg, manifest.context_length, seq).build(
-            range(plan.first_layer, plan.last_layer), plan.has_embedding, plan.has_lm_head, weight
-        )
+        g = QnnStageGraph(GraphBuilder(f"stage{k + 1}.qnn.{mode}", wf), cfg, manifest.context_length, seq)
+        g.build(range(plan.first_layer, plan.last_layer), plan.has_embedding, plan.has_lm_head, ckpt.tensor)
         paths[mode] = tmp / f"stage{k + 1}.float.{mode}.onnx"
-        save(b, paths[mode])
+        save(g.b, paths[mode])
     wf.close()
-    return paths
+    return paths, g.exact
 
 
 def calibrate(
@@ -151,27 +150,33 @@ def add_qnn_target(
     work: Path,
     calibration: Path | None = None,
     context_binaries: bool = False,
-    w8: tuple[str, ...] = W8_DEFAULT,
+    w8_extra: tuple[str, ...] = (),
 ) -> Manifest:
-    """Write the qnn graphs of every stage into `work` and return the manifest that lists them."""
+    """Write the qnn graphs of every stage into `work` and return the manifest that lists them.
+    `w8_extra`: weight name patterns (fnmatch, e.g. 'layers.*.v') that get 8 bits besides embed and lm_head."""
+    w8 = W8_DEFAULT + tuple(w8_extra)
     C, P = manifest.context_length, manifest.prefill_length
     check_shapes(C, P)
     windows, calib_info = calibration_windows(ckpt, calibration, C, P)
     tmp = work / ".qnn-tmp"
     tmp.mkdir()
     progress = Progress(2 * manifest.num_stages)
-    stages, w8_names = [], set()
+    stages, w8_names, exact_names = [], set(), set()
     start = time.monotonic()
     try:
         for k, plan in enumerate(manifest.stages):
             layers = range(plan.first_layer, plan.last_layer)
-            graphs = float_graphs(ckpt, manifest, k, tmp)
+            graphs, exact = float_graphs(ckpt, manifest, k, tmp)
+            exact_names |= {n for n in exact if weight_bits(n, w8) == 4}
             feeds, windows = calibrate(manifest, k, graphs, windows)
             progress.step(f"calibrated stage {k + 1}")
-            qpp = quantize_graph(graphs["pp"], tmp / "q.pp.onnx", feeds["pp"], w8)
-            qtg = quantize_graph(graphs["tg"], tmp / "q.tg.onnx", feeds["tg"], w8, activation_encodings(qpp))
-            matrices = [t.name for t in onnx.load(str(graphs["pp"]), load_external_data=False).graph.initializer
-                        if len(t.dims) == 2]
+            qpp = quantize_graph(graphs["pp"], tmp / "q.pp.onnx", feeds["pp"], w8, exact=exact)
+            qtg = quantize_graph(graphs["tg"], tmp / "q.tg.onnx", feeds["tg"], w8, activation_encodings(qpp), exact)
+            matrices = [
+                t.name
+                for t in onnx.load(str(graphs["pp"]), load_external_data=False).graph.initializer
+                if len(t.dims) == 2
+            ]
             w8_names |= {n for n in matrices if weight_bits(n, w8) == 8}
             name = f"stage{k + 1}.qnn"
             files = {"pp": work / f"{name}.pp.onnx", "tg": work / f"{name}.tg.onnx"}
@@ -194,15 +199,19 @@ def add_qnn_target(
             progress.step(f"quantized stage {k + 1}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    layer_groups = {
-        g: {"scheme": "w4a16", "bits": 4, "granularity": "per output channel, symmetric int4"}
-        for g in ("layers.attention", "layers.mlp")
+    layers = {
+        "scheme": "w4a16 (w8a16 where named in w8a16)",
+        "bits": 4,
+        "granularity": f"symmetric int4 in blocks of {BLOCK} input rows with float scales (block-wise DQ)",
+        "kept_from_checkpoint": len(exact_names),
+        "kept_from_checkpoint_note": "GGUF Q4_0/Q4_1 weights keep their codes and block-32 scales; Q4_1 block "
+        "minimums become blocksum(x) @ offsets (int8 per channel)",
     }
     quant = dict(manifest.quantization)
     quant["qnn"] = {
         "activations": f"{ACTIVATIONS}, per tensor, asymmetric, MinMax over the calibration runs",
         "groups": {
-            **layer_groups,
+            "layers": layers,
             "embedding": {"scheme": "w8a16", "bits": 8, "granularity": "per tensor, uint8 (Gather table)"},
             "lm_head": {"scheme": "w8a16", "bits": 8, "granularity": "per output channel, symmetric int8"},
             "norms": {"bits": 16, "granularity": "per tensor, uint16"},

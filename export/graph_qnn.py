@@ -26,6 +26,8 @@ import onnx
 from onnx import helper
 
 from splitllm.export.onnx_writer import GraphBuilder
+from splitllm.export.quantize import NBitsWeight
+from splitllm.export.quantize import _unpack as unpack
 from splitllm.export.reference import as_float
 from splitllm.services.common.manifest import ModelConfig, TensorSpec
 
@@ -62,12 +64,15 @@ def io_specs(
 class QnnStageGraph:
     def __init__(self, b: GraphBuilder, cfg: ModelConfig, context: int, seq: int) -> None:
         self.b, self.cfg, self.context, self.seq = b, cfg, context, seq
+        # weight name -> (int4 codes [K, N], float block scales [K/block, N]) of checkpoint weights that are
+        # already 4-bit (GGUF Q4_0/Q4_1): qnn_quantize keeps them exactly instead of quantizing them again
+        self.exact: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def norm(self, x: str, w: np.ndarray, name: str) -> str:
+    def norm(self, x: str, w: object, name: str) -> str:
         """One RMSNormalization op, not its decomposition: the first position's residual reaches ~25000 in
         SmolLM2 (an attention sink), so a quantized x*x would need a 16-bit range of ~6e8 and round every
         other token's squares to zero. QNN's RmsNorm keeps that inside the op."""
-        w = self.b.weight(name, w.astype(np.float32))
+        w = self.b.weight(name, as_float(w).astype(np.float32))
         return self.b.op("RMSNormalization", [x, w], axis=-1, epsilon=self.cfg.rms_norm_eps)
 
     def rope(self, x: str, cos: str, sin: str) -> str:
@@ -77,15 +82,32 @@ class QnnStageGraph:
         im = b.op("Add", [b.op("Mul", [x2, cos]), b.op("Mul", [x1, sin])])
         return b.op("Concat", [re, im], axis=-1)
 
-    def linear(self, x: str, w: np.ndarray, name: str) -> str:
-        """x @ W.T for a Hugging Face weight W [out, in]; stored as the MatMul operand [in, out]."""
-        return self.b.op("MatMul", [x, self.b.weight(name, np.ascontiguousarray(w.T, np.float32))])
+    def linear(self, x: str, w: object, name: str, scale: float = 1.0) -> str:
+        """x @ W.T * scale for a checkpoint weight W [out, in]; stored as the MatMul operand [in, out].
 
-    def layer(self, i: int, x: str, weight: Callable[[str], np.ndarray]) -> str:
+        A GGUF 4-bit weight (d * (q - 8) per block, Q4_1 plus a per-block offset) stays exact: its codes and
+        scales are recorded for the quantizer, and the offsets become blocksum(x) @ offsets [K/block, N]."""
+        b = self.b
+        if not (isinstance(w, NBitsWeight) and w.bits == 4 and w.zero_points is None):
+            return b.op("MatMul", [x, b.weight(name, np.ascontiguousarray(as_float(w).T * scale, np.float32))])
+        n, k = w.shape
+        codes = (unpack(w.packed, 4).astype(np.int8) - 8).reshape(n, k).T  # [K, N]
+        scales = np.ascontiguousarray(w.scales.T * scale, np.float32)  # [K/block, N]
+        self.exact[name] = (np.ascontiguousarray(codes), scales)
+        dense = (codes.reshape(-1, w.block_size, n) * scales[:, None]).reshape(k, n)
+        y = b.op("MatMul", [x, b.weight(name, dense)])
+        if w.block_offsets is None:
+            return y
+        blocks = b.op("Reshape", [x, b.const([0, 0, k // w.block_size, w.block_size], "blocks")])
+        sums = b.op("ReduceSum", [blocks, b.const([-1], "axis")], keepdims=0)
+        offsets = b.weight(name + ".offsets", np.ascontiguousarray(w.block_offsets * scale, np.float32))
+        return b.op("Add", [y, b.op("MatMul", [sums, offsets])])
+
+    def layer(self, i: int, x: str, weight: Callable[[str], object]) -> str:
         b, c, S, p = self.b, self.cfg, self.seq, f"layers.{i}."
         kv, g, hd = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
         h = self.norm(x, weight(p + "attn_norm"), p + "attn_norm")
-        q = self.linear(h, weight(p + "q") / np.sqrt(hd), p + "q")
+        q = self.linear(h, weight(p + "q"), p + "q", 1 / np.sqrt(hd))
         k, v = self.linear(h, weight(p + "k"), p + "k"), self.linear(h, weight(p + "v"), p + "v")
         heads = lambda t, n, m: b.op(  # noqa: E731  [1, S, n*m*hd] -> [n, m, S, hd]
             "Transpose", [b.op("Reshape", [t, b.const([S, n, m, hd], "shape")])], perm=[1, 2, 0, 3]
@@ -100,20 +122,22 @@ class QnnStageGraph:
         scores = b.op("Add", [b.op("MatMul", [self.rope(heads(q, kv, g), cos, sin), keys]), "attention_mask"])
         attn = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), values])  # [kv, g, S, hd]
         attn = b.op("Reshape", [b.op("Transpose", [attn], perm=[2, 0, 1, 3]), b.const([1, S, -1], "shape")])
-        x = b.op("Add", [x, self.linear(attn, weight(p + "o"), p + "o")])
+        x = b.op("Add", [x, self.linear(attn, weight(p + "o"), p + "o")], outputs=[p + "residual_attn"])
         h = self.norm(x, weight(p + "ffn_norm"), p + "ffn_norm")
         gate, up = self.linear(h, weight(p + "gate"), p + "gate"), self.linear(h, weight(p + "up"), p + "up")
         act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
-        return b.op("Add", [x, self.linear(act, weight(p + "down"), p + "down")])
+        return b.op("Add", [x, self.linear(act, weight(p + "down"), p + "down")], outputs=[p + "residual_mlp"])
 
     def build(
-        self, layers: range, first: bool, last: bool, weight: Callable[[str], np.ndarray]
+        self, layers: range, first: bool, last: bool, weight: Callable[[str], object]
     ) -> tuple[list[TensorSpec], list[TensorSpec]]:
         b, c = self.b, self.cfg
         ins, outs = io_specs(c, layers, self.context, self.seq, first, last)
         for t in ins:
             b.input(t.name, t.dtype, t.shape)
-        x = b.op("Gather", [b.weight("embed", weight("embed")), "input_ids"], axis=0) if first else "hidden_in"
+        x = "hidden_in"
+        if first:
+            x = b.op("Gather", [b.weight("embed", as_float(weight("embed"))), "input_ids"], axis=0)
         for i in layers:
             x = self.layer(i, x, weight)
         if last:
@@ -127,17 +151,9 @@ class QnnStageGraph:
         return ins, outs
 
 
-def float_weights(ckpt: object) -> Callable[[str], np.ndarray]:
-    """Checkpoint tensors as float32 (quantized GGUF tensors dequantized); the embedding doubles as the
-    lm_head of tied models."""
-
-    def weight(name: str) -> np.ndarray:
-        return as_float(ckpt.tensor(name))  # type: ignore[attr-defined]
-
-    return weight
-
-
 def save(b: GraphBuilder, path: Path) -> None:
+    for n in b.nodes:  # named after their first output, so quantization overrides can address nodes
+        n.name = n.name or n.output[0]
     graph = helper.make_graph(b.nodes, b.name, b.inputs, b.outputs, list(b.initializers.values()))
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10, producer_name="splitllm"

@@ -19,7 +19,8 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 W8_DEFAULT = ("embed", "lm_head")  # measured: a 4-bit lm_head alone costs ~1% cosine on the logits
 ACTIVATIONS = "uint16"
-BLOCK = 64  # rows of a 4-bit weight block; 0: per output channel only
+BLOCK = 64  # rows of a 4-bit weight block quantized here (checkpoint 4-bit weights keep their own blocks)
+Exact = dict[str, tuple[np.ndarray, np.ndarray]]  # weight name -> (int4 codes [K, N], block scales [K/b, N])
 
 
 class Feeds:
@@ -49,18 +50,17 @@ def weight_overrides(model: onnx.ModelProto, w8: tuple[str, ...]) -> dict[str, l
             out[t.name] = [{"quant_type": QuantType.QUInt8}]
         elif t.name.endswith("norm"):
             out[t.name] = [{"quant_type": QuantType.QUInt16}]
-        elif len(t.dims) == 2:  # MatMul operands [in, out]: per output channel (4-bit ones become LPBQ later)
-            qt = QuantType.QInt8 if weight_bits(t.name, w8) == 8 else QuantType.QInt4
+        elif len(t.dims) == 2:  # MatMul operands [in, out]: per output channel (4-bit ones go block-wise later)
+            eight = weight_bits(t.name, w8) == 8 or t.name.endswith(".offsets")  # Q4_1 block minimums
+            qt = QuantType.QInt8 if eight else QuantType.QInt4
             out[t.name] = [{"axis": 1, "quant_type": qt, "symmetric": True}]
     return out
 
 
-def lpbq(w: np.ndarray, block: int, steps: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Low-power block quantization of a MatMul operand w [K, N] in blocks of `block` rows along K:
-    int4 codes [K, N] with block scales = integers 1..15 [K/block, N] x a float scale per channel [N]
-    (the largest block of each channel at 15, as the QNN EP's own BQ -> LPBQ conversion derives them).
-    Each block's clipping range is the one of a grid (max |w| shrunk by up to 45%) with the least squared
-    error."""
+def block_quantize(w: np.ndarray, block: int, steps: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 codes [K, N] and float scales [K/block, N] of a MatMul operand w [K, N] in blocks of
+    `block` rows along K; each block's clipping range is the one of a grid (max |w| shrunk by up to 45%) with
+    the least squared error."""
     k, n = w.shape
     blocks = w.reshape(k // block, block, n)
     amax = np.maximum(np.abs(blocks).max(axis=1), 1e-12)  # [K/block, N]
@@ -70,10 +70,8 @@ def lpbq(w: np.ndarray, block: int, steps: int = 16) -> tuple[np.ndarray, np.nda
         err = ((np.clip(np.round(blocks / s[:, None]), -8, 7) * s[:, None] - blocks) ** 2).sum(axis=1)
         better = err < best_err
         best, best_err = np.where(better, s, best), np.where(better, err, best_err)
-    channel = (best.max(axis=0) / 15).astype(np.float32)
-    iscale = np.clip(np.round(best / channel), 1, 15).astype(np.uint8)
-    codes = np.clip(np.round(blocks / (iscale * channel)[:, None]), -8, 7).astype(np.int8).reshape(k, n)
-    return codes, iscale, channel
+    best = best.astype(np.float32)
+    return np.clip(np.round(blocks / best[:, None]), -8, 7).astype(np.int8).reshape(k, n), best
 
 
 def int4_tensor(name: str, codes: np.ndarray) -> TensorProto:
@@ -85,30 +83,30 @@ def int4_tensor(name: str, codes: np.ndarray) -> TensorProto:
     return t
 
 
-def to_blocks(model: onnx.ModelProto, weights: dict[str, np.ndarray], block: int) -> None:
-    """Replace each per-channel int4 weight's DequantizeLinear by a block-wise one (block_size along K) whose
-    float scales are LPBQ-exact (4-bit integers x a per-channel scale), so the QNN EP turns it into LPBQ
-    (enable_block_quant_weight_optimization) without loss. One DQ node, not the two-DQ LPBQ pattern, so a
-    partition boundary (CPU fallback) cannot separate the scales from their weight."""
+def to_blocks(model: onnx.ModelProto, weights: dict[str, np.ndarray], block: int, exact: Exact) -> None:
+    """Replace each per-channel int4 weight's DequantizeLinear by a block-wise one (block_size along K, float
+    scales): the checkpoint's own codes and scales where it had them (`exact`), else block_quantize()."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     drop = set()
     for node in g.node:
         name = node.input[0].removesuffix("_quantized") if node.op_type == "DequantizeLinear" else ""
         t, w = inits.get(node.input[0]), weights.get(name)
-        if t is None or w is None or t.data_type != TensorProto.INT4 or w.shape[0] % block:
+        if t is None or w is None or t.data_type != TensorProto.INT4 or (name not in exact and w.shape[0] % block):
             continue
-        codes, iscale, channel = lpbq(w, block)
+        codes, scales = exact[name] if name in exact else block_quantize(w, block)
         drop.update(node.input)
-        scales = (iscale * channel).astype(np.float32)
-        g.initializer.extend([
-            int4_tensor(name + "_q4", codes),
-            numpy_helper.from_array(scales, name + "_block_scale"),
-            int4_tensor(name + "_q4_zero", np.zeros(scales.shape, np.int8)),
-        ])
+        g.initializer.extend(
+            [
+                int4_tensor(name + "_q4", codes),
+                numpy_helper.from_array(scales, name + "_block_scale"),
+                int4_tensor(name + "_q4_zero", np.zeros(scales.shape, np.int8)),
+            ]
+        )
         node.input[:] = [name + "_q4", name + "_block_scale", name + "_q4_zero"]
         del node.attribute[:]
-        node.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", block)])
+        size = w.shape[0] // scales.shape[0]
+        node.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", size)])
     keep = [t for t in g.initializer if t.name not in drop]
     del g.initializer[:]
     g.initializer.extend(keep)
@@ -152,7 +150,9 @@ def quantize_graph(
     feeds: list[dict[str, np.ndarray]],
     w8: tuple[str, ...],
     encodings: dict[str, list[dict[str, Any]]] | None = None,
+    exact: Exact | None = None,
     block: int = BLOCK,
+    exclude: list[str] | None = None,
 ) -> onnx.ModelProto:
     """QDQ model of the float graph `src` written to `dst` (weights inline; see share_weights)."""
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
@@ -169,12 +169,13 @@ def quantize_graph(
         weight_type=QuantType.QUInt8,
         per_channel=True,
         init_overrides=overrides,
+        nodes_to_exclude=exclude,
     )
     quantize(str(src), str(dst), cfg)
     model = onnx.load(str(dst))
     if block:
         weights = {t.name: numpy_helper.to_array(t) for t in float_model.graph.initializer if len(t.dims) == 2}
-        to_blocks(model, weights, block)
+        to_blocks(model, weights, block, exact or {})
     return model
 
 

@@ -17,8 +17,10 @@ from onnx import TensorProto, helper
 
 from splitllm.export.build import ExportError, export
 from splitllm.export.checkpoint import open_checkpoint
-from splitllm.export.graph_qnn import QnnStageGraph, float_weights, save
+from splitllm.export.graph_qnn import QnnStageGraph, save
 from splitllm.export.onnx_writer import GraphBuilder, WeightsFile
+from splitllm.export.quantize import NBitsWeight
+from splitllm.export.quantize import _pack as pack
 from splitllm.export.reference import ReferenceModel
 from splitllm.services.common.manifest import load_manifest, stage_files
 from splitllm.services.stage.chain import LocalChain
@@ -68,7 +70,8 @@ def artifacts(source, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def context_artifacts(source, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("qnn") / "art-ctx"
-    export(source, out, stages=4, context=C, prefill=P, target="qnn", accuracy_level=0, qnn_context=True)
+    export(source, out, stages=4, context=C, prefill=P, target="qnn", accuracy_level=0, qnn_context=True,
+           qnn_w8=("layers.3.*",))  # stage 4; stage 2 is compared below
     return out
 
 
@@ -114,7 +117,7 @@ def test_float_graph_layout_matches_reference(tmp_path, source):
     """The static layout (past slots, additive mask, new entries only, padded chunks, row-by-row fallback)
     reproduces the numpy reference in float: the runtime logic is right before any quantization."""
     ckpt = open_checkpoint(source)
-    cfg, weight = ckpt.config, float_weights(ckpt)
+    cfg, weight = ckpt.config, ckpt.tensor
     ranges = [(0, 3), (3, 4)]
     stages = []
     for k, (a, b) in enumerate(ranges):
@@ -146,11 +149,58 @@ def test_float_graph_layout_matches_reference(tmp_path, source):
         assert np.abs(got - want[-1]).max() < 1e-4, (start, end)
 
 
+def q4_1(w: np.ndarray) -> NBitsWeight:
+    """A weight as GGUF Q4_1 stores it (blocks of 32: d * q + m), in export/quantize.py's exact form."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // 32, 32)
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    d = (hi - lo) / 15
+    q = np.clip(np.round((blocks - lo[..., None]) / d[..., None]), 0, 15).astype(np.uint8)
+    return NBitsWeight(4, 32, pack(q, 4), d.astype(np.float32), None, np.ascontiguousarray((lo + 8 * d).T))
+
+
+def test_checkpoint_4bit_weights_pass_through_exactly(tmp_path, source):
+    """GGUF 4-bit weights keep their codes, block scales and (Q4_1) block offsets: the QDQ graph stays within
+    the 16-bit activation error of the float graph; quantizing them a second time costs far more."""
+    from splitllm.export.qnn_quantize import quantize_graph, share_weights
+
+    ckpt = open_checkpoint(source)
+    cfg = ckpt.config
+
+    def weight(name: str) -> object:
+        w = ckpt.tensor(name)
+        return q4_1(w) if name.rsplit(".", 1)[-1] in ("q", "k", "v", "o", "gate", "up", "down") else w
+
+    wf = WeightsFile(tmp_path / "f.weights")
+    g = QnnStageGraph(GraphBuilder("pp", wf), cfg, C, P)
+    g.build(range(0, 2), True, False, weight)
+    save(g.b, tmp_path / "f.onnx")
+    wf.close()
+    assert len(g.exact) == 14
+    session = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"])
+    feeds: list[dict] = []
+    graph = QnnGraph(cfg, range(0, 2), C, P, True, False, lambda m, f: feeds.append(f) or session.run(None, f))
+    buffers = {n: np.zeros(s, np.float32) for n, s in graph.kv_shapes.items()}
+    tokens = np.random.default_rng(4).integers(0, 448, 48).astype(np.int32)
+    want = [graph.step(buffers, tokens[i : i + P], i) for i in range(0, 48, P)]
+    got = {}
+    for exact in (g.exact, {}):
+        model = quantize_graph(tmp_path / "f.onnx", tmp_path / "tmp.onnx", feeds, ("embed",), exact=exact)
+        share_weights({tmp_path / "q.onnx": model}, tmp_path / "q.weights")
+        q = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+        got[bool(exact)] = min(cos(q.run(None, f)[0], w) for f, w in zip(feeds, want, strict=True))
+        if exact:  # block offsets (ReduceSum + MatMul) and float block scales run whole on HTP too
+            htp = open_graph(tmp_path / "q.onnx").run(None, feeds[-1])[0]
+            assert cos(htp, q.run(None, feeds[-1])[0]) > 0.9999
+    print(f"\n2 layers, Q4_1 weights vs float: cos {got[True]:.5f} kept exactly, {got[False]:.5f} quantized again")
+    assert got[True] > 0.9995 and 1 - got[False] > 5 * (1 - got[True])
+
+
 def test_export_qnn_manifest(artifacts):
     m, _ = load_manifest(artifacts)  # every checksum
     q = m.quantization["qnn"]
     assert q["groups"]["embedding"]["bits"] == 8 and q["groups"]["lm_head"]["bits"] == 8
-    assert q["groups"]["layers.mlp"]["scheme"] == "w4a16" and q["calibration"]["prompt_runs"] > 0
+    assert q["groups"]["layers"]["bits"] == 4 and q["calibration"]["prompt_runs"] > 0
     assert "lm_head" in q["w8a16"] and "embed" in q["w8a16"]
     for s in m.stages:
         pp, tg = s.graph("qnn", "pp"), s.graph("qnn", "tg")
@@ -192,6 +242,7 @@ def test_htp_matches_qdq_on_cpu_and_cpu_target(artifacts):
 
 def test_context_binaries(artifacts, context_artifacts):
     m, _ = load_manifest(context_artifacts)
+    assert {"layers.3.q", "layers.3.down", "lm_head"} <= set(m.quantization["qnn"]["w8a16"])  # --qnn-w8
     for k, s in enumerate(m.stages):
         for mode in ("pp", "tg"):
             ctx = s.graph("qnn", mode).context

@@ -26,6 +26,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         accuracy_level=a.accuracy_level,
         calibration=a.calibration,
         qnn_context=a.qnn_context,
+        qnn_w8=tuple(x for x in (a.qnn_w8 or "").split(",") if x),
     )
     for s in m.stages:
         print(
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibration", help="qnn: text whose activations set the 16-bit ranges (default: shipped)")
     e.add_argument("--qnn-context", action="store_true",
                    help="qnn: also write EPContext models (QNN context binaries) so stages start without compiling")
+    e.add_argument("--qnn-w8", metavar="PATTERNS",
+                   help="qnn: 8-bit weights also for these, e.g. 'layers.*.v,layers.*.o' (always: embed,lm_head)")
     e.set_defaults(run=cmd_export)
 
     ev = sub.add_parser("eval", help="quality figures of an artifact")

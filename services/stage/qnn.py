@@ -73,7 +73,7 @@ def qnn_session(
     opts = {
         "backend_type": "htp",
         "htp_performance_mode": "burst",
-        "enable_block_quant_weight_optimization": "1",  # block-wise int4 weights run as LPBQ
+        "enable_block_quant_weight_optimization": "0",  # block-wise int4 weights keep their float block scales
         **(target or HTP_TARGET),
         **(ep_options or {}),
     }
