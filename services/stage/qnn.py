@@ -40,8 +40,10 @@ def devices() -> list:
     """The QNN EP devices, registering the onnxruntime-qnn plugin library once per process."""
     devs = [d for d in ort.get_ep_devices() if d.ep_name == EP]
     if not devs:
-        import onnxruntime_qnn
-
+        try:
+            import onnxruntime_qnn
+        except ImportError:
+            raise QnnError("the qnn backend needs onnxruntime-qnn (pip install 'splitllm[qnn]')") from None
         try:
             ort.register_execution_provider_library(EP, onnxruntime_qnn.get_library_path())
         except Exception as e:  # a second registration (another thread, another module) is fine
