@@ -88,8 +88,10 @@ class WeightSource:
     Records what happened to each tensor group for the manifest.
     """
 
-    def __init__(self, ckpt: Checkpoint, layer_bits: int = 4, block_size: int = 32) -> None:
-        self.ckpt, self.layer_bits, self.block_size = ckpt, layer_bits, block_size
+    def __init__(
+        self, ckpt: Checkpoint, layer_bits: int = 4, block_size: int = 32, progress: Progress | None = None
+    ) -> None:
+        self.ckpt, self.layer_bits, self.block_size, self.progress = ckpt, layer_bits, block_size, progress
         self.groups: dict[str, dict] = {}
         self.importance = ActivationStats(ckpt)  # lazy: runs only for float layers to quantize
 
@@ -123,6 +125,8 @@ class WeightSource:
         return w
 
     def __call__(self, name: str) -> object:
+        if self.progress:
+            self.progress.doing(name)
         short = name.rsplit(".", 1)[-1]
         group = GROUPS.get(short, "layers.attention" if short in "qkvo" else "layers.mlp")
         pieces, fresh = [], False
@@ -132,25 +136,38 @@ class WeightSource:
             del chunk  # the float block goes before the next one is read
         w = pieces[0] if len(pieces) == 1 else concat(pieces)
         self._record(group, w, fresh)
+        if self.progress:
+            self.progress.step(name)
         return w
 
 
 class Progress:
+    """One line on stderr, redrawn in place when stderr is a terminal: bar, count, elapsed, current work."""
+
     def __init__(self, total: int) -> None:
         self.total, self.done, self.start = total, 0, time.monotonic()
         self.tty = sys.stderr.isatty()
+        self.prefix = ""
+        self.doing("starting")
+
+    def doing(self, label: str) -> None:
+        """Show what is being worked on now."""
+        if not self.tty:
+            return
+        filled = 30 * self.done // self.total
+        t = time.monotonic() - self.start
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {int(t // 60)}:{t % 60:04.1f} "
+            f"{self.prefix}{label}\x1b[K"  # erase the rest of a longer previous line
+        )
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
 
     def step(self, label: str) -> None:
+        """One more unit done."""
         self.done += 1
-        if self.tty:
-            filled = int(30 * self.done / self.total)
-            bar = "#" * filled + "." * (30 - filled)
-            sys.stderr.write(
-                f"\r[{bar}] {self.done}/{self.total} {label} {time.monotonic() - self.start:5.1f}s"
-            )
-            if self.done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+        self.doing(label)
 
 
 def export(
@@ -219,11 +236,12 @@ def _write(
 ) -> Manifest:
     tok = ckpt.tokenizer()
     (work / "tokenizer.json").write_text(tok.tokenizer_json)
-    weights = WeightSource(ckpt)
-    progress = Progress(cfg.num_layers)
+    progress = Progress(9 * cfg.num_layers + 4)  # every tensor (embed, layers, norm, lm_head), then checksums
+    weights = WeightSource(ckpt, progress=progress)
     plans = []
     for k, (first, last) in enumerate(ranges):
         name = f"stage{k + 1}.cpu"
+        progress.prefix = f"stage {k + 1}/{len(ranges)}: "
         wf = WeightsFile(work / f"{name}.weights")
         b = GraphBuilder(name, wf)
         ins, outs = CpuStageGraph(b, cfg, context, accuracy_level).build(
@@ -232,7 +250,6 @@ def _write(
             has_embedding=k == 0,
             has_lm_head=k == len(ranges) - 1,
             weight=weights,
-            on_layer=lambda k=k: progress.step(f"stage {k + 1}/{len(ranges)}"),
         )
         wf.close()
         b.save(work / f"{name}.onnx")
@@ -254,7 +271,10 @@ def _write(
             )
         )
     kv_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * 4
+    progress.prefix = ""
+    progress.doing("checksums")
     files = {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file()}
+    progress.step("done")
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         model=cfg,
