@@ -170,8 +170,8 @@ def add_qnn_target(
             exact_names |= {n for n in exact if weight_bits(n, w8) == 4}
             feeds, windows = calibrate(manifest, k, graphs, windows)
             progress.step(f"calibrated stage {k + 1}")
-            qpp = quantize_graph(graphs["pp"], tmp / "q.pp.onnx", feeds["pp"], w8, exact=exact)
-            qtg = quantize_graph(graphs["tg"], tmp / "q.tg.onnx", feeds["tg"], w8, activation_encodings(qpp), exact)
+            qpp = quantize_graph(graphs["pp"], feeds["pp"], w8, exact=exact)
+            qtg = quantize_graph(graphs["tg"], feeds["tg"], w8, activation_encodings(qpp), exact)
             matrices = [
                 t.name
                 for t in onnx.load(str(graphs["pp"]), load_external_data=False).graph.initializer

@@ -2,14 +2,16 @@
 
 The prompt graph (S = P) is calibrated on real hidden states; its activation encodings are copied by tensor name
 into the token graph (S = 1), whose own few calibration runs would clip badly, so both graphs agree on every
-encoding, the KV cache's included. Weights are per output channel, symmetric; their quantization depends on
-the weights only, so the two graphs' quantized weights are identical and share_weights() stores them once.
+encoding, the KV cache's included. 4-bit weights are symmetric int4 in blocks along the input dimension with float
+scales (a checkpoint's own 4-bit blocks are kept exactly); 8-bit ones are per output channel. Weight quantization
+depends on the weights only, so both graphs' quantized weights are identical and share_weights() stores them once.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-W8_DEFAULT = ("embed", "lm_head")  # measured: a 4-bit lm_head alone costs ~1% cosine on the logits
+W8_DEFAULT = ("embed", "lm_head")  # a 4-bit lm_head costs ~1% cosine on SmolLM2's logits (scratch/qnn findings)
 ACTIVATIONS = "uint16"
 BLOCK = 64  # rows of a 4-bit weight block quantized here (checkpoint 4-bit weights keep their own blocks)
 Exact = dict[str, tuple[np.ndarray, np.ndarray]]  # weight name -> (int4 codes [K, N], block scales [K/b, N])
@@ -146,15 +148,14 @@ def io_params(model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
 
 def quantize_graph(
     src: Path,
-    dst: Path,
     feeds: list[dict[str, np.ndarray]],
     w8: tuple[str, ...],
     encodings: dict[str, list[dict[str, Any]]] | None = None,
     exact: Exact | None = None,
     block: int = BLOCK,
-    exclude: list[str] | None = None,
 ) -> onnx.ModelProto:
-    """QDQ model of the float graph `src` written to `dst` (weights inline; see share_weights)."""
+    """The QDQ model of the float graph `src`, in memory (share_weights writes it). `encodings` fix activation
+    scales and zero points by tensor name; `block` 0 leaves 4-bit weights per output channel."""
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
@@ -169,10 +170,10 @@ def quantize_graph(
         weight_type=QuantType.QUInt8,
         per_channel=True,
         init_overrides=overrides,
-        nodes_to_exclude=exclude,
     )
-    quantize(str(src), str(dst), cfg)
-    model = onnx.load(str(dst))
+    with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
+        quantize(str(src), f"{tmp}/q.onnx", cfg)
+        model = onnx.load(f"{tmp}/q.onnx")
     if block:
         weights = {t.name: numpy_helper.to_array(t) for t in float_model.graph.initializer if len(t.dims) == 2}
         to_blocks(model, weights, block, exact or {})

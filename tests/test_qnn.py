@@ -185,7 +185,7 @@ def test_checkpoint_4bit_weights_pass_through_exactly(tmp_path, source):
     want = [graph.step(buffers, tokens[i : i + P], i) for i in range(0, 48, P)]
     got = {}
     for exact in (g.exact, {}):
-        model = quantize_graph(tmp_path / "f.onnx", tmp_path / "tmp.onnx", feeds, ("embed",), exact=exact)
+        model = quantize_graph(tmp_path / "f.onnx", feeds, ("embed",), exact=exact)
         share_weights({tmp_path / "q.onnx": model}, tmp_path / "q.weights")
         q = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
         got[bool(exact)] = min(cos(q.run(None, f)[0], w) for f, w in zip(feeds, want, strict=True))
