@@ -21,7 +21,10 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    # Clients keep idle streams alive with a ping every 10 s; the server default (one ping per 5 min,
+    # two strikes) would answer GOAWAY "too_many_pings" and cut live Results and data streams.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 

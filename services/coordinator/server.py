@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from splitllm.protos import coordinator_pb2 as pb
 from splitllm.protos import coordinator_pb2_grpc as pb_grpc
 from splitllm.services.common.errors import ServiceError
+from splitllm.services.common.grpc_util import SERVER_OPTIONS
 from splitllm.services.coordinator.engine import Engine
 
 log = logging.getLogger("splitllm.coordinator")
@@ -76,7 +77,8 @@ def serve_coordinator(engine: Engine, listen: str, max_workers: int) -> Coordina
     max_workers bounds concurrent RPCs: keep it above the engine's max_concurrent so queued Generate
     calls, Tokenize and ModelInfo still get a thread.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix="coordinator"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix="coordinator"),
+                         options=SERVER_OPTIONS)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(engine), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
