@@ -57,26 +57,32 @@ def check_shapes(context: int, prefill: int) -> None:
 def calibration_windows(
     ckpt: Checkpoint, text: Path | None, context: int, prefill: int
 ) -> tuple[list[list[Step]], dict]:
-    """The calibration text as windows of full prompt chunks, each followed by TOKEN_RUNS single tokens."""
+    """The calibration text as windows of full prompt chunks, each followed by TOKEN_RUNS single tokens, in two
+    passes: windows starting with the BOS token, as served (chat) prompts do, then plain text.
+
+    The first position carries the model's largest activations (SmolLM2: ~25000 in the residual, depending on
+    the token), and ranges calibrated on another first token clip them: BOS-started windows alone took a 13-layer
+    SmolLM2 stage from 0.9939 to 0.9985 cosine on a chat prompt."""
     path = Path(text) if text else CALIBRATION_TEXT
     if not path.is_file():
         raise ExportError(f"--calibration {path}: no such file")
     bundle = ckpt.tokenizer()
     ids = Tokenizer.from_str(bundle.tokenizer_json).encode(path.read_text(), add_special_tokens=False).ids
-    bos = [bundle.bos_token_id] if bundle.add_bos else []
     chunks = (context - TOKEN_RUNS) // prefill  # per window
     windows: list[list[Step]] = []
-    runs, start = 0, 0
-    while runs < MAX_PROMPT_RUNS:
-        w = bos + ids[start : start + chunks * prefill + TOKEN_RUNS - len(bos)]
-        n = min((len(w) - TOKEN_RUNS) // prefill, MAX_PROMPT_RUNS - runs)
-        if n < 1:
-            break
-        steps = [(p, np.asarray(w[p : p + prefill], np.int32)) for p in range(0, n * prefill, prefill)]
-        steps += [(p, np.asarray(w[p : p + 1], np.int32)) for p in range(n * prefill, n * prefill + TOKEN_RUNS)]
-        windows.append(steps)
-        runs += n
-        start += n * prefill + TOKEN_RUNS - len(bos)
+    runs = 0
+    for bos in ([bundle.bos_token_id], []):  # two passes over the text: served prompts, and plain text
+        start = 0
+        while runs < MAX_PROMPT_RUNS:
+            w = bos + ids[start : start + chunks * prefill + TOKEN_RUNS - len(bos)]
+            n = min((len(w) - TOKEN_RUNS) // prefill, MAX_PROMPT_RUNS - runs)
+            if n < 1:
+                break
+            steps = [(p, np.asarray(w[p : p + prefill], np.int32)) for p in range(0, n * prefill, prefill)]
+            steps += [(p, np.asarray(w[p : p + 1], np.int32)) for p in range(n * prefill, n * prefill + TOKEN_RUNS)]
+            windows.append(steps)
+            runs += n
+            start += n * prefill + TOKEN_RUNS - len(bos)
     if not windows:
         raise ExportError(
             f"--calibration {path} has {len(ids)} tokens; the qnn target needs at least {prefill + TOKEN_RUNS}"
