@@ -1,10 +1,12 @@
 """The CPU stage graph: a slice of decoder layers with ONNX Runtime contrib operators.
 
 One graph serves prompt processing and token generation (the sequence length is dynamic), so a
-stage holds one copy of its weights. Per layer:
+stage holds one copy of its weights. Activations are 2-D [S, H] inside the graph (Gemm wants 2-D, and
+every node counts: a decode step is ~25 nodes per layer at a few microseconds each). Per layer:
 
     h, x = SkipSimplifiedLayerNorm(delta, x)          residual add fused into the norm
-    qkv  = MatMulNBits(h, Wqkv) [+ blocksum(h) @ Oqkv] fused Q/K/V, exact Q4_1 minimum term
+    qkv  = MatMulNBits(h, Wqkv)                        fused Q/K/V; for GGUF Q4_1 also the block sums of h
+           [Gemm(blocksum(h), Oqkv, qkv)]              the exact Q4_1 minimum term
     a    = GroupQueryAttention(qkv, past KV, rotary)   KV written in place (past and present share a buffer)
     ...  o projection, SwiGLU MLP with fused gate/up
 
@@ -16,12 +18,13 @@ stage); present_key.{i}/present_value.{i} (the same buffers as past when bound i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 
 from splitllm.export.onnx_writer import GraphBuilder
-from splitllm.export.quantize import NBitsWeight, RowQuantized, concat_rows
+from splitllm.export.quantize import NBitsWeight, RowQuantized, block_sum_rows, concat, concat_rows
 from splitllm.services.common.manifest import ModelConfig, TensorSpec
 from splitllm.services.common.rope import cos_sin
 
@@ -31,12 +34,15 @@ MS = "com.microsoft"
 class CpuStageGraph:
     def __init__(self, b: GraphBuilder, cfg: ModelConfig, context: int, accuracy_level: int) -> None:
         self.b, self.cfg, self.context, self.accuracy_level = b, cfg, context, accuracy_level
-        self.blocksums: dict[tuple[str, int], str] = {}
         self.dims = {"S": "sequence"}
 
     def linear(self, x: str, w: NBitsWeight, name: str) -> str:
         b = self.b
-        n, k = w.scales.shape[0], w.scales.shape[1] * w.block_size
+        n, k = w.shape
+        blocks = k // w.block_size
+        offsets = w.block_offsets
+        if offsets is not None:  # the same op also sums x over each block: extra output rows of ones
+            w = concat([dataclasses.replace(w, block_offsets=None), block_sum_rows(k, w.block_size)])
         inputs = [x, b.weight(name + ".qweight", w.packed), b.weight(name + ".scales", w.scales.reshape(-1))]
         if w.zero_points is not None:
             inputs.append(b.weight(name + ".zero_points", w.zero_points.reshape(-1)))
@@ -45,19 +51,15 @@ class CpuStageGraph:
             inputs,
             domain=MS,
             K=k,
-            N=n,
+            N=w.shape[0],
             bits=w.bits,
             block_size=w.block_size,
             accuracy_level=self.accuracy_level,
         )
-        if w.block_offsets is None:
+        if offsets is None:
             return y
-        key = (x, w.block_size)
-        if key not in self.blocksums:  # sums of x over each quantization block, shared by fused users
-            blocks = b.op("Reshape", [x, b.const([0, 0, k // w.block_size, w.block_size], "blocks")])
-            self.blocksums[key] = b.op("ReduceSum", [blocks, b.const([-1], "axis")], keepdims=0)
-        offset = b.op("MatMul", [self.blocksums[key], b.weight(name + ".block_offsets", w.block_offsets)])
-        return b.op("Add", [y, offset])
+        y, sums = b.op("Split", [y, b.const([n, blocks], "split")], n_out=2, axis=-1)
+        return b.op("Gemm", [sums, b.weight(name + ".block_offsets", offsets), y])
 
     def embedding(self, ids: str, e: RowQuantized) -> str:
         b = self.b
@@ -71,7 +73,7 @@ class CpuStageGraph:
             "Unsqueeze", [b.op("Gather", [b.weight("embed.scales", e.scales), ids]), b.const([-1], "axis")]
         )
         x = b.op("Mul", [blocks, scale])
-        return b.op("Reshape", [x, b.const([0, 0, self.cfg.hidden_size], "hidden")])
+        return b.op("Reshape", [x, b.const([-1, self.cfg.hidden_size], "hidden")])
 
     def norm(self, x: str, w: np.ndarray, name: str) -> str:
         return self.b.op(
@@ -114,11 +116,11 @@ class CpuStageGraph:
         )
         q, k, v = (weight(p + t) for t in "qkv")
         qkv = concat_rows([q, k, v])
+        batch = lambda t: b.op("Unsqueeze", [t, b.const([0], "axis")])  # noqa: E731  [S, n] -> [1, S, n]
         if qkv is not None:
-            packed = self.linear(h, qkv, p + "qkv")
-            gqa_in = [packed, "", ""]
+            gqa_in = [batch(self.linear(h, qkv, p + "qkv")), "", ""]
         else:
-            gqa_in = [self.linear(h, q, p + "q"), self.linear(h, k, p + "k"), self.linear(h, v, p + "v")]
+            gqa_in = [batch(self.linear(h, w, p + t)) for w, t in ((q, "q"), (k, "k"), (v, "v"))]
         attn = b.fresh("attn")
         b.op(
             "GroupQueryAttention",
@@ -130,6 +132,7 @@ class CpuStageGraph:
             do_rotary=1,
             rotary_interleaved=0,
         )
+        attn = b.op("Reshape", [attn, b.const([-1, c.num_heads * c.head_dim], "tokens")])
         o = self.linear(attn, weight(p + "o"), p + "o")
         h, x = self.skip_norm(o, x, weight(p + "ffn_norm"), p + "ffn_norm")
         gate_w, up_w = weight(p + "gate"), weight(p + "up")
@@ -172,7 +175,11 @@ class CpuStageGraph:
             ]
         for t in ins:
             b.input(t.name, t.dtype, t.shape)
-        x = self.embedding("input_ids", weight("embed")) if has_embedding else "hidden_in"
+        x = (
+            self.embedding("input_ids", weight("embed"))
+            if has_embedding
+            else b.op("Reshape", ["hidden_in", b.const([-1, H], "tokens")])
+        )
         cos, sin = cos_sin(c, C)
         rope = (b.weight("rope.cos", cos), b.weight("rope.sin", sin))
         delta = None
@@ -181,15 +188,13 @@ class CpuStageGraph:
             on_layer()
         x = b.op("Add", [x, delta])  # every stage holds at least one layer
         if has_lm_head:  # logits of the last row only: slice before the final norm and lm_head
-            x = b.op("Slice", [x, b.const([-1], "start"), b.const([2**62], "end"), b.const([1], "axis")])
+            x = b.op("Slice", [x, b.const([-1], "start"), b.const([2**62], "end"), b.const([0], "axis")])
             y = self.linear(self.norm(x, weight("norm"), "norm"), weight("lm_head"), "lm_head")
             out = TensorSpec("logits", "float32", [1, c.vocab_size])
-            b.output(
-                b.op("Reshape", [y, b.const([1, c.vocab_size], "shape")]), out.name, out.dtype, out.shape
-            )
+            b.output(y, out.name, out.dtype, out.shape)
         else:
             out = TensorSpec("hidden_out", "float32", [1, S, H])
-            b.output(x, out.name, out.dtype, out.shape)
+            b.output(b.op("Reshape", [x, b.const([1, -1, H], "shape")]), out.name, out.dtype, out.shape)
         outs = [out]
         for i in range(first, last):
             for kind in ("key", "value"):

@@ -113,6 +113,15 @@ def concat(ws: list) -> np.ndarray | NBitsWeight | RowQuantized:
     return dataclasses.replace(first, **fields)
 
 
+def block_sum_rows(k: int, block_size: int) -> NBitsWeight:
+    """K/block rows whose product with x is the sum of x over each block (row b: ones in block b), exactly:
+    appended to a Q4_1 weight, the same MatMulNBits yields the block sums that its offsets multiply."""
+    blocks = k // block_size
+    codes = np.full((blocks, blocks, block_size), 8, np.uint8)  # 8: the op's default zero point, value 0
+    codes[np.arange(blocks), np.arange(blocks)] = 9  # value 1
+    return NBitsWeight(4, block_size, _pack(codes, 4), np.ones((blocks, blocks), np.float32))
+
+
 def concat_rows(ws: list[NBitsWeight]) -> NBitsWeight | None:
     """Stack weights along N (fused QKV, gate/up); None when their formats differ."""
     first = ws[0]
