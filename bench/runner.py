@@ -25,7 +25,8 @@ def main() -> int:
     ap.add_argument("--artifacts", required=True)
     ap.add_argument("--gguf", default="")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
-    ap.add_argument("--spin", action="store_true", help="llama.cpp threads spin at barriers (its stock setting)")
+    ap.add_argument("--spin", action="store_true",
+                    help="threads spin: llama.cpp at barriers (its stock setting), stages within a step")
     a = ap.parse_args()
     # The protocol keeps the real stdout; anything else printed here or by the pipeline's processes
     # (which inherit fd 1) goes to stderr.

@@ -135,12 +135,12 @@ def ensure_artifacts(artifacts: str) -> str:
 
 
 def oversubscribed(loads: list[float]) -> str | None:
-    """With --llamacpp-spin: a busy machine makes llama.cpp's spinning threads collapse."""
+    """With --spin: a busy machine makes spinning threads collapse (llama.cpp's at every barrier)."""
     cores = os.cpu_count() or 1
     if max(loads) <= cores:
         return None
-    return (f"the load average reached {max(loads):.1f} on {cores} cores: llama.cpp's threads spin at every "
-            "barrier and then run 10-20x slower, so ratios to llama.cpp overstate splitllm (drop --llamacpp-spin)")
+    return (f"the load average reached {max(loads):.1f} on {cores} cores: spinning threads then run several "
+            "times slower, llama.cpp's (at every barrier) more than the stages' (within a step); drop --spin")
 
 
 def skip_llamacpp(gguf: str) -> str | None:
@@ -150,7 +150,7 @@ def skip_llamacpp(gguf: str) -> str | None:
 
 
 def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str = "",
-        runtimes: tuple[str, ...] = tuple(report.RUNTIMES), llamacpp_threads: int = 2, llamacpp_spin: bool = False,
+        runtimes: tuple[str, ...] = tuple(report.RUNTIMES), llamacpp_threads: int = 2, spin: bool = False,
         out_dir: str | Path | None = None) -> int:
     from splitllm.services.common.manifest import load_manifest
     from splitllm.services.coordinator.text import TextCodec
@@ -174,13 +174,13 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         runtimes.remove("llamacpp")
     print(f"splitllm bench{' --quick' if quick else ''}: {', '.join(runtimes)}; 1 warm-up + {plan.reps} "
           f"repetitions; expect about {plan.expected_minutes:.0f} min (longer when the machine is busy)", flush=True)
-    if llamacpp_spin and (warning := oversubscribed(loads)):
+    if spin and (warning := oversubscribed(loads)):
         print(f"warning: {warning}", flush=True)
 
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = ["--artifacts", artifacts, "--gguf", gguf, "--threads", str(llamacpp_threads)]
-    args += ["--spin"] if llamacpp_spin else []
+    args += ["--spin"] if spin else []
     children = {r: Child(r, out_dir / f"{r}.log", *args) for r in runtimes}
     samples: dict[str, dict[str, list]] = {r: {} for r in runtimes}
     results: dict[str, dict] = {r: {} for r in runtimes}
@@ -211,8 +211,10 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         for c in children.values():
             c.close()
 
+    notes.append("stages: 2 ONNX Runtime threads that spin within a step, chain likewise" if spin else
+                 "stages: 1 ONNX Runtime thread each (splitllm serve's default); chain: 2 threads that sleep")
     if "llamacpp" in runtimes:
-        wait = "spin (stock)" if llamacpp_spin else "sleep (OMP_WAIT_POLICY=PASSIVE, as the stages' threads)"
+        wait = "spin (stock)" if spin else "sleep (OMP_WAIT_POLICY=PASSIVE, as the stages' threads)"
         notes.append(f"llama.cpp: {llamacpp_threads} threads that {wait} at barriers, n_batch 512; "
                      "concurrent streams run one after another in its one context")
         for r in [r for r in runtimes if r != "llamacpp"]:
@@ -228,11 +230,11 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
               f"perplexity over {len(ppl_tokens) // 512} x 512-token windows; the pipeline runs the chain's graphs, "
               "one figure serves both",
               f"load average {min(loads):.1f} to {max(loads):.1f} during the run ({os.cpu_count()} cores)"]
-    if llamacpp_spin and (warning := oversubscribed(loads)):
+    if spin and (warning := oversubscribed(loads)):
         notes.append(warning)
     targets = report.evaluate(results)
     doc = {"plan": asdict(plan), "artifacts": artifacts, "gguf": gguf, "llamacpp_threads": llamacpp_threads,
-           "llamacpp_spin": llamacpp_spin, "load_average": loads, "runtimes": results, "targets": targets,
+           "spin": spin, "load_average": loads, "runtimes": results, "targets": targets,
            "notes": notes, "seconds": time.monotonic() - t_start}
     (out_dir / "bench.json").write_text(json.dumps(doc, indent=1))
     print("\n" + report.render(results, targets, notes))

@@ -57,10 +57,12 @@ class Pipeline:
 
     def __init__(self, artifacts: str | Path, base_port: int = STAGE_PORT, coordinator_port: int = COORDINATOR_PORT,
                  metrics_base: int | None = COORDINATOR_METRICS, kv_capacity: int = 16, backend: str = "cpu",
-                 stage_threads: int | None = None, extra_coordinator_args: list[str] | None = None) -> None:
+                 stage_threads: int | None = None, stage_spin: bool = False,
+                 extra_coordinator_args: list[str] | None = None) -> None:
         self.artifacts = str(artifacts)
         self.base_port, self.coordinator_port, self.metrics_base = base_port, coordinator_port, metrics_base
-        self.kv_capacity, self.backend, self.stage_threads = kv_capacity, backend, stage_threads
+        self.kv_capacity, self.backend = kv_capacity, backend
+        self.stage_threads, self.stage_spin = stage_threads, stage_spin
         self.extra = extra_coordinator_args or []
         self.services: list[Service] = []
 
@@ -85,6 +87,8 @@ class Pipeline:
             args += ["--metrics-port", str(self.metrics_port(k + 1))]
         if self.stage_threads:
             args += ["--threads", str(self.stage_threads)]
+        if self.stage_spin:
+            args.append("--spin")
         return Service(f"stage {k + 1}", addr, self.metrics_port(k + 1), subprocess.Popen(cli(*args)))
 
     def restart_stage(self, k: int, timeout: float = 60.0) -> None:

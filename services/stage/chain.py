@@ -15,11 +15,16 @@ _ids = itertools.count()
 
 class LocalChain:
     def __init__(
-        self, artifacts: str | Path, backend: str = "cpu", kv_capacity: int = 4, threads: int | None = None
+        self,
+        artifacts: str | Path,
+        backend: str = "cpu",
+        kv_capacity: int = 4,
+        threads: int | None = None,
+        spin: bool = False,
     ) -> None:
-        first = StageRuntime(artifacts, 0, backend, kv_capacity, threads)
+        first = StageRuntime(artifacts, 0, backend, kv_capacity, threads, spin=spin)
         self.stages = [first] + [
-            StageRuntime(artifacts, k, backend, kv_capacity, threads)
+            StageRuntime(artifacts, k, backend, kv_capacity, threads, spin=spin)
             for k in range(1, first.manifest.num_stages)
         ]
         self.manifest = first.manifest

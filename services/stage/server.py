@@ -266,7 +266,7 @@ def serve_stage(servicer: StageServicer, listen: str, health_servicer: health.He
 
 def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capacity: int = 16,
         metrics_port: int | None = None, ttl: float = 600.0, threads: int | None = None,
-        allow_cpu_fallback: bool = False) -> None:
+        allow_cpu_fallback: bool = False, spin: bool = False) -> None:
     """The `splitllm stage` process: serve (NOT_SERVING while loading), load, serve until SIGTERM/SIGINT."""
     import signal
 
@@ -283,7 +283,8 @@ def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capaci
     registry = CollectorRegistry()
     metrics = StageMetrics(registry, stage=stage, replica=listen)
     http = serve_metrics(registry, metrics_port, listen_host(listen)) if metrics_port is not None else None
-    runtime = StageRuntime(artifacts, stage, backend, kv_capacity, threads, allow_cpu_fallback=allow_cpu_fallback)
+    runtime = StageRuntime(artifacts, stage, backend, kv_capacity, threads, allow_cpu_fallback=allow_cpu_fallback,
+                           spin=spin)
     set_build_info(registry, __version__, runtime.manifest_sha256, backend, stage)
     servicer.metrics, servicer.runtime = metrics, runtime
     servicer._kv_gauges()
