@@ -13,7 +13,8 @@ outputs:
     past_key_{i}_out [kv, 1, head_dim, S], past_value_{i}_out [kv, 1, S, head_dim]   the new entries only
 
 Attention is grouped-query as one broadcast MatMul per layer ([kv, group, S, hd] x [kv, 1, hd, C]), which the
-HTP backend takes whole; RMSNorm is one op; 1/sqrt(head_dim) is folded into Wq.
+HTP backend takes whole; RMSNorm is one op; 1/sqrt(head_dim) is folded into Wq. The last stage normalizes every
+row and picks the last valid one after the final norm (its encoding then sees every calibration row).
 """
 
 from __future__ import annotations
@@ -67,12 +68,13 @@ class QnnStageGraph:
         # already 4-bit (GGUF Q4_0/Q4_1): qnn_quantize keeps them exactly instead of quantizing them again
         self.exact: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def norm(self, x: str, w: object, name: str) -> str:
+    def norm(self, x: str, w: object, name: str, out: str | None = None) -> str:
         """One RMSNormalization op, not its decomposition: the first position's residual reaches ~25000 in
-        SmolLM2 (an attention sink), so a quantized x*x would need a 16-bit range of ~6e8 and round every
-        other token's squares to zero. QNN's RmsNorm keeps that inside the op."""
+        SmolLM2 (an attention sink), so x*x would need a range of ~6e8 and round every other token's squares
+        to zero. QNN's RmsNorm keeps that inside the op (float, with the residual stream: qnn_quantize)."""
         w = self.b.weight(name, as_float(w).astype(np.float32))
-        return self.b.op("RMSNormalization", [x, w], axis=-1, epsilon=self.cfg.rms_norm_eps)
+        outs = [out] if out else None
+        return self.b.op("RMSNormalization", [x, w], outputs=outs, axis=-1, epsilon=self.cfg.rms_norm_eps)
 
     def rope(self, x: str, cos: str, sin: str) -> str:
         b, half = self.b, self.cfg.head_dim // 2
@@ -81,26 +83,28 @@ class QnnStageGraph:
         im = b.op("Add", [b.op("Mul", [x2, cos]), b.op("Mul", [x1, sin])])
         return b.op("Concat", [re, im], axis=-1)
 
-    def linear(self, x: str, w: object, name: str, scale: float = 1.0) -> str:
+    def linear(self, x: str, w: object, name: str, scale: float = 1.0, out: str | None = None) -> str:
         """x @ W.T * scale for a checkpoint weight W [out, in]; stored as the MatMul operand [in, out].
 
         A GGUF 4-bit weight (d * (q - 8) per block, Q4_1 plus a per-block offset) stays exact: its codes and
-        scales are recorded for the quantizer, and the offsets become blocksum(x) @ offsets [K/block, N]."""
-        b = self.b
+        scales are recorded for the quantizer, and the offsets become blocksum(x) @ offsets [K/block, N].
+        `out` names the result."""
+        b, outs = self.b, [out] if out else None
         if not (isinstance(w, NBitsWeight) and w.bits == 4 and w.zero_points is None):
-            return b.op("MatMul", [x, b.weight(name, np.ascontiguousarray(as_float(w).T * scale, np.float32))])
+            weight = b.weight(name, np.ascontiguousarray(as_float(w).T * scale, np.float32))
+            return b.op("MatMul", [x, weight], outputs=outs)
         n, k = w.shape
         codes = (unpack(w.packed, 4).astype(np.int8) - 8).reshape(n, k).T  # [K, N]
         scales = np.ascontiguousarray(w.scales.T * scale, np.float32)  # [K/block, N]
         self.exact[name] = (np.ascontiguousarray(codes), scales)
         dense = (codes.reshape(-1, w.block_size, n) * scales[:, None]).reshape(k, n)
-        y = b.op("MatMul", [x, b.weight(name, dense)])
         if w.block_offsets is None:
-            return y
+            return b.op("MatMul", [x, b.weight(name, dense)], outputs=outs)
+        y = b.op("MatMul", [x, b.weight(name, dense)])
         blocks = b.op("Reshape", [x, b.const([0, 0, k // w.block_size, w.block_size], "blocks")])
         sums = b.op("ReduceSum", [blocks, b.const([-1], "axis")], keepdims=0)
         offsets = b.weight(name + ".offsets", np.ascontiguousarray(w.block_offsets * scale, np.float32))
-        return b.op("Add", [y, b.op("MatMul", [sums, offsets])])
+        return b.op("Add", [y, b.op("MatMul", [sums, offsets])], outputs=outs)
 
     def layer(self, i: int, x: str, weight: Callable[[str], object]) -> str:
         b, c, S, p = self.b, self.cfg, self.seq, f"layers.{i}."
@@ -140,9 +144,16 @@ class QnnStageGraph:
         for i in layers:
             x = self.layer(i, x, weight)
         if last:
+            # the final norm runs on every row and the last valid one is picked after it, so lm_head's input
+            # encoding is calibrated on every row of the calibration runs. Picked before the norm, one row per run
+            # set the ranges and clipped SmolLM2's outlier channels (a last row's -404 to -275, a norm output's 40.6
+            # to 31.6, and to 13.4 in the token graph, whose generated names differed so it calibrated its own few
+            # runs): QDQ greedy text left llama.cpp's after 4-6 tokens, perplexity 16.4 (cpu target 13.2).
+            # Named tensors: the token graph (no Gather) copies their encodings.
+            x = self.norm(x, weight("norm"), "norm", out="final_norm")
             if self.seq > 1:
-                x = b.op("Gather", [x, "last_index"], axis=1)  # [1, 1, H]: the last valid row
-            y = self.linear(self.norm(x, weight("norm"), "norm"), weight("lm_head"), "lm_head")
+                x = b.op("Gather", [x, "last_index"], axis=1, outputs=["last_row"])  # [1, 1, H]
+            y = self.linear(x, weight("lm_head"), "lm_head", out="lm_head_out")
             x = b.op("Reshape", [y, b.const([1, c.vocab_size], "shape")])
         b.output(x, outs[0].name, outs[0].dtype, outs[0].shape)
         for t in outs[1:]:

@@ -208,15 +208,58 @@ def test_export_qnn_manifest(artifacts):
         assert pp.weights == tg.weights and pp.file != tg.file and (pp.max_tokens, tg.max_tokens) == (P, 1)
         for g, seq in ((pp, P), (tg, 1)):
             floats = [t.name for t in g.inputs + g.outputs if t.dtype == "float32"]
-            assert sorted(g.quant_params) == sorted(floats)  # every float graph input and output
+            # every float graph input and output but the residual stream's, which stays float on HTP (fp16)
+            assert sorted(g.quant_params) == sorted(set(floats) - {"hidden_in", "hidden_out"})
             assert all(v["dtype"] == "uint16" for v in g.quant_params.values())
             key = next(t for t in g.inputs if t.name.startswith("past_key"))
             assert key.shape == [m.model.num_kv_heads, 1, m.model.head_dim, C - seq]
         # pp and tg use the same encodings for every I/O they share (KV cache included)
         shared = set(pp.quant_params) & set(tg.quant_params)
         assert len(shared) >= 5 and all(pp.quant_params[n] == tg.quant_params[n] for n in shared)
+    assert q["groups"]["residual_stream"]["float_io"] == ["hidden_in", "hidden_out"]
     assert m.stages[-1].graph("qnn", "pp").inputs[-1].name == "last_index"
     assert m.stages[-1].graph("qnn", "pp").outputs[0].shape == [1, m.model.vocab_size]
+
+
+def encodings(path: Path) -> dict[str, tuple[float, int]]:
+    """(scale, zero point) of every quantized activation of a QDQ graph."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    return {
+        n.input[0]: (float(numpy_helper.to_array(inits[n.input[1]])), int(numpy_helper.to_array(inits[n.input[2]])))
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits
+    }
+
+
+def test_residual_stream_stays_float(artifacts):
+    """The residual Adds and the RMSNorms run in float: no QuantizeLinear reads the stream, the norms' weights
+    are float; every MatMul still reads quantized (dequantized) operands. The last stage's final norm runs on every
+    row and the prompt graph picks the last row after it: lm_head's input encoding is calibrated on every row, one
+    encoding in both graphs."""
+    m, _ = load_manifest(artifacts, verify=[])
+    for s in m.stages:
+        model = onnx.load(str(artifacts / s.graph("qnn", "pp").file), load_external_data=False)
+        nodes = model.graph.node
+        stream = {"hidden_in"} | {n.output[0] for n in nodes if ".residual_" in n.output[0]}
+        assert len(stream) == 1 + 2 * (s.last_layer - s.first_layer)
+        assert not [n.name for n in nodes if n.op_type == "QuantizeLinear" and n.input[0] in stream]
+        norms = [n for n in nodes if n.op_type == "RMSNormalization"]
+        embedded = [n.input[0] for n in norms if n.input[0] not in stream]  # stage 1: the (dequantized) embedding
+        assert len(embedded) == s.has_embedding and all(e.startswith("gather_") for e in embedded)
+        assert norms and all(n.input[1].endswith("norm") for n in norms)  # float weights, no DequantizeLinear
+        producers = {o: n.op_type for n in nodes for o in n.output}
+        assert all(producers.get(i) == "DequantizeLinear" for n in nodes if n.op_type == "MatMul" for i in n.input)
+    last = m.stages[-1]
+    gather = next(n for n in nodes if n.op_type == "Gather")
+    assert list(gather.input) == ["final_norm", "last_index"]  # float (fp16 on HTP): a uint16 one fails there
+    pp, tg = (encodings(artifacts / last.graph("qnn", mode).file) for mode in ("pp", "tg"))
+    assert pp["last_row"] == tg["final_norm"] and pp["lm_head_out"] == tg["lm_head_out"]
+    for s in m.stages:  # the token graph takes every encoding it shares with the prompt graph
+        pp, tg = (encodings(artifacts / s.graph("qnn", mode).file) for mode in ("pp", "tg"))
+        assert all(pp[t] == tg[t] for t in set(pp) & set(tg)), s.first_layer
 
 
 def test_export_qnn_needs_context_multiple_of_prefill(tmp_path, source):

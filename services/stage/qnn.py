@@ -76,6 +76,9 @@ def qnn_session(
         "backend_type": "htp",
         "htp_performance_mode": "burst",
         "enable_block_quant_weight_optimization": "0",  # block-wise int4 weights keep their float block scales
+        # the float residual stream (Adds, RMSNorms, hidden_in/hidden_out) runs in fp16; the simulator computes
+        # fp16 with "0" as well, but the QNN EP's documented defaults differ between versions
+        "enable_htp_fp16_precision": "1",
         **(target or HTP_TARGET),
         **(ep_options or {}),
     }
