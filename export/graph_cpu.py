@@ -2,7 +2,7 @@
 
 One graph serves prompt processing and token generation (the sequence length is dynamic), so a
 stage holds one copy of its weights. Activations are 2-D [S, H] inside the graph (Gemm wants 2-D, and
-every node counts: a decode step is ~25 nodes per layer at a few microseconds each). Per layer:
+every node counts: a decode step runs ~20 nodes per layer at a few microseconds each). Per layer:
 
     h, x = SkipSimplifiedLayerNorm(delta, x)          residual add fused into the norm
     qkv  = MatMulNBits(h, Wqkv)                        fused Q/K/V; for GGUF Q4_1 also the block sums of h
