@@ -13,6 +13,7 @@ import numpy as np
 
 from splitllm.services.common.errors import invalid
 from splitllm.services.common.manifest import Manifest
+from splitllm.services.common.topk import top_k
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,7 @@ class Pipeline(Protocol):
 
 
 def top_k_logits(logits: np.ndarray, k: int) -> Logits:
-    if k <= 0 or k >= logits.shape[-1]:
-        return Logits(logits)
-    ids = np.argpartition(logits, -k)[-k:]
-    return Logits(logits[ids], ids.astype(np.int32))
+    return Logits(*top_k(logits, k))
 
 
 class LocalPipeline:

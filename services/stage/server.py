@@ -24,6 +24,7 @@ from splitllm.services.common.grpc_util import CHANNEL_OPTIONS, SERVER_OPTIONS, 
 from splitllm.services.common.metrics import StageMetrics
 from splitllm.services.common.streams import OutStream, Subscribers
 from splitllm.services.common.tensor import from_proto, to_proto
+from splitllm.services.common.topk import top_k
 from splitllm.services.stage.runtime import Entry, StageRuntime
 
 log = logging.getLogger("splitllm.stage")
@@ -60,13 +61,11 @@ def step_mode(request: stage_pb2.ForwardRequest) -> str:
     return "prompt" if any(e.num_tokens > 1 for e in request.entries) else "token"
 
 
-def top_k(logits: np.ndarray, k: int, out: stage_pb2.EntryResult) -> None:
-    if k <= 0 or k >= logits.shape[-1]:
-        to_proto(logits, out.logits)
-        return
-    ids = np.argpartition(logits, -k)[-k:].astype(np.int32)
-    to_proto(logits[ids], out.logits)
-    to_proto(ids, out.token_ids)
+def put_logits(logits: np.ndarray, k: int, out: stage_pb2.EntryResult) -> None:
+    values, ids = top_k(logits, k)
+    to_proto(values, out.logits)
+    if ids is not None:
+        to_proto(ids, out.token_ids)
 
 
 class StageServicer(stage_pb2_grpc.StageServicer):
@@ -121,7 +120,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         if self.rt.is_last:
             resp = stage_pb2.ForwardResponse(step_id=request.step_id)
             for e, pe, logits in zip(entries, request.entries, outs, strict=True):
-                top_k(logits, pe.logits.top_k, resp.results.add(session_id=e.session_id))
+                put_logits(logits, pe.logits.top_k, resp.results.add(session_id=e.session_id))
             if m:
                 m.sent_bytes.inc(resp.ByteSize())
             return resp
