@@ -133,9 +133,9 @@ class FullLogits:
         self.inner, self.manifest = inner, inner.manifest
         self.ks: list[int] = []
 
-    def step(self, session_id, position, tokens, top_k=0):
+    def submit(self, session_id, position, tokens, top_k=0):
         self.ks.append(top_k)
-        return self.inner.step(session_id, position, tokens, 0)
+        return self.inner.submit(session_id, position, tokens, 0)
 
     def prefill(self, session_id, tokens, top_k=0):
         self.ks.append(top_k)

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from splitllm.protos import coordinator_pb2 as pb
 from splitllm.services.common.errors import ServiceError, invalid
 from splitllm.services.common.manifest import load_manifest
 from splitllm.services.common.metrics import CoordinatorMetrics
-from splitllm.services.coordinator.pipeline import Pipeline
+from splitllm.services.coordinator.pipeline import Pending, Pipeline
 from splitllm.services.coordinator.sampler import Sampler, SamplingParams, top_k_needed
 from splitllm.services.coordinator.text import ChatTemplate, IncrementalDecoder, StopMatcher, TextCodec
 
@@ -206,6 +206,7 @@ class Engine:
         self._check(is_cancelled, time_remaining)
         if m:
             m.queue_seconds.observe(time.monotonic() - t0)
+        pending: Pending | None = None  # the step in flight while a token goes out to the client
         try:
             self._check(is_cancelled, time_remaining)
             logits = self.pipeline.prefill(sid, np.asarray(history, np.int32), k)
@@ -250,10 +251,14 @@ class Engine:
                             m.tpot_seconds.observe(after / (generated - 1))
                     yield out
                     return
+                pending = self.pipeline.submit(sid, len(history) - 1, np.array([token], np.int32), k)
                 yield out
                 self._check(is_cancelled, time_remaining)
-                logits = self.pipeline.step(sid, len(history) - 1, np.array([token], np.int32), k)
+                logits, pending = pending(), None
         finally:
+            if pending is not None:  # let the step in flight finish before its session is released
+                with suppress(ServiceError):
+                    pending()
             self.pipeline.release(sid)
 
     # --- Tokenize, ModelInfo -----------------------------------------------------------------------------

@@ -6,12 +6,13 @@ and the gRPC one in services/coordinator/remote.py. Both raise ServiceError with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from splitllm.services.common.errors import invalid
+from splitllm.services.common.errors import ServiceError, invalid
 from splitllm.services.common.manifest import Manifest
 from splitllm.services.common.topk import top_k
 
@@ -24,11 +25,24 @@ class Logits:
     ids: np.ndarray | None = None
 
 
+Pending = Callable[[], Logits]
+"""A submitted step: calling it waits for the logits, or raises the step's ServiceError."""
+
+
+def failed(error: ServiceError) -> Pending:
+    def wait() -> Logits:
+        raise error
+
+    return wait
+
+
 class Pipeline(Protocol):
     manifest: Manifest
 
-    def step(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Logits:
-        """Run `tokens` (int32, 1..P of them) of a session from `position` through every stage."""
+    def submit(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Pending:
+        """Start `tokens` (int32, 1..P of them) of a session from `position` through every stage. Never
+        raises: errors come out of the Pending. The coordinator streams token n to its client while
+        the stages run step n + 1."""
         ...
 
     def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0) -> Logits:
@@ -55,10 +69,15 @@ class LocalPipeline:
         self.chain = LocalChain(artifacts, kv_capacity=kv_capacity, threads=threads)
         self.manifest = self.chain.manifest
 
-    def step(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Logits:
-        if tokens.size == 0:
-            raise invalid("a step needs at least one token")
-        return top_k_logits(self.chain.step(session_id, position, tokens), top_k)
+    def submit(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Pending:
+        """Runs the step now (this process has no other cores to hand it to)."""
+        try:
+            if tokens.size == 0:
+                raise invalid("a step needs at least one token")
+            logits = top_k_logits(self.chain.step(session_id, position, tokens), top_k)
+        except ServiceError as e:
+            return failed(e)
+        return lambda: logits
 
     def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0) -> Logits:
         return top_k_logits(self.chain.prefill_tokens(session_id, list(tokens)), top_k)

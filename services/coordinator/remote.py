@@ -23,7 +23,7 @@ from splitllm.services.common.grpc_util import CHANNEL_OPTIONS
 from splitllm.services.common.manifest import Manifest
 from splitllm.services.common.streams import OutStream
 from splitllm.services.common.tensor import from_proto, to_proto
-from splitllm.services.coordinator.pipeline import Logits
+from splitllm.services.coordinator.pipeline import Logits, Pending, failed
 
 log = logging.getLogger("splitllm.coordinator")
 STEP_TIMEOUT = 60.0  # a step of a live pipeline takes milliseconds; this only bounds a hung stage
@@ -156,8 +156,12 @@ class RemotePipeline:
         values = from_proto(r.logits, "logits")
         return Logits(values, from_proto(r.token_ids, "token_ids") if r.HasField("token_ids") else None)
 
-    def step(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Logits:
-        return self._wait(*self._send(session_id, position, tokens, top_k))
+    def submit(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Pending:
+        try:
+            step_id, p = self._send(session_id, position, tokens, top_k)
+        except ServiceError as e:
+            return failed(e)
+        return lambda: self._wait(step_id, p)
 
     def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0) -> Logits:
         """All chunks go out at once: each stage runs its stream in order, so stage 1 works on chunk k+1
