@@ -17,6 +17,7 @@ from splitllm.protos import stage_pb2, stage_pb2_grpc, tensor_pb2
 from splitllm.services.client.client import Client
 from splitllm.services.client.launcher import Pipeline
 from splitllm.services.common.tensor import to_proto
+from splitllm.services.coordinator.remote import prefill_chunk
 from splitllm.services.stage.chain import LocalChain
 
 KV_CAPACITY = 4
@@ -222,9 +223,12 @@ def test_metrics_move_by_the_right_amounts(client, pipeline, reference):
     assert moved("splitllm_time_to_first_token_seconds_count{}") == 1
     assert moved("splitllm_request_duration_seconds_count{}") == 1
     assert moved("splitllm_finish_reason_total{reason=stop}") == 1
+    prompt_len = len(prompt["prompt_token_ids"])
+    chunks = -(-prompt_len // prefill_chunk(prompt_len, client.model_info().prefill_length, 4, fixed_rows=False))
+    assert chunks > 1  # the prompt goes in chunks that overlap across stages
     for b, a in zip(before[:-1], after[:-1], strict=True):
         key = "splitllm_stage_forward_seconds_count{mode=%s}"
-        assert a[key % "prompt"] - b[key % "prompt"] == 1
+        assert a[key % "prompt"] - b[key % "prompt"] == chunks
         assert a[key % "token"] - b[key % "token"] == n - 1  # the last sampled token is never fed back
         assert a["splitllm_stage_received_bytes_total{}"] > b["splitllm_stage_received_bytes_total{}"]
         assert any(k.startswith("splitllm_build_info") for k in a)

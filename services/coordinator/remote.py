@@ -28,6 +28,19 @@ from splitllm.services.coordinator.pipeline import Logits, Pending, failed
 log = logging.getLogger("splitllm.coordinator")
 STEP_TIMEOUT = 60.0  # a step of a live pipeline takes milliseconds; this only bounds a hung stage
 STATUS = {c.value[0]: c for c in grpc.StatusCode}
+MIN_CHUNK = 32  # below this a chunk's matmuls lose more than the overlap across stages wins
+
+
+def prefill_chunk(tokens: int, prefill_length: int, stages: int, fixed_rows: bool) -> int:
+    """Prompt chunk size. Stage k+1 runs chunk 1 while stage k runs chunk 2, so on dynamic-length graphs a
+    prompt goes in about one chunk per stage (at least MIN_CHUNK tokens, at most the prefill length):
+    128-token TTFT 284 -> ~205 ms through 4 stages on 2 cores. Fixed-shape graphs (qnn) pad every chunk
+    to the prefill length, so they take full chunks. Chunks are balanced: no 1-token tail."""
+    if fixed_rows:
+        return prefill_length
+    size = min(prefill_length, max(MIN_CHUNK, -(-tokens // stages)))
+    chunks = -(-tokens // size)
+    return -(-tokens // chunks)
 
 
 class _Pending:
@@ -50,6 +63,7 @@ class RemotePipeline:
         self.stubs = [stage_pb2_grpc.StageStub(c) for c in self.channels]
         self.health = [health_pb2_grpc.HealthStub(c) for c in self.channels]
         self.subscriber_id = f"coordinator-{uuid.uuid4().hex[:12]}"
+        self.fixed_rows = True  # until check() has seen every stage run a dynamic-length (cpu) graph
         self.pending: dict[int, _Pending] = {}
         self.pending_lock = threading.Lock()
         self.step_ids = itertools.count(1)
@@ -96,7 +110,7 @@ class RemotePipeline:
 
     def check(self, timeout: float = 10.0) -> None:
         """The stages serve this manifest and together cover every layer in order; ValueError otherwise."""
-        expected_first = 0
+        expected_first, backends = 0, set()
         for k, (addr, stub) in enumerate(zip(self.route, self.stubs, strict=True)):
             try:
                 info = stub.Info(stage_pb2.InfoRequest(), timeout=timeout, wait_for_ready=True)
@@ -112,8 +126,10 @@ class RemotePipeline:
                     f"stage {k + 1} at {addr} starts at layer {info.first_layer}, expected {expected_first}"
                 )
             expected_first = info.last_layer
+            backends.add(info.backend)
         if expected_first != self.manifest.model.num_layers:
             raise ValueError(f"the stages cover layers 0..{expected_first - 1} of {self.manifest.model.num_layers}")
+        self.fixed_rows = backends != {"cpu"}
 
     def healthy(self, timeout: float = 1.0) -> bool:
         for h in self.health:
@@ -166,7 +182,7 @@ class RemotePipeline:
     def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0) -> Logits:
         """All chunks go out at once: each stage runs its stream in order, so stage 1 works on chunk k+1
         while stage 2 works on chunk k. Every answer is awaited; the first error wins."""
-        p = self.manifest.prefill_length
+        p = prefill_chunk(len(tokens), self.manifest.prefill_length, len(self.route), self.fixed_rows)
         sent = [self._send(session_id, s, tokens[s : s + p], top_k if s + p >= len(tokens) else 1)
                 for s in range(0, len(tokens), p)]
         results: list[Logits | ServiceError] = []
