@@ -406,9 +406,11 @@ def test_grpc_server(engine, pipeline, reference, registry):
 def test_prefill_chunks_spread_a_prompt_over_the_stages():
     from splitllm.services.coordinator.remote import MIN_CHUNK, prefill_chunk
 
-    assert prefill_chunk(20, 128, 4, fixed_rows=False) == 20  # one chunk
-    assert prefill_chunk(33, 128, 4, fixed_rows=False) == 17  # two balanced chunks, not 32 + 1
-    assert MIN_CHUNK == 32 and prefill_chunk(64, 128, 4, fixed_rows=False) == 32
+    assert MIN_CHUNK == 16
+    assert prefill_chunk(12, 128, 4, fixed_rows=False) == 12  # one chunk
+    assert prefill_chunk(32, 128, 4, fixed_rows=False) == 16
+    assert prefill_chunk(33, 128, 4, fixed_rows=False) == 17  # balanced: 17 + 16, not 16 + 16 + 1
+    assert prefill_chunk(64, 128, 4, fixed_rows=False) == 16
     assert prefill_chunk(128, 128, 4, fixed_rows=False) == 32  # four chunks, one per stage
     assert prefill_chunk(300, 128, 4, fixed_rows=False) == 75
     assert prefill_chunk(1024, 128, 4, fixed_rows=False) == 128  # capped at the prefill length
