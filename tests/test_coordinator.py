@@ -407,12 +407,12 @@ def test_prefill_chunks_spread_a_prompt_over_the_stages():
     from splitllm.services.coordinator.remote import MIN_CHUNK, prefill_chunk
 
     assert MIN_CHUNK == 16
-    assert prefill_chunk(12, 128, 4, fixed_rows=False) == 12  # one chunk
-    assert prefill_chunk(32, 128, 4, fixed_rows=False) == 16
-    assert prefill_chunk(33, 128, 4, fixed_rows=False) == 17  # balanced: 17 + 16, not 16 + 16 + 1
-    assert prefill_chunk(64, 128, 4, fixed_rows=False) == 16
-    assert prefill_chunk(128, 128, 4, fixed_rows=False) == 32  # four chunks, one per stage
-    assert prefill_chunk(300, 128, 4, fixed_rows=False) == 75
-    assert prefill_chunk(1024, 128, 4, fixed_rows=False) == 128  # capped at the prefill length
-    assert prefill_chunk(1030, 128, 4, fixed_rows=False) == 115  # nine chunks of 114-115
-    assert prefill_chunk(128, 128, 4, fixed_rows=True) == 128  # qnn pads every chunk to 128 rows
+    assert prefill_chunk(12, 128, 4, spread=True) == 12  # one chunk
+    assert prefill_chunk(32, 128, 4, spread=True) == 16
+    assert prefill_chunk(33, 128, 4, spread=True) == 17  # balanced: 17 + 16, not 16 + 16 + 1
+    assert prefill_chunk(64, 128, 4, spread=True) == 16
+    assert prefill_chunk(128, 128, 4, spread=True) == 32  # four chunks, one per stage
+    assert prefill_chunk(300, 128, 4, spread=True) == 75
+    assert prefill_chunk(1024, 128, 4, spread=True) == 128  # capped at the prefill length
+    assert prefill_chunk(1030, 128, 4, spread=True) == 115  # nine chunks of 114-115
+    assert prefill_chunk(128, 128, 4, spread=False) == 128  # qnn pads every chunk; cores shared by stages

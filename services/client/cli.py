@@ -69,7 +69,8 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     from splitllm.services.coordinator.server import run
 
     stages = [x.strip() for x in a.stages.split(",") if x.strip()]
-    run(a.artifacts, stages, a.listen, a.metrics_port, a.max_concurrent, a.truncate_to_context, a.wait_stages)
+    run(a.artifacts, stages, a.listen, a.metrics_port, a.max_concurrent, a.truncate_to_context, a.wait_stages,
+        a.prompt_chunks == "spread")
     return 0
 
 
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a prompt plus max_tokens beyond the context generates until the context is full "
                     "(finish reason CONTEXT) instead of failing with INVALID_ARGUMENT")
     co.add_argument("--wait-stages", type=float, default=60.0, help="seconds to wait for the stages at start")
+    co.add_argument("--prompt-chunks", choices=["spread", "full"], default="spread",
+                    help="spread: a prompt goes in about one chunk per stage so that stages overlap (for stages "
+                    "with cores to spare); full: chunks of the prefill length (stages that share their cores)")
     co.set_defaults(run=cmd_coordinator)
 
     ge = sub.add_parser("generate", help="one Generate call; prints the response summary")

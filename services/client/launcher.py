@@ -6,6 +6,7 @@ reports SERVING over gRPC health, and stops them all on Ctrl-C, SIGTERM, or when
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -78,6 +79,10 @@ class Pipeline:
         """0: coordinator, k: stage k (1-based); 0 when metrics are off."""
         return self.metrics_base + i if self.metrics_base else 0
 
+    def stages_can_overlap(self) -> bool:
+        """Two stages running at once (prompt chunks spread across stages) fit this machine's cores."""
+        return 2 * (self.stage_threads or 1) <= (os.cpu_count() or 1)
+
     def stage_process(self, k: int) -> Service:
         """Start stage k (0-based) on its fixed address."""
         addr = f"{HOST}:{self.base_port + k}"
@@ -105,7 +110,8 @@ class Pipeline:
                 wait_serving(s, deadline)
             addr = f"{HOST}:{self.coordinator_port}"
             args = ["coordinator", "--artifacts", self.artifacts, "--listen", addr,
-                    "--stages", ",".join(s.address for s in self.services), "--max-concurrent", str(self.kv_capacity)]
+                    "--stages", ",".join(s.address for s in self.services), "--max-concurrent", str(self.kv_capacity),
+                    "--prompt-chunks", "spread" if self.stages_can_overlap() else "full"]
             if self.metrics_base:
                 args += ["--metrics-port", str(self.metrics_port(0))]
             proc = subprocess.Popen(cli(*args + self.extra))

@@ -31,13 +31,13 @@ STATUS = {c.value[0]: c for c in grpc.StatusCode}
 MIN_CHUNK = 16  # measured: 16-token chunks still win (32-token TTFT 77 -> 70 ms); smaller lose
 
 
-def prefill_chunk(tokens: int, prefill_length: int, stages: int, fixed_rows: bool) -> int:
-    """Prompt chunk size. Stage k+1 runs chunk 1 while stage k runs chunk 2, so on dynamic-length graphs a
-    prompt goes in about one chunk per stage (at least MIN_CHUNK tokens, at most the prefill length):
-    TTFT for 32 / 128 tokens 80 -> 70 / 290 -> 200 ms through 4 stages on 2 cores. Fixed-shape graphs
-    (qnn) pad every chunk to the prefill length, so they take full chunks. Chunks are balanced: no
-    1-token tail."""
-    if fixed_rows:
+def prefill_chunk(tokens: int, prefill_length: int, stages: int, spread: bool) -> int:
+    """Prompt chunk size. Stage k+1 runs chunk 1 while stage k runs chunk 2, so with `spread` a prompt goes
+    in about one chunk per stage (at least MIN_CHUNK tokens, at most the prefill length), balanced: no
+    1-token tail. Through 4 one-thread stages on 2 cores: TTFT at 32 / 128 tokens 80 -> 70 / 290 -> 200 ms.
+    Not when the stages cannot overlap (2-thread stages on 2 cores: 49 -> 74 ms at 32 tokens) and not for
+    fixed-shape graphs (qnn), which pad every chunk to the prefill length."""
+    if not spread:
         return prefill_length
     size = min(prefill_length, max(MIN_CHUNK, -(-tokens // stages)))
     chunks = max(-(-tokens // prefill_length), tokens // size, 1)  # rounding may only grow a chunk
@@ -54,7 +54,10 @@ class _Pending:
 
 
 class RemotePipeline:
-    def __init__(self, manifest: Manifest, manifest_sha256: str, addresses: list[str]) -> None:
+    def __init__(self, manifest: Manifest, manifest_sha256: str, addresses: list[str],
+                 spread_prompts: bool = True) -> None:
+        """`spread_prompts`: prompt chunks overlap across stages (prefill_chunk); the stages must have
+        cores to spare for that, which only the deployment knows."""
         if len(addresses) != manifest.num_stages:
             n = manifest.num_stages
             raise ValueError(f"--stages names {len(addresses)} addresses; the artifact has {n} stages")
@@ -64,6 +67,7 @@ class RemotePipeline:
         self.stubs = [stage_pb2_grpc.StageStub(c) for c in self.channels]
         self.health = [health_pb2_grpc.HealthStub(c) for c in self.channels]
         self.subscriber_id = f"coordinator-{uuid.uuid4().hex[:12]}"
+        self.spread_prompts = spread_prompts
         self.fixed_rows = True  # until check() has seen every stage run a dynamic-length (cpu) graph
         self.pending: dict[int, _Pending] = {}
         self.pending_lock = threading.Lock()
@@ -183,7 +187,8 @@ class RemotePipeline:
     def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0) -> Logits:
         """All chunks go out at once: each stage runs its stream in order, so stage 1 works on chunk k+1
         while stage 2 works on chunk k. Every answer is awaited; the first error wins."""
-        p = prefill_chunk(len(tokens), self.manifest.prefill_length, len(self.route), self.fixed_rows)
+        spread = self.spread_prompts and not self.fixed_rows
+        p = prefill_chunk(len(tokens), self.manifest.prefill_length, len(self.route), spread)
         sent = [self._send(session_id, s, tokens[s : s + p], top_k if s + p >= len(tokens) else 1)
                 for s in range(0, len(tokens), p)]
         results: list[Logits | ServiceError] = []
