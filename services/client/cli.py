@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--artifacts", default=DEFAULT_ARTIFACTS)
     se.add_argument("--kv-capacity", type=int, default=16)
     se.add_argument("--backend", default="cpu", choices=["cpu", "qnn"])
-    se.add_argument("--stage-threads", type=int, default=1, help="ONNX Runtime intra-op threads per stage")
+    se.add_argument("--stage-threads", type=int, default=1,
+                    help="ONNX Runtime intra-op threads per stage; while two stages fit the cores (2 x threads <= "
+                    "cores) the coordinator spreads prompts over the stages, else it sends full chunks")
     se.add_argument("--spin", action="store_true", help=SPIN_HELP)
     se.set_defaults(run=cmd_serve)
 
