@@ -89,3 +89,30 @@ def test_oversubscription_warning(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert oversubscribed([0.5, 1.9]) is None
     assert "load average reached 6.0 on 2 cores" in oversubscribed([1.0, 6.0])
+
+
+def test_hop_trace_lines_up_events_across_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from splitllm.bench.hop_trace import analyse, load
+
+    code = "from splitllm.services.common import trace; trace.event(7, 'received'); trace.event(7, 'run')"
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "SPLITLLM_TRACE_DIR": str(tmp_path)}, check=True)
+    assert [e[2] for e in load(tmp_path)[7]] == ["received", "run"]
+
+    coordinator, stage = 1, 2
+    steps = {}
+    for s in range(1, 11):  # a decode step every 1000 us: 100 us out, 600 us compute, 200 us back, 100 us sampling
+        t = s * 1000
+        steps[s] = [(t, coordinator, "submitted"), (t + 10, coordinator, "sent"), (t + 100, stage, "received"),
+                    (t + 120, stage, "run"), (t + 720, stage, "ran"), (t + 740, stage, "handed_off"),
+                    (t + 750, stage, "answered"), (t + 880, coordinator, "answer_in"),
+                    (t + 900, coordinator, "answer_taken")]
+    steps = {s: [(ns * 1000, pid, name) for ns, pid, name in e] for s, e in steps.items()}
+    result = analyse(steps)
+    assert result["matched"] == result["steps"] == 6
+    assert result["by_kind_us"] == pytest.approx(
+        {"hand-off": 20, "transport": 220, "python": 40, "compute": 600, "coordinator": 120})
+    assert result["median_step_interval_us"] == pytest.approx(1000)

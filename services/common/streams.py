@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from splitllm.protos import stage_pb2, stage_pb2_grpc
+from splitllm.services.common import trace
 
 log = logging.getLogger("splitllm.streams")
 _CLOSE = object()
@@ -36,6 +37,7 @@ class OutStream:
             req, t = item
             if self.on_sent:
                 self.on_sent(time.perf_counter() - t, req)
+            trace.event(req.step_id, "sent")
             yield req
 
     def _broken(self, call: grpc.Future) -> None:
@@ -96,7 +98,9 @@ class Subscribers:
             yield stage_pb2.ForwardResponse(step_id=0)
             while context.is_active():
                 try:
-                    yield q.get(timeout=0.5)
+                    response = q.get(timeout=0.5)
+                    trace.event(response.step_id, "answered")
+                    yield response
                 except queue.Empty:
                     continue
         finally:

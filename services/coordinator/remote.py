@@ -18,6 +18,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitllm.protos import stage_pb2, stage_pb2_grpc
+from splitllm.services.common import trace
 from splitllm.services.common.errors import ServiceError, unavailable
 from splitllm.services.common.grpc_util import CHANNEL_OPTIONS
 from splitllm.services.common.manifest import Manifest
@@ -88,6 +89,7 @@ class RemotePipeline:
             self.calls[k] = call
             try:
                 for msg in call:
+                    trace.event(msg.step_id, "answer_in")
                     if msg.step_id == 0:
                         self.subscribed[k].set()
                         continue
@@ -160,11 +162,14 @@ class RemotePipeline:
             with self.pending_lock:
                 self.pending.pop(step_id, None)
             raise unavailable(f"stage {down[0] + 1} at {self.route[down[0]]} is unavailable")
+        trace.event(step_id, "submitted")
         self.out.send(req)
         return step_id, p
 
     def _wait(self, step_id: int, p: _Pending) -> Logits:
-        if not p.event.wait(STEP_TIMEOUT):
+        woke = p.event.wait(STEP_TIMEOUT)
+        trace.event(step_id, "answer_taken")
+        if not woke:
             with self.pending_lock:
                 self.pending.pop(step_id, None)
             raise unavailable(f"no answer from the pipeline within {STEP_TIMEOUT:.0f} s")

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from splitllm.protos import stage_pb2, stage_pb2_grpc
+from splitllm.services.common import trace
 from splitllm.services.common.errors import ServiceError, invalid, unavailable
 from splitllm.services.common.grpc_util import CHANNEL_OPTIONS, SERVER_OPTIONS, listen_host
 from splitllm.services.common.metrics import StageMetrics
@@ -110,8 +111,10 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         m = self.metrics
         entries = self._decode(request)
         mode = "prompt" if any(e.data.shape[0] > 1 for e in entries) else "token"
+        trace.event(request.step_id, "run")
         t0 = time.perf_counter()
         outs = [self.rt.forward(e) for e in entries]
+        trace.event(request.step_id, "ran")
         if m:
             m.forward_seconds[mode].observe(time.perf_counter() - t0)
             m.batch_size[mode].observe(len(entries))
@@ -159,12 +162,14 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         steps = 0
         for request in request_iterator:
             steps += 1
+            trace.event(request.step_id, "received")
             try:
                 out = self._step(request)
                 if isinstance(out, stage_pb2.ForwardResponse):
                     self.subscribers.push(request.reply_to, out)
                 else:
                     self.downstream.stream(request.route[0], self.metrics).send(out)
+                trace.event(request.step_id, "handed_off")
             except ServiceError as e:
                 if self.metrics:
                     self.metrics.error(e.code)

@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Where a pipeline token's time goes: a timestamp trace of every hop, from `splitllm serve`'s processes.
+
+    python bench/hop_trace.py                          # 1 thread per stage, 200 greedy tokens
+    python bench/hop_trace.py --stage-threads 2 --spin
+
+Starts the pipeline with SPLITLLM_TRACE_DIR set (services/common/trace.py), generates --tokens greedy
+tokens after a 32-token prompt, and lines up the events of each decode step across the five processes
+(one CLOCK_MONOTONIC for the host). Prints the median of every gap along a step, grouped into stage
+compute, Python around the runs, hand-offs to gRPC's sending thread, transport, and the coordinator;
+writes bench/results/hop_trace.json. Figures, never pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "hop_trace.json"
+KIND = {  # (event, next event) -> what the gap is
+    ("submitted", "sent"): "hand-off", ("handed_off", "sent"): "hand-off",
+    ("sent", "received"): "transport", ("answered", "answer_in"): "transport",
+    ("received", "run"): "python", ("ran", "handed_off"): "python", ("handed_off", "answered"): "hand-off",
+    ("run", "ran"): "compute", ("answer_in", "answer_taken"): "coordinator",
+}
+
+
+def load(trace_dir: Path) -> dict[int, list[tuple[int, int, str]]]:
+    steps: dict[int, list[tuple[int, int, str]]] = collections.defaultdict(list)
+    for f in trace_dir.glob("*.txt"):
+        pid = int(f.stem)
+        for line in f.read_text().splitlines():
+            step, name, ns = line.split()
+            steps[int(step)].append((int(ns), pid, name))
+    return {s: sorted(e) for s, e in steps.items() if s}
+
+
+def analyse(steps: dict[int, list[tuple[int, int, str]]]) -> dict:
+    ids = sorted(steps)[2:-2]  # the edges: warm-up overlap and the final step
+    coordinator = next(pid for s in ids for _, pid, name in steps[s] if name == "submitted")
+    names: dict[int, str] = {coordinator: "coordinator"}
+    for _, pid, _ in steps[ids[len(ids) // 2]]:
+        if pid not in names:
+            names[pid] = f"stage {len(names)}"
+    seqs = {s: [(ns, f"{names.get(pid, '?')}:{name}") for ns, pid, name in steps[s]] for s in ids}
+    shape = collections.Counter(tuple(label for _, label in seq) for seq in seqs.values()).most_common(1)[0][0]
+    gaps: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for seq in seqs.values():
+        if tuple(label for _, label in seq) == shape:
+            for (a_ns, a), (b_ns, b) in zip(seq, seq[1:], strict=False):
+                gaps[(a, b)].append((b_ns - a_ns) / 1000)
+    taken = {s: ns for s, seq in seqs.items() for ns, label in seq if label.endswith(":answer_taken")}
+    submitted = {s: ns for s, seq in seqs.items() for ns, label in seq if label.endswith(":submitted")}
+    between = [(submitted[s + 1] - taken[s]) / 1000 for s in ids if s in taken and s + 1 in submitted]
+    rows = [{"from": a, "to": b, "kind": KIND.get((a.split(":")[1], b.split(":")[1]), "other"),
+             "median_us": statistics.median(v)} for (a, b), v in gaps.items()]
+    rows.sort(key=lambda r: shape.index(r["from"]))
+    rows.append({"from": "coordinator:answer_taken", "to": "coordinator:submitted (next step)",
+                 "kind": "coordinator", "median_us": statistics.median(between)})
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for r in rows:
+        kinds[r["kind"]] += r["median_us"]
+    steps_ns = sorted(submitted.values())
+    per_token = statistics.median(b - a for a, b in zip(steps_ns, steps_ns[1:], strict=False)) / 1000
+    return {"steps": len(ids), "matched": len(next(iter(gaps.values()))), "rows": rows, "by_kind_us": dict(kinds),
+            "sum_of_medians_us": sum(kinds.values()), "median_step_interval_us": per_token}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifacts", default="artifacts/smollm2", help="exported with `splitllm export`")
+    ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--stage-threads", type=int, default=1)
+    ap.add_argument("--spin", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS))
+    a = ap.parse_args()
+    trace_dir = Path(tempfile.mkdtemp(prefix="splitllm-trace-"))
+    os.environ["SPLITLLM_TRACE_DIR"] = str(trace_dir)  # before anything is imported or started
+
+    from splitllm.bench.runtimes import free_port_block
+    from splitllm.services.client.client import Client
+    from splitllm.services.client.launcher import Pipeline
+
+    base = free_port_block(5)
+    processes = Pipeline(a.artifacts, base_port=base, coordinator_port=base + 4, metrics_base=None,
+                         stage_threads=a.stage_threads, stage_spin=a.spin).start()
+    try:
+        with Client(processes.coordinator.address) as client:
+            prompt = list(range(100, 132))
+            for _ in client.stream(token_ids=prompt, max_tokens=32):  # warm-up
+                pass
+            for f in trace_dir.glob("*.txt"):
+                f.write_text("")
+            n = sum(len(m.token_ids) for m in client.stream(token_ids=prompt, max_tokens=a.tokens))
+    finally:
+        processes.stop()
+    result = analyse(load(trace_dir))
+    result.update(tokens=n, stage_threads=a.stage_threads, spin=a.spin, artifacts=a.artifacts)
+    print(f"{n} tokens; {result['matched']} of {result['steps']} steps have the usual event order")
+    for r in result["rows"]:
+        print(f"  {r['from']:>26s} -> {r['to']:<36s} {r['kind']:>12s} {r['median_us']:8.1f} us")
+    print("by kind: " + ", ".join(f"{k} {v / 1000:.2f} ms" for k, v in result["by_kind_us"].items()))
+    print(f"sum of medians {result['sum_of_medians_us'] / 1000:.2f} ms; "
+          f"median step interval {result['median_step_interval_us'] / 1000:.2f} ms")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
