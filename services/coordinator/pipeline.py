@@ -70,7 +70,7 @@ class LocalPipeline:
         self.manifest = self.chain.manifest
 
     def submit(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Pending:
-        """Runs the step now (this process has no other cores to hand it to)."""
+        """Runs the step now, in the caller's thread: the chain is in this process."""
         try:
             if tokens.size == 0:
                 raise invalid("a step needs at least one token")

@@ -1,9 +1,10 @@
 """The stage gRPC service: a thin layer over StageRuntime, plus forwarding to the next stage.
 
-Transport (measured in bench/transport.py, see the issue note): nested unary calls. A stage runs its
-entries, then calls Forward on the next stage of the route with the hidden states and returns that
-stage's answer upstream; the last stage answers with logits (or their top-k). Channels to downstream
-stages are kept open and reused.
+Transport (measured in bench/transport.py): long-lived ForwardStream calls. A stage runs each request's
+entries and sends the hidden states on its stream to the next stage of the route; the last stage pushes
+the answer (logits or their top-k) to the Results stream that the request's coordinator holds open.
+Forward is the unary form of a step (tests, tools): it calls the next stage and returns its answer.
+Channels and streams to downstream stages are kept open and reused.
 """
 
 from __future__ import annotations
