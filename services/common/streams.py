@@ -42,8 +42,10 @@ class OutStream:
 
     def _broken(self, call: grpc.Future) -> None:
         with self.lock:
-            if self.call is call:
-                self.call = self.queue = None
+            if self.call is not call:
+                return
+            q, self.call, self.queue = self.queue, None, None
+        q.put(_CLOSE)  # lets gRPC's request-consuming thread of the dead call end
         err = call.exception() if not call.cancelled() else None
         if err is not None:
             log.warning("stream to %s broke: %s", self.address, getattr(err, "code", lambda: err)())
@@ -52,11 +54,14 @@ class OutStream:
 
     def send(self, request: stage_pb2.ForwardRequest) -> None:
         with self.lock:
-            if self.call is None:
+            new = self.call is None
+            if new:
                 self.queue = queue.SimpleQueue()
                 self.call = self.stub.ForwardStream.future(self._requests(self.queue))
-                self.call.add_done_callback(self._broken)
+            call = self.call
             self.queue.put((request, time.perf_counter()))
+        if new:  # outside the lock: a call that failed already runs _broken right here
+            call.add_done_callback(self._broken)
 
     def close(self) -> None:
         with self.lock:
@@ -90,6 +95,12 @@ class Subscribers:
             return False
         q.put(response)
         return True
+
+    def broadcast(self, response: stage_pb2.ForwardResponse) -> None:
+        with self.lock:
+            queues = list(self.queues.values())
+        for q in queues:
+            q.put(response)
 
     def stream(self, subscriber_id: str, context: grpc.ServicerContext) -> Iterator[stage_pb2.ForwardResponse]:
         """The body of a Results call: confirm (step_id 0), then forward pushed messages until the peer leaves."""

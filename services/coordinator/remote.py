@@ -3,7 +3,8 @@
 Steps go out on one long-lived ForwardStream to stage 1; each stage passes them on; the last stage
 pushes the answer to the Results stream this coordinator holds open on it. The coordinator also
 subscribes on every other stage, which report failed steps there; when any subscription breaks (a
-stage died), every step in flight fails at once with UNAVAILABLE instead of waiting.
+stage died) or a stage reports that its stream to the next stage broke, every step in flight fails at
+once with UNAVAILABLE instead of waiting.
 """
 
 from __future__ import annotations
@@ -90,8 +91,12 @@ class RemotePipeline:
             try:
                 for msg in call:
                     trace.event(msg.step_id, "answer_in")
-                    if msg.step_id == 0:
-                        self.subscribed[k].set()
+                    if msg.step_id == 0:  # confirmed, or (with a code) every step in flight there is lost
+                        if msg.code:
+                            self._fail_all(ServiceError(STATUS.get(msg.code, grpc.StatusCode.UNKNOWN),
+                                                        f"stage {k + 1} at {self.route[k]}: {msg.message}"))
+                        else:
+                            self.subscribed[k].set()
                         continue
                     with self.pending_lock:
                         p = self.pending.pop(msg.step_id, None)

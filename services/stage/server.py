@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -36,7 +37,8 @@ SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 class Downstream:
     """Open channels and data streams to next stages, by address."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_break: Callable[[str], None] | None = None) -> None:
+        self.on_break = on_break
         self.stubs: dict[str, stage_pb2_grpc.StageStub] = {}
         self.streams: dict[str, OutStream] = {}
         self.lock = threading.Lock()
@@ -46,7 +48,7 @@ class Downstream:
             s = self.streams.get(address)
         if s is None:
             on_sent = (lambda dt, req: metrics.hop_seconds[step_mode(req)].observe(dt)) if metrics else None
-            s = OutStream(self.stub(address), address, on_sent)
+            s = OutStream(self.stub(address), address, on_sent, self.on_break)
             with self.lock:
                 s = self.streams.setdefault(address, s)
         return s
@@ -76,7 +78,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     def __init__(self, runtime: StageRuntime | None, metrics: StageMetrics | None = None) -> None:
         self.runtime = runtime
         self.metrics = metrics
-        self.downstream = Downstream()
+        self.downstream = Downstream(self._stream_broke)
         self.subscribers = Subscribers()
 
     @property
@@ -182,6 +184,12 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 self.subscribers.push(request.reply_to, stage_pb2.ForwardResponse(
                     step_id=request.step_id, code=internal, message=f"{type(e).__name__}: {e}"))
         return stage_pb2.ForwardStreamSummary(steps=steps)
+
+    def _stream_broke(self, address: str) -> None:
+        """Steps sent on the broken stream may be lost anywhere: tell every coordinator to fail its steps."""
+        self.subscribers.broadcast(stage_pb2.ForwardResponse(
+            step_id=0, code=grpc.StatusCode.UNAVAILABLE.value[0],
+            message=f"the data stream to the next stage at {address} broke"))
 
     def Results(self, request: stage_pb2.ResultsRequest, context: grpc.ServicerContext):
         if not request.subscriber_id:
