@@ -87,7 +87,8 @@ class StageServicer(object):
     def Results(self, request, context):
         """Held open by a coordinator on every stage of its routes: results (last stage) and per-step errors.
         The first message (step_id 0, code 0) confirms the subscription. A later step_id 0 with a code says
-        that this stage's stream to the next stage broke: every step in flight through it may be lost.
+        that this stage's stream to the next stage broke while carrying this subscriber's steps: any of its
+        steps in flight may be lost.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,7 +55,7 @@ def test_out_stream_breaks_each_time_its_receiver_is_gone_without_blocking_or_le
     addr = f"127.0.0.1:{port}"
     breaks: queue.SimpleQueue = queue.SimpleQueue()
     with grpc.insecure_channel(addr, CHANNEL_OPTIONS) as ch:
-        out = OutStream(stage_pb2_grpc.StageStub(ch), addr, on_break=breaks.put)
+        out = OutStream(stage_pb2_grpc.StageStub(ch), addr, on_break=lambda a, _: breaks.put(a))
         for step in range(1, 4):
             if step > 1:
                 server, _ = serve_stage(StageServicer(None), addr, health.HealthServicer(), ttl=60)
@@ -86,21 +86,29 @@ def loading_stages(smollm2_artifacts):
         server.stop(None)
 
 
-def test_a_broken_stream_between_stages_fails_the_coordinators_steps_at_once(smollm2_artifacts, loading_stages):
+def test_a_broken_stream_between_stages_fails_the_steps_of_the_coordinators_that_used_it(
+        smollm2_artifacts, loading_stages):
     """Steps sent on a stream that broke may be lost anywhere downstream, with every stage still alive: the
-    stage tells its subscribers (step_id 0 with a code) and the coordinator fails what it has in flight."""
+    stage tells the coordinators whose steps went on it (step_id 0 with a code), and they fail their steps
+    in flight at once. A coordinator that sent nothing on that stream keeps its steps."""
     manifest, sha = load_manifest(smollm2_artifacts, verify=[])
-    remote = RemotePipeline(manifest, sha, [addr for _, addr in loading_stages])
+    addrs = [addr for _, addr in loading_stages]
+    sender, bystander = RemotePipeline(manifest, sha, addrs), RemotePipeline(manifest, sha, addrs)
     try:
-        assert all(ev.wait(10) for ev in remote.subscribed)
-        in_flight = _Pending()
-        with remote.pending_lock:
-            remote.pending[7] = in_flight
+        assert all(ev.wait(10) for remote in (sender, bystander) for ev in remote.subscribed)
+        in_flight, other = _Pending(), _Pending()
+        with sender.pending_lock:
+            sender.pending[7] = in_flight
+        with bystander.pending_lock:
+            bystander.pending[7] = other
         lost = dead_address()
-        loading_stages[1][0].downstream.stream(lost, None).send(stage_pb2.ForwardRequest(step_id=7))
+        loading_stages[1][0].downstream.stream(lost, None).send(
+            stage_pb2.ForwardRequest(step_id=7, reply_to=sender.subscriber_id))
         assert in_flight.event.wait(10)
         assert in_flight.error is not None and in_flight.error.code == grpc.StatusCode.UNAVAILABLE
-        assert loading_stages[1][1] in in_flight.error.message and lost in in_flight.error.message
-        assert all(ev.is_set() for ev in remote.subscribed)  # the stages themselves are still there
+        assert addrs[1] in in_flight.error.message and lost in in_flight.error.message
+        assert all(ev.is_set() for ev in sender.subscribed)  # the stages themselves are still there
+        assert not other.event.wait(0.5)
     finally:
-        remote.close()
+        sender.close()
+        bystander.close()

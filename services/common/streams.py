@@ -26,11 +26,13 @@ class OutStream:
 
     def __init__(self, stub: stage_pb2_grpc.StageStub, address: str,
                  on_sent: Callable[[float, stage_pb2.ForwardRequest], None] | None = None,
-                 on_break: Callable[[str], None] | None = None) -> None:
+                 on_break: Callable[[str, set[str]], None] | None = None) -> None:
+        """`on_break(address, reply_to)`: the call broke; reply_to holds the requests' reply_to values."""
         self.stub, self.address, self.on_sent, self.on_break = stub, address, on_sent, on_break
         self.lock = threading.Lock()
         self.queue: queue.SimpleQueue | None = None
         self.call: grpc.Future | None = None
+        self.reply_to: set[str] = set()  # of the requests sent on the current call
 
     def _requests(self, q: queue.SimpleQueue) -> Iterator[stage_pb2.ForwardRequest]:
         while (item := q.get()) is not _CLOSE:
@@ -45,12 +47,13 @@ class OutStream:
             if self.call is not call:
                 return
             q, self.call, self.queue = self.queue, None, None
+            reply_to, self.reply_to = self.reply_to, set()
         q.put(_CLOSE)  # lets gRPC's request-consuming thread of the dead call end
         err = call.exception() if not call.cancelled() else None
         if err is not None:
             log.warning("stream to %s broke: %s", self.address, getattr(err, "code", lambda: err)())
             if self.on_break:
-                self.on_break(self.address)
+                self.on_break(self.address, reply_to)
 
     def send(self, request: stage_pb2.ForwardRequest) -> None:
         with self.lock:
@@ -59,6 +62,7 @@ class OutStream:
                 self.queue = queue.SimpleQueue()
                 self.call = self.stub.ForwardStream.future(self._requests(self.queue))
             call = self.call
+            self.reply_to.add(request.reply_to)
             self.queue.put((request, time.perf_counter()))
         if new:  # outside the lock: a call that failed already runs _broken right here
             call.add_done_callback(self._broken)
@@ -68,6 +72,7 @@ class OutStream:
             if self.queue is not None:
                 self.queue.put(_CLOSE)
             self.call = self.queue = None
+            self.reply_to = set()
 
 
 class Subscribers:
@@ -95,12 +100,6 @@ class Subscribers:
             return False
         q.put(response)
         return True
-
-    def broadcast(self, response: stage_pb2.ForwardResponse) -> None:
-        with self.lock:
-            queues = list(self.queues.values())
-        for q in queues:
-            q.put(response)
 
     def stream(self, subscriber_id: str, context: grpc.ServicerContext) -> Iterator[stage_pb2.ForwardResponse]:
         """The body of a Results call: confirm (step_id 0), then forward pushed messages until the peer leaves."""

@@ -78,7 +78,7 @@ class RemotePipeline:
         self.subscribed = [threading.Event() for _ in addresses]
         self.calls: list[grpc.Future | None] = [None] * len(addresses)
         self.out = OutStream(self.stubs[0], addresses[0],
-                             on_break=lambda a: self._fail_all(unavailable(f"the stream to stage 1 at {a} broke")))
+                             on_break=lambda a, _: self._fail_all(unavailable(f"the stream to stage 1 at {a} broke")))
         for k in range(len(addresses)):
             threading.Thread(target=self._subscribe, args=(k,), name=f"results-{k + 1}", daemon=True).start()
 

@@ -37,7 +37,7 @@ SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 class Downstream:
     """Open channels and data streams to next stages, by address."""
 
-    def __init__(self, on_break: Callable[[str], None] | None = None) -> None:
+    def __init__(self, on_break: Callable[[str, set[str]], None] | None = None) -> None:
         self.on_break = on_break
         self.stubs: dict[str, stage_pb2_grpc.StageStub] = {}
         self.streams: dict[str, OutStream] = {}
@@ -185,11 +185,13 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                     step_id=request.step_id, code=internal, message=f"{type(e).__name__}: {e}"))
         return stage_pb2.ForwardStreamSummary(steps=steps)
 
-    def _stream_broke(self, address: str) -> None:
-        """Steps sent on the broken stream may be lost anywhere: tell every coordinator to fail its steps."""
-        self.subscribers.broadcast(stage_pb2.ForwardResponse(
-            step_id=0, code=grpc.StatusCode.UNAVAILABLE.value[0],
-            message=f"the data stream to the next stage at {address} broke"))
+    def _stream_broke(self, address: str, reply_to: set[str]) -> None:
+        """Steps sent on the broken stream may be lost anywhere downstream: the coordinators that sent steps on
+        it fail theirs in flight at once (not after STEP_TIMEOUT), even while every stage is still up."""
+        lost = stage_pb2.ForwardResponse(step_id=0, code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                         message=f"the data stream to the next stage at {address} broke")
+        for subscriber in reply_to:
+            self.subscribers.push(subscriber, lost)
 
     def Results(self, request: stage_pb2.ResultsRequest, context: grpc.ServicerContext):
         if not request.subscriber_id:
