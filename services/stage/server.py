@@ -62,6 +62,7 @@ class Downstream:
 
 
 def step_mode(request: stage_pb2.ForwardRequest) -> str:
+    """The metrics label of a step that _step built (num_tokens always set): prompt or token."""
     return "prompt" if any(e.num_tokens > 1 for e in request.entries) else "token"
 
 
