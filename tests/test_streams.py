@@ -59,8 +59,9 @@ def test_out_stream_breaks_each_time_its_receiver_is_gone_without_blocking_or_le
         for step in range(1, 4):
             if step > 1:
                 server, _ = serve_stage(StageServicer(None), addr, health.HealthServicer(), ttl=60)
+            grpc.channel_ready_future(ch).result(timeout=10)  # else the call may fail on the last backoff
             out.send(stage_pb2.ForwardRequest(step_id=step))  # a live call (the loading stage fails the step)
-            assert settle(lambda: feeding_threads() == 1)  # gRPC's thread waits in the call's request generator
+            assert settle(lambda: feeding_threads() == 1), feeding_threads()  # gRPC's thread waits for requests
             server.stop(None)
             assert breaks.get(timeout=10) == addr
         for step in range(4, 12):
