@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitllm.bench.runtimes import free_port_block
 from splitllm.protos import stage_pb2, stage_pb2_grpc, tensor_pb2
 from splitllm.services.client.client import Client
 from splitllm.services.client.launcher import Pipeline
@@ -23,29 +22,10 @@ from splitllm.services.stage.chain import LocalChain
 KV_CAPACITY = 4
 
 
-def free_ports(n: int) -> int:
-    """A base port with n consecutive free ports after it."""
-    for _ in range(100):
-        base = random.randint(20000, 40000)
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + i))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
 @pytest.fixture(scope="module")
 def pipeline(smollm2_artifacts):
-    base = free_ports(5)
-    metrics = free_ports(5)
+    base = free_port_block(5)
+    metrics = free_port_block(5)
     with Pipeline(
         smollm2_artifacts, base_port=base, coordinator_port=base + 4, metrics_base=metrics, kv_capacity=KV_CAPACITY
     ) as p:

@@ -361,13 +361,12 @@ def test_mixed_pipeline(artifacts):
 @pytest.mark.slow
 def test_process_pipeline_on_qnn(artifacts):
     """Four `splitllm stage --backend qnn` processes and the coordinator: same greedy tokens as in-process."""
-    from test_pipeline_e2e import free_ports
-
+    from splitllm.bench.runtimes import free_port_block
     from splitllm.services.client.client import Client
     from splitllm.services.client.launcher import Pipeline
 
     want = LocalChain(artifacts, backend="qnn").greedy(PROMPT, 8)
-    base = free_ports(5)
+    base = free_port_block(5)
     with Pipeline(artifacts, base_port=base, coordinator_port=base + 4, metrics_base=None, kv_capacity=2,
                   backend="qnn") as p, Client(p.coordinator.address) as c:
         got = c.generate(token_ids=PROMPT, max_tokens=8)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import socket
 import sys
 import threading
 import time
@@ -12,6 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health
 
+from splitllm.bench.runtimes import free_port_block
 from splitllm.protos import stage_pb2, stage_pb2_grpc
 from splitllm.services.common.grpc_util import CHANNEL_OPTIONS
 from splitllm.services.common.manifest import load_manifest
@@ -22,9 +22,7 @@ from splitllm.services.stage.server import StageServicer, serve_stage
 
 def dead_address() -> str:
     """A loopback port nobody listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port_block(1)}"
 
 
 def settle(predicate, timeout: float = 10.0) -> bool:
