@@ -113,6 +113,20 @@ def concat(ws: list) -> np.ndarray | NBitsWeight | RowQuantized:
     return dataclasses.replace(first, **fields)
 
 
+def split_rows(w: NBitsWeight, parts: int) -> list[NBitsWeight]:
+    """`parts` row ranges of a weight (sizes differ by at most one row): the inverse of concat."""
+    bounds = np.linspace(0, w.shape[0], parts + 1).astype(int)
+
+    def rows(a: np.ndarray | None, lo: int, hi: int, axis: int = 0) -> np.ndarray | None:
+        return None if a is None else np.ascontiguousarray(a[lo:hi] if axis == 0 else a[:, lo:hi])
+
+    return [
+        dataclasses.replace(w, packed=rows(w.packed, lo, hi), scales=rows(w.scales, lo, hi),
+                            zero_points=rows(w.zero_points, lo, hi), block_offsets=rows(w.block_offsets, lo, hi, 1))
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
 def block_sum_rows(k: int, block_size: int) -> NBitsWeight:
     """K/block rows whose product with x is the sum of x over each block (row b: ones in block b), exactly:
     appended to a Q4_1 weight, the same MatMulNBits yields the block sums that its offsets multiply."""

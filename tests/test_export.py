@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import onnx
 import pytest
 from helpers import REFERENCE_DIR, write_tiny_llama3
 
@@ -112,6 +113,24 @@ def test_row_chunked_export_writes_the_same_bytes(tmp_path, tiny_checkpoint, mon
     monkeypatch.setattr(build, "CHUNK_BYTES", 3000)  # 5 rows of 128 floats, 2 of 256: many uneven blocks
     chunked = export(tiny_checkpoint, tmp_path / "chunked", stages=2, context=64, prefill=8)
     assert chunked.files == whole.files and chunked.quantization == whole.quantization
+
+
+def test_weights_in_row_pieces_give_the_same_logits(tmp_path, tiny_checkpoint, monkeypatch):
+    """Weights over PIECE_BYTES run as several MatMulNBits and a Concat: the same logits, more nodes."""
+    from splitllm.export import graph_cpu
+
+    whole = export(tiny_checkpoint, tmp_path / "whole", stages=2, context=64, prefill=8)
+    monkeypatch.setattr(graph_cpu, "PIECE_BYTES", 20000)  # splits lm_head, gate/up and down, not q/k/v/o
+    pieces = export(tiny_checkpoint, tmp_path / "pieces", stages=2, context=64, prefill=8)
+    nodes = [sum(n.op_type == "MatMulNBits" for n in onnx.load(str(d / "stage2.cpu.onnx")).graph.node)
+             for d in (tmp_path / "whole", tmp_path / "pieces")]
+    assert nodes[1] > nodes[0], nodes
+    assert pieces.quantization == whole.quantization
+    prompt = list(np.random.default_rng(3).integers(0, 448, 11))
+    a, b = LocalChain(tmp_path / "whole"), LocalChain(tmp_path / "pieces")
+    np.testing.assert_allclose(b.prefill_tokens("s", prompt), a.prefill_tokens("s", prompt), rtol=0, atol=1e-5)
+    t = np.array([7], np.int32)
+    np.testing.assert_allclose(b.step("s", len(prompt), t), a.step("s", len(prompt), t), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3, 4, 7, 30])
