@@ -50,6 +50,21 @@ class TokenizerBundle:
     eos_token: str
 
 
+def compact_merges(tokenizer_json: str) -> str:
+    """The BPE merges as "a b" strings instead of ["a", "b"] pairs, when no merged token has a space.
+
+    Both forms load to the same tokenizer, but `tokenizers` buffers the pair form as a tree of small
+    values while it parses: the coordinator's peak RSS at load is ~19 MB lower with the strings (49k
+    merges, SmolLM2). Byte-level BPE spells a space as "Ġ", so the strings are unambiguous there.
+    """
+    data = json.loads(tokenizer_json)
+    merges = data.get("model", {}).get("merges")
+    if not merges or isinstance(merges[0], str) or any(" " in t for pair in merges for t in pair):
+        return tokenizer_json
+    data["model"]["merges"] = [" ".join(pair) for pair in merges]
+    return json.dumps(data, ensure_ascii=False)
+
+
 def _stop_ids(tok: Tokenizer, first: list[int]) -> list[int]:
     named = [tok.token_to_id(t) for t in END_OF_TURN_TOKENS]
     return list(dict.fromkeys([*first, *(i for i in named if i is not None)]))
@@ -101,7 +116,7 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> TokenizerBundle:
         if (v := field(k)) is not None
     ]
     return TokenizerBundle(
-        tokenizer_json=tok.to_str(),
+        tokenizer_json=compact_merges(tok.to_str()),
         chat_template=field("tokenizer.chat_template"),
         bos_token_id=bos,
         eos_token_id=eos,
@@ -149,7 +164,7 @@ def tokenizer_from_hf_dir(path: str | Path) -> TokenizerBundle:
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return TokenizerBundle(
-        tokenizer_json=tokenizer_json,
+        tokenizer_json=compact_merges(tokenizer_json),
         chat_template=template,
         bos_token_id=bos,
         eos_token_id=eos,

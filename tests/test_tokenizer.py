@@ -6,7 +6,7 @@ import pytest
 from helpers import LLAMA3_TEMPLATE, MULTIBYTE, SPECIALS, tiny_llama3_tokenizer
 from tokenizers import Tokenizer
 
-from splitllm.export.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_dir
+from splitllm.export.tokenizer import compact_merges, tokenizer_from_gguf, tokenizer_from_hf_dir
 from splitllm.services.coordinator.text import ChatTemplate, IncrementalDecoder, StopMatcher, TextCodec
 
 GGUF_PATH = Path.home() / ".cache/splitllm/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,7 +113,7 @@ def test_gguf_unsupported_tokenizer(tmp_path, model, pre):
 
 def test_hf_dir_llama3(llama3_dir, codec):
     bundle = tokenizer_from_hf_dir(llama3_dir)
-    assert bundle.tokenizer_json == (llama3_dir / "tokenizer.json").read_text()
+    assert bundle.tokenizer_json == compact_merges((llama3_dir / "tokenizer.json").read_text())
     assert (bundle.bos_token_id, bundle.eos_token_id, bundle.stop_token_ids) == (0, 4, [4, 1])
     assert (bundle.bos_token, bundle.eos_token, bundle.add_bos) == ("<|begin_of_text|>", "<|eot_id|>", True)
 
@@ -130,6 +130,21 @@ def test_hf_dir_llama3(llama3_dir, codec):
     assert codec.encode("Hello", add_bos=True)[0] == 0 and codec.encode("Hello")[0] != 0
     assert codec.decode(ids) == rendered
     assert codec.token_strings(codec.encode(" the")) == ["Ġthe"]
+
+
+def test_compact_merges_keeps_the_tokenizer(llama3_dir):
+    """Pair-form merges become "a b" strings (lower peak memory at load) and encode the same; merges with
+    a space in a token stay pairs."""
+    pairs = (llama3_dir / "tokenizer.json").read_text()
+    data = json.loads(pairs)
+    data["model"]["merges"] = [m.split(" ") if isinstance(m, str) else m for m in data["model"]["merges"]]
+    pairs = json.dumps(data)
+    compact = compact_merges(pairs)
+    assert all(isinstance(m, str) for m in json.loads(compact)["model"]["merges"])
+    text = "Hello wörld 12345, <|eot_id|> again"
+    assert Tokenizer.from_str(compact).encode(text).ids == Tokenizer.from_str(pairs).encode(text).ids
+    data["model"]["merges"].append(["a b", "c"])
+    assert compact_merges(json.dumps(data)) == json.dumps(data)
 
 
 def test_hf_dir_add_bos_token_flag(tmp_path, llama3_dir):

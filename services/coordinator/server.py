@@ -112,6 +112,7 @@ def run(artifacts: str, stages: list[str], listen: str, metrics_port: int | None
     from prometheus_client import CollectorRegistry
 
     from splitllm.services import __version__
+    from splitllm.services.common import heap
     from splitllm.services.common.grpc_util import listen_host
     from splitllm.services.common.manifest import load_manifest
     from splitllm.services.common.metrics import CoordinatorMetrics, serve_metrics, set_build_info
@@ -126,6 +127,7 @@ def run(artifacts: str, stages: list[str], listen: str, metrics_port: int | None
     set_build_info(registry, __version__, sha, "-", None)
     http = serve_metrics(registry, metrics_port, listen_host(listen)) if metrics_port is not None else None
     engine = Engine(pipeline, metrics, truncate_to_context, artifacts=artifacts, max_concurrent=max_concurrent)
+    heap.trim()
     served = serve_coordinator(engine, listen, max_workers=max_concurrent + 8)
     stop = threading.Event()
     threading.Thread(target=watch_stages, args=(pipeline, served, stop), name="stage-watch", daemon=True).start()
