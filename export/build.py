@@ -20,6 +20,7 @@ from splitllm.export.checkpoint import Checkpoint, CheckpointError, open_checkpo
 from splitllm.export.graph_cpu import CpuStageGraph
 from splitllm.export.onnx_writer import GraphBuilder, WeightsFile
 from splitllm.export.quantize import NBitsWeight, RowQuantized, concat, quantize, quantize_rows
+from splitllm.export.tokenizer import compact_merges
 from splitllm.services.common.manifest import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
@@ -235,7 +236,7 @@ def _write(
     accuracy_level: int,
 ) -> Manifest:
     tok = ckpt.tokenizer()
-    (work / "tokenizer.json").write_text(tok.tokenizer_json)
+    (work / "tokenizer.json").write_text(compact_merges(tok.tokenizer_json))
     progress = Progress(9 * cfg.num_layers + 4)  # every tensor (embed, layers, norm, lm_head), then checksums
     weights = WeightSource(ckpt, progress=progress)
     plans = []

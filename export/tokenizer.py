@@ -116,7 +116,7 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> TokenizerBundle:
         if (v := field(k)) is not None
     ]
     return TokenizerBundle(
-        tokenizer_json=compact_merges(tok.to_str()),
+        tokenizer_json=tok.to_str(),
         chat_template=field("tokenizer.chat_template"),
         bos_token_id=bos,
         eos_token_id=eos,
@@ -164,7 +164,7 @@ def tokenizer_from_hf_dir(path: str | Path) -> TokenizerBundle:
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return TokenizerBundle(
-        tokenizer_json=compact_merges(tokenizer_json),
+        tokenizer_json=tokenizer_json,
         chat_template=template,
         bos_token_id=bos,
         eos_token_id=eos,

@@ -80,6 +80,8 @@ def test_manifest_contract(smollm2_artifacts):
     assert groups["layers.mlp"]["bits"] == 4 and groups["layers.mlp"]["origin"] == "from checkpoint (exact)"
     assert groups["lm_head"]["bits"] == 8 and groups["embedding"]["bits"] == 8
     assert m.tokenizer["eos_token_id"] == 2 and 2 in m.tokenizer["stop_token_ids"]
+    merges = json.loads((smollm2_artifacts / m.tokenizer["file"]).read_text())["model"]["merges"]
+    assert all(isinstance(x, str) for x in merges)  # compact_merges: the lower-peak form to load
 
 
 def test_smollm2_logits_match_llamacpp(smollm2_artifacts):
