@@ -98,9 +98,9 @@ class QnnStageGraph:
         scales = np.ascontiguousarray(w.scales.T * scale, np.float32)  # [K/block, N]
         self.exact[name] = (np.ascontiguousarray(codes), scales)
         dense = (codes.reshape(-1, w.block_size, n) * scales[:, None]).reshape(k, n)
+        y = b.op("MatMul", [x, b.weight(name, dense)], outputs=None if w.block_offsets is not None else outs)
         if w.block_offsets is None:
-            return b.op("MatMul", [x, b.weight(name, dense)], outputs=outs)
-        y = b.op("MatMul", [x, b.weight(name, dense)])
+            return y
         blocks = b.op("Reshape", [x, b.const([0, 0, k // w.block_size, w.block_size], "blocks")])
         sums = b.op("ReduceSum", [blocks, b.const([-1], "axis")], keepdims=0)
         offsets = b.weight(name + ".offsets", np.ascontiguousarray(w.block_offsets * scale, np.float32))
