@@ -46,6 +46,11 @@ def prefill_chunk(tokens: int, prefill_length: int, stages: int, spread: bool) -
     return -(-tokens // chunks)
 
 
+def stage_error(code: int, message: str) -> ServiceError:
+    """A step's error as a stage reported it (a grpc.StatusCode value in ForwardResponse.code)."""
+    return ServiceError(STATUS.get(code, grpc.StatusCode.UNKNOWN), message)
+
+
 class _Pending:
     __slots__ = ("event", "response", "error")
 
@@ -93,8 +98,7 @@ class RemotePipeline:
                     trace.event(msg.step_id, "answer_in")
                     if msg.step_id == 0:  # confirmed, or (with a code) every step in flight there is lost
                         if msg.code:
-                            self._fail_all(ServiceError(STATUS.get(msg.code, grpc.StatusCode.UNKNOWN),
-                                                        f"stage {k + 1} at {self.route[k]}: {msg.message}"))
+                            self._fail_all(stage_error(msg.code, f"stage {k + 1} at {self.route[k]}: {msg.message}"))
                         else:
                             self.subscribed[k].set()
                         continue
@@ -182,7 +186,7 @@ class RemotePipeline:
             raise p.error
         msg = p.response
         if msg.code:
-            raise ServiceError(STATUS.get(msg.code, grpc.StatusCode.UNKNOWN), msg.message)
+            raise stage_error(msg.code, msg.message)
         r = msg.results[0]
         values = from_proto(r.logits, "logits")
         return Logits(values, from_proto(r.token_ids, "token_ids") if r.HasField("token_ids") else None)
