@@ -139,8 +139,8 @@ def oversubscribed(loads: list[float]) -> str | None:
     cores = os.cpu_count() or 1
     if max(loads) <= cores:
         return None
-    return (f"the load average reached {max(loads):.1f} on {cores} cores: spinning threads then run several "
-            "times slower, llama.cpp's (at every barrier) more than the stages' (within a step); drop --spin")
+    return (f"the load average reached {max(loads):.1f} on {cores} cores: llama.cpp's spinning threads (at every "
+            "barrier) then run several times slower; drop --spin")
 
 
 def skip_llamacpp(gguf: str) -> str | None:
@@ -211,7 +211,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         for c in children.values():
             c.close()
 
-    notes.append("stages: 2 ONNX Runtime threads that spin within a step, chain likewise" if spin else
+    notes.append("stages: 2 ONNX Runtime threads that spin up to 50 us within a step, chain likewise" if spin else
                  "stages: 1 ONNX Runtime thread each (splitllm serve's default); chain: 2 threads that sleep")
     if "llamacpp" in runtimes:
         wait = "spin (stock)" if spin else "sleep (OMP_WAIT_POLICY=PASSIVE, as the stages' threads)"

@@ -95,8 +95,9 @@ def test_smollm2_logits_match_llamacpp(smollm2_artifacts):
     assert cos > 0.9999 and np.abs(got - want).max() < 1.0  # fp32 implementations differ by up to ~0.6 here
 
 
-def test_smollm2_greedy_matches_llamacpp(smollm2_artifacts, reference):
-    chain = LocalChain(smollm2_artifacts)
+@pytest.mark.parametrize("spin", [False, True], ids=["threads-sleep", "threads-spin"])
+def test_smollm2_greedy_matches_llamacpp(smollm2_artifacts, reference, spin):
+    chain = LocalChain(smollm2_artifacts, threads=2, spin=spin)
     for p in reference["prompts"]:
         out = chain.greedy(p["prompt_token_ids"], len(p["greedy_token_ids"]), stop_ids={2})
         assert out == p["greedy_token_ids"], p["prompt"]

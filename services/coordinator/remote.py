@@ -37,7 +37,7 @@ def prefill_chunk(tokens: int, prefill_length: int, stages: int, spread: bool) -
     """Prompt chunk size. Stage k+1 runs chunk 1 while stage k runs chunk 2, so with `spread` a prompt goes
     in about one chunk per stage (at least MIN_CHUNK tokens, at most the prefill length), balanced: no
     1-token tail. Through 4 one-thread stages on 2 cores: TTFT at 32 / 128 tokens 80 -> 70 / 290 -> 200 ms.
-    Not when the stages cannot overlap (2-thread stages on 2 cores: 49 -> 74 ms at 32 tokens) and not for
+    Not when the stages cannot overlap (2-thread stages on 2 cores: 177 -> 208 ms at 128 tokens) and not for
     fixed-shape graphs (qnn), which pad every chunk to the prefill length."""
     if not spread:
         return prefill_length

@@ -31,17 +31,25 @@ class Entry:
     data: np.ndarray
 
 
+SPIN_US = 50  # how long an idle intra-op thread spins before it sleeps (ONNX Runtime's own default is far longer)
+
+
 def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
-    """`spin`: intra-op threads spin while a run is in flight and stop when it returns (force_spinning_stop).
-    A decode step is ~20 small nodes per layer: waking sleeping workers at each one costs what the second
-    thread saves (2 sleeping threads decode no faster than 1), while spinning ones decode ~1.35x faster on an
-    idle machine -- and several times slower once other processes want the cores. Off by default: stages
-    share the cores with each other."""
+    """`spin`: between the nodes of a run, an idle intra-op thread spins for up to SPIN_US before it sleeps, and
+    stops when the run returns (force_spinning_stop). A decode step is ~20 small nodes per layer: waking sleeping
+    workers at each one costs what the second thread saves (2 sleeping threads decode no faster than 1). Nodes
+    follow each other within microseconds, so a short spin catches them; ONNX Runtime's default spin lasts
+    longer and keeps a core busy that another stage wants. Same-run A/B, 4 two-thread stages on 2 cores, 50 us vs the
+    default: 1024-token prompt 494 -> 620 tok/s, 16 streams 68 -> 93 tok/s, TTFT and decode unchanged; against
+    1-thread sleeping stages: TTFT at 32 tokens 72 -> 56 ms, decode 13.5 -> 12.0 ms per token, 16 streams
+    120 -> 100 tok/s. Off by default: stages share the cores with each other."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        so.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
