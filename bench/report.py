@@ -114,6 +114,8 @@ def render(results: dict, targets: list[dict], notes: list[str] = ()) -> str:
         rows.append([f"peak RSS {name}, {label} [MB]",
                      *(f"{results[k][field][name] / 1e6:.0f}" if name in results[k].get(field, {}) else "-"
                        for k in runtimes)])
+    rows.append(["PSS total (shared pages once), one stream [MB]",
+                 *(f"{results[k]['pss'] / 1e6:.0f}" if "pss" in results[k] else "-" for k in runtimes)])
     for key, label in (("second_half", "second half"), ("all_tokens", "all tokens")):
         rows.append([f"perplexity, {label}",
                      *(f"{results[k]['perplexity'][key]:.3f}" if results[k].get("perplexity") else "-"

@@ -26,6 +26,15 @@ def peak_rss(pid: int | str = "self") -> int:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
+def pss(pid: int | str = "self") -> int:
+    """Proportional set size now, in bytes: resident pages, each shared page split among the processes mapping
+    it. Summed over processes it counts shared libraries once, where a sum of RSS counts them in every one."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
 def free_port_block(n: int) -> int:
     """A base port with n free consecutive ports after it (other workers' pipelines use the defaults)."""
     for _ in range(100):
@@ -103,6 +112,9 @@ class Chain:
     def rss(self) -> dict[str, int]:
         return {"total": peak_rss()}
 
+    def pss(self) -> int:
+        return pss()
+
     def close(self) -> None:
         pass
 
@@ -155,6 +167,9 @@ class Pipeline:
     def rss(self) -> dict[str, int]:
         peaks = {s.name: peak_rss(s.proc.pid) for s in self.processes.services}
         return peaks | {"total": sum(peaks.values())}
+
+    def pss(self) -> int:
+        return sum(pss(s.proc.pid) for s in self.processes.services)
 
     def close(self) -> None:
         self.client.close()
@@ -229,6 +244,9 @@ class LlamaCpp:
 
     def rss(self) -> dict[str, int]:
         return {"total": peak_rss()}
+
+    def pss(self) -> int:
+        return pss()
 
     def close(self) -> None:
         self.llm.close()

@@ -194,6 +194,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
                 single(children[r], plan, prompts, samples[r] if rep else {})
                 if rep == 0:  # the peak with one stream at a time, as llama.cpp's single context runs
                     results[r]["rss"] = children[r].call("rss")["value"]
+                    results[r]["pss"] = children[r].call("pss")["value"]
                 streams(children[r], plan, stream_prompts, samples[r] if rep else {})
             loads.append(os.getloadavg()[0])
             left = (time.monotonic() - t_loop) / (rep + 1) * (plan.reps - rep)

@@ -20,7 +20,7 @@ def results(gen: dict[str, float], tpot_ms: dict[str, float]) -> dict:
         figures = {k: fig(1.0) for k in report.FIGURES}
         figures |= {"gen_tps": fig(gen[r]), "tpot": fig(tpot_ms[r] / 1e3), "ttft_32": fig(0.1),
                     "prompt_tps_1024": fig(300.0)}
-        out[r] = {"figures": figures, "rss": {"total": 200e6}, "rss_streams": {"total": 300e6},
+        out[r] = {"figures": figures, "rss": {"total": 200e6}, "rss_streams": {"total": 300e6}, "pss": 190e6,
                   "perplexity": {"second_half": 13.5, "all_tokens": 14.5}}
     out["pipeline"]["rss"] = {f"stage {i}": 100e6 for i in (1, 2, 3, 4)} | {"coordinator": 80e6, "total": 480e6}
     out["pipeline"].pop("perplexity")
@@ -67,6 +67,7 @@ def test_table_shows_figures_memory_and_targets():
     assert "peak RSS stage 3, one stream [MB]" in text and "peak RSS total, after streams [MB]" in text
     assert text.index("peak RSS coordinator") < text.index("peak RSS total, one stream")
     lines = {line.split("  ")[0]: line for line in text.splitlines()}
+    assert lines["PSS total (shared pages once), one stream [MB]"].split()[-3:] == ["190"] * 3
     assert lines["generation tok/s, pipeline / llama.cpp"].endswith("1.50x  yes")
     assert lines["generation tok/s, chain / llama.cpp"].endswith("NO")
     assert text.endswith("note: a note")
