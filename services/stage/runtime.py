@@ -31,7 +31,7 @@ class Entry:
     data: np.ndarray
 
 
-SPIN_US = 50  # how long an idle intra-op thread spins before it sleeps (ONNX Runtime's own default is far longer)
+SPIN_US = 50  # how long an idle intra-op thread spins before it sleeps (ONNX Runtime's own default spins longer)
 
 
 def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
