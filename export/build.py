@@ -282,7 +282,8 @@ def _write(
         context_length=context,
         prefill_length=prefill,
         kv={
-            "layout": "per layer: key and value [1, kv_heads, context, head_dim], written in place",
+            "layout": "per layer: key and value [batch, kv_heads, context, head_dim] (batch: sessions in "
+                      "consecutive pool slots), written in place",
             "dtype": "float32",
             "bytes_per_token_per_layer": kv_bytes,
         },

@@ -10,10 +10,12 @@ every node counts: a decode step runs ~20 nodes per layer at a few microseconds 
     a    = GroupQueryAttention(qkv, past KV, rotary)   KV written in place (past and present share a buffer)
     ...  o projection, SwiGLU MLP with fused gate/up
 
-Inputs: input_ids int32 [1, S] (first stage) or hidden_in float32 [1, S, H]; seqlens_k int32 [1]
-(= position + S - 1); total_sequence_length int32 []; past_key.{i}/past_value.{i} float32
-[1, kv_heads, C, head_dim]. Outputs: hidden_out [1, S, H], or logits [1, vocab] of the last row (last
-stage); present_key.{i}/present_value.{i} (the same buffers as past when bound in place).
+Inputs: input_ids int32 [B, S] (first stage) or hidden_in float32 [B, S, H]; seqlens_k int32 [B]
+(= position + S - 1 per sequence); total_sequence_length int32 [] (the largest); past_key.{i}/past_value.{i}
+float32 [B, kv_heads, C, head_dim]. Outputs: hidden_out [B, S, H], or logits [B, vocab] of each sequence's
+last row (last stage); present_key.{i}/present_value.{i} (the same buffers as past when bound in place).
+B is 1 for a prompt chunk; B > 1 runs one token of each of B sessions whose KV are consecutive slots of
+one buffer (decode batching: the weights are read once for all B tokens).
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ PIECE_BYTES = 8 << 20
 class CpuStageGraph:
     def __init__(self, b: GraphBuilder, cfg: ModelConfig, context: int, accuracy_level: int) -> None:
         self.b, self.cfg, self.context, self.accuracy_level = b, cfg, context, accuracy_level
-        self.dims = {"S": "sequence"}
+        self.batch_shapes: dict[int, str] = {}
+
+    def batched(self, x: str, n: int) -> str:
+        """Rows [B*S, n] -> [B, S, n], B read off seqlens_k (one shape per width n, shared by every layer)."""
+        if n not in self.batch_shapes:
+            b = self.b
+            self.batch_shapes[n] = b.op("Concat", [b.op("Shape", ["seqlens_k"]), b.const([-1, n], "rows")], axis=0)
+        return self.b.op("Reshape", [x, self.batch_shapes[n]])
 
     def linear(self, x: str, w: NBitsWeight, name: str) -> str:
         parts = -(-w.nbytes // PIECE_BYTES)
@@ -118,6 +127,7 @@ class CpuStageGraph:
         seqlens: str,
         total: str,
     ) -> tuple[str, str]:
+        """Layer i on rows x [B*S, H]; returns (residual, delta) whose sum is the layer's output."""
         b, c, p = self.b, self.cfg, f"layers.{i}."
         attn_norm = weight(p + "attn_norm")
         h, x = (
@@ -127,11 +137,10 @@ class CpuStageGraph:
         )
         q, k, v = (weight(p + t) for t in "qkv")
         qkv = concat_rows([q, k, v])
-        batch = lambda t: b.op("Unsqueeze", [t, b.const([0], "axis")])  # noqa: E731  [S, n] -> [1, S, n]
         if qkv is not None:
-            gqa_in = [batch(self.linear(h, qkv, p + "qkv")), "", ""]
+            gqa_in = [self.batched(self.linear(h, qkv, p + "qkv"), qkv.shape[0]), "", ""]
         else:
-            gqa_in = [batch(self.linear(h, w, p + t)) for w, t in ((q, "q"), (k, "k"), (v, "v"))]
+            gqa_in = [self.batched(self.linear(h, w, p + t), w.shape[0]) for w, t in ((q, "q"), (k, "k"), (v, "v"))]
         attn = b.fresh("attn")
         b.op(
             "GroupQueryAttention",
@@ -170,13 +179,13 @@ class CpuStageGraph:
         on_layer: Callable[[], None] = lambda: None,
     ) -> tuple[list[TensorSpec], list[TensorSpec]]:
         b, c, C = self.b, self.cfg, self.context
-        S, H = "sequence", c.hidden_size
-        kv_shape = [1, c.num_kv_heads, C, c.head_dim]
+        B, S, H = "batch", "sequence", c.hidden_size
+        kv_shape = [B, c.num_kv_heads, C, c.head_dim]
         ins = [
-            TensorSpec("input_ids", "int32", [1, S])
+            TensorSpec("input_ids", "int32", [B, S])
             if has_embedding
-            else TensorSpec("hidden_in", "float32", [1, S, H]),
-            TensorSpec("seqlens_k", "int32", [1]),
+            else TensorSpec("hidden_in", "float32", [B, S, H]),
+            TensorSpec("seqlens_k", "int32", [B]),
             TensorSpec("total_sequence_length", "int32", []),
         ]
         for i in range(first, last):
@@ -198,14 +207,16 @@ class CpuStageGraph:
             x, delta = self.layer(i, x, delta, weight, rope, "seqlens_k", "total_sequence_length")
             on_layer()
         x = b.op("Add", [x, delta])  # every stage holds at least one layer
-        if has_lm_head:  # logits of the last row only: slice before the final norm and lm_head
-            x = b.op("Slice", [x, b.const([-1], "start"), b.const([2**62], "end"), b.const([0], "axis")])
+        x = self.batched(x, H)
+        if has_lm_head:  # logits of each sequence's last row only: slice before the final norm and lm_head
+            x = b.op("Slice", [x, b.const([-1], "start"), b.const([2**62], "end"), b.const([1], "axis")])
+            x = b.op("Reshape", [x, b.const([-1, H], "tokens")])
             y = self.linear(self.norm(x, weight("norm"), "norm"), weight("lm_head"), "lm_head")
-            out = TensorSpec("logits", "float32", [1, c.vocab_size])
+            out = TensorSpec("logits", "float32", [B, c.vocab_size])
             b.output(y, out.name, out.dtype, out.shape)
         else:
-            out = TensorSpec("hidden_out", "float32", [1, S, H])
-            b.output(b.op("Reshape", [x, b.const([1, -1, H], "shape")]), out.name, out.dtype, out.shape)
+            out = TensorSpec("hidden_out", "float32", [B, S, H])
+            b.output(x, out.name, out.dtype, out.shape)
         outs = [out]
         for i in range(first, last):
             for kind in ("key", "value"):

@@ -40,14 +40,18 @@ class ForwardRequest(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[ForwardEntry, _Mapping]]] = ..., route: _Optional[_Iterable[str]] = ..., step_id: _Optional[int] = ..., reply_to: _Optional[str] = ...) -> None: ...
 
 class EntryResult(_message.Message):
-    __slots__ = ("session_id", "logits", "token_ids")
+    __slots__ = ("session_id", "logits", "token_ids", "code", "message")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     logits: _tensor_pb2.Tensor
     token_ids: _tensor_pb2.Tensor
-    def __init__(self, session_id: _Optional[str] = ..., logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    code: int
+    message: str
+    def __init__(self, session_id: _Optional[str] = ..., logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("results", "step_id", "code", "message")

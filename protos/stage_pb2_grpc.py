@@ -69,6 +69,8 @@ class StageServicer(object):
     def Forward(self, request, context):
         """Runs a batch of session entries through this stage and on through the rest of `route`;
         the answer is what the last stage produced for each entry (logits, or the top-k of them).
+        An entry that fails fails alone (EntryResult.code); when every entry fails, the call does.
+        Results name their sessions; those that failed early come first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

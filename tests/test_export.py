@@ -75,7 +75,9 @@ def test_manifest_contract(smollm2_artifacts):
         pp, tg = s.graph("cpu", "pp"), s.graph("cpu", "tg")
         assert pp.weights == tg.weights and pp.max_tokens == 128 and tg.max_tokens == 1
     last = m.stages[-1].graph("cpu", "pp").outputs[0]
-    assert last.name == "logits" and last.shape == [1, m.model.vocab_size]  # the last position only
+    assert last.name == "logits" and last.shape == ["batch", m.model.vocab_size]  # each sequence's last position
+    seqlens = next(t for t in m.stages[1].graph("cpu", "pp").inputs if t.name == "seqlens_k")
+    assert seqlens.shape == ["batch"]  # decode steps of several sessions in one run
     groups = m.quantization["groups"]
     assert groups["layers.mlp"]["bits"] == 4 and groups["layers.mlp"]["origin"] == "from checkpoint (exact)"
     assert groups["lm_head"]["bits"] == 8 and groups["embedding"]["bits"] == 8

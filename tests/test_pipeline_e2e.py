@@ -67,10 +67,15 @@ def test_eight_concurrent_generates_match_their_solo_runs(client, pipeline):
     prompts = [f"Tell me one fact about the number {i}." for i in range(8)]
     kwargs = [dict(prompt=p, max_tokens=24, temperature=0.8, top_p=0.95, seed=100 + i) for i, p in enumerate(prompts)]
     solo = [client.generate(**kw).token_ids for kw in kwargs]
+    key = "splitllm_stage_batch_size_%s{mode=token}"
+    before = scrape(pipeline.stages[2].metrics_port)
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda kw: client.generate(**kw).token_ids, kwargs))
+    after = scrape(pipeline.stages[2].metrics_port)
     assert together == solo
     assert len({tuple(t) for t in solo}) > 1
+    steps, entries = (after[key % k] - before[key % k] for k in ("count", "sum"))
+    assert entries > steps  # token steps of concurrent sessions went through the stages in batches
     assert wait_released(pipeline) == [0, 0, 0, 0]
 
 
@@ -152,6 +157,25 @@ def test_stage_validation_errors_touch_nothing(pipeline):
     assert r.results[0].token_ids.shape == [1]
     assert s1.Release(stage_pb2.ReleaseRequest(session_id="keep", route=route)).released
     expect(grpc.StatusCode.NOT_FOUND, lambda: forward(s1, "keep", 4, ids, route), "keep")
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+
+
+def test_bad_entry_in_a_batch_fails_alone(pipeline):
+    """Two sessions' token steps in one Forward: the unknown one fails with its own code, the other runs."""
+    s1 = stage_stubs(pipeline)[0]
+    route = [s.address for s in pipeline.stages[1:]]
+    forward(s1, "live", 0, np.array([1, 2, 3], np.int32), route)
+    req = stage_pb2.ForwardRequest(route=route)
+    for sid in ("live", "ghost"):
+        e = req.entries.add(session_id=sid, position=3, num_tokens=1)
+        to_proto(np.array([4], np.int32), e.input)
+        e.logits.top_k = 1
+    results = {r.session_id: r for r in s1.Forward(req, timeout=10).results}  # failed here first, then the rest
+    live, ghost = results["live"], results["ghost"]
+    assert live.code == 0 and live.token_ids.shape == [1]
+    assert ghost.code == grpc.StatusCode.NOT_FOUND.value[0] and "ghost" in ghost.message
+    forward(s1, "live", 4, np.array([5], np.int32), route)  # the live session went on to position 4
+    s1.Release(stage_pb2.ReleaseRequest(session_id="live", route=route))
     assert wait_released(pipeline) == [0, 0, 0, 0]
 
 

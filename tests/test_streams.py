@@ -96,10 +96,10 @@ def test_a_broken_stream_between_stages_fails_the_steps_of_the_coordinators_that
     try:
         assert all(ev.wait(10) for remote in (sender, bystander) for ev in remote.subscribed)
         in_flight, other = _Pending(), _Pending()
-        with sender.pending_lock:
-            sender.pending[7] = in_flight
-        with bystander.pending_lock:
-            bystander.pending[7] = other
+        with sender.cv:
+            sender.pending[7] = {"s": in_flight}
+        with bystander.cv:
+            bystander.pending[7] = {"s": other}
         lost = dead_address()
         loading_stages[1][0].downstream.stream(lost, None).send(
             stage_pb2.ForwardRequest(step_id=7, reply_to=sender.subscriber_id))

@@ -29,3 +29,11 @@ def exhausted(message: str) -> ServiceError:
 
 def unavailable(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def from_code(code: int, message: str) -> ServiceError:
+    """An error as a peer reported it on the wire (a grpc.StatusCode value, as in ForwardResponse.code)."""
+    return ServiceError(_CODES.get(code, grpc.StatusCode.UNKNOWN), message)

@@ -2,9 +2,16 @@
 
 Steps go out on one long-lived ForwardStream to stage 1; each stage passes them on; the last stage
 pushes the answer to the Results stream this coordinator holds open on it. The coordinator also
-subscribes on every other stage, which report failed steps there; when any subscription breaks (a
-stage died) or a stage reports that its stream to the next stage broke, every step in flight fails at
-once with UNAVAILABLE instead of waiting.
+subscribes on every other stage, which report failed steps and entries there; when any subscription
+breaks (a stage died) or a stage reports that its stream to the next stage broke, every step in flight
+fails at once with UNAVAILABLE instead of waiting.
+
+Decode batching (iteration-level): the token steps of concurrent sessions go out together, one request
+of many entries that each stage runs as one batched graph run. Up to `batches_in_flight` such requests
+are in the pipeline at once (2: two stages computing at the same time on 2 cores), each with an even
+share of the decoding sessions. The sessions of a batch that was just answered are expected back
+together: their next steps wait for each other, for at most GROUP_WAIT, so the group stays whole. A
+single stream never waits: its step goes out as soon as it is submitted.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 import uuid
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -20,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitllm.protos import stage_pb2, stage_pb2_grpc
 from splitllm.services.common import trace
-from splitllm.services.common.errors import ServiceError, unavailable
+from splitllm.services.common.errors import ServiceError, from_code, unavailable
 from splitllm.services.common.grpc_util import CHANNEL_OPTIONS
 from splitllm.services.common.manifest import Manifest
 from splitllm.services.common.streams import OutStream
@@ -29,8 +38,8 @@ from splitllm.services.coordinator.pipeline import Logits, Pending, failed
 
 log = logging.getLogger("splitllm.coordinator")
 STEP_TIMEOUT = 60.0  # a step of a live pipeline takes milliseconds; this only bounds a hung stage
-STATUS = {c.value[0]: c for c in grpc.StatusCode}
 MIN_CHUNK = 16  # measured: 16-token chunks still win (32-token TTFT 77 -> 70 ms); smaller lose
+GROUP_WAIT = 0.002  # s that a batch's sessions wait for the rest of their group before going out without them
 
 
 def prefill_chunk(tokens: int, prefill_length: int, stages: int, spread: bool) -> int:
@@ -46,25 +55,35 @@ def prefill_chunk(tokens: int, prefill_length: int, stages: int, spread: bool) -
     return -(-tokens // chunks)
 
 
-def stage_error(code: int, message: str) -> ServiceError:
-    """A step's error as a stage reported it (a grpc.StatusCode value in ForwardResponse.code)."""
-    return ServiceError(STATUS.get(code, grpc.StatusCode.UNKNOWN), message)
-
-
 class _Pending:
-    __slots__ = ("event", "response", "error")
+    """One session's entry of a step, until its result or error arrives."""
+
+    __slots__ = ("event", "result", "error", "step_id")
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.response: stage_pb2.ForwardResponse | None = None
+        self.result: stage_pb2.EntryResult | None = None
         self.error: ServiceError | None = None
+        self.step_id = 0
+
+
+@dataclass
+class _Step:
+    session_id: str
+    position: int
+    token: int
+    top_k: int
+    pending: _Pending
 
 
 class RemotePipeline:
     def __init__(self, manifest: Manifest, manifest_sha256: str, addresses: list[str],
-                 spread_prompts: bool = True) -> None:
+                 spread_prompts: bool = True, batches_in_flight: int = 2) -> None:
         """`spread_prompts`: prompt chunks overlap across stages (prefill_chunk); the stages must have
-        cores to spare for that, which only the deployment knows."""
+        cores to spare for that, which only the deployment knows. `batches_in_flight`: decode batches in
+        the pipeline at once."""
+        if batches_in_flight < 1:
+            raise ValueError(f"batches_in_flight must be at least 1 (got {batches_in_flight})")
         if len(addresses) != manifest.num_stages:
             n = manifest.num_stages
             raise ValueError(f"--stages names {len(addresses)} addresses; the artifact has {n} stages")
@@ -76,8 +95,13 @@ class RemotePipeline:
         self.subscriber_id = f"coordinator-{uuid.uuid4().hex[:12]}"
         self.spread_prompts = spread_prompts
         self.fixed_rows = True  # until check() has seen every stage run a dynamic-length (cpu) graph
-        self.pending: dict[int, _Pending] = {}
-        self.pending_lock = threading.Lock()
+        self.pending: dict[int, dict[str, _Pending]] = {}  # step id -> session id -> entry not answered yet
+        self.cv = threading.Condition()  # guards pending and the decode batcher's state below
+        self.batches_in_flight = batches_in_flight
+        self.decode_steps: set[int] = set()  # decode batches in flight (not answered in full)
+        self.queue: list[_Step] = []  # decode steps not sent yet, oldest first
+        self.expected: set[str] = set()  # sessions of a just-answered batch whose next step has not come yet
+        self.expected_since = 0.0
         self.step_ids = itertools.count(1)
         self.closed = threading.Event()
         self.subscribed = [threading.Event() for _ in addresses]
@@ -86,6 +110,7 @@ class RemotePipeline:
                              on_break=lambda a, _: self._fail_all(unavailable(f"the stream to stage 1 at {a} broke")))
         for k in range(len(addresses)):
             threading.Thread(target=self._subscribe, args=(k,), name=f"results-{k + 1}", daemon=True).start()
+        threading.Thread(target=self._batch_timer, name="decode-batcher", daemon=True).start()
 
     def _subscribe(self, k: int) -> None:
         """Keep a Results stream open on stage k; deliver answers; on a break, fail every step in flight."""
@@ -98,15 +123,11 @@ class RemotePipeline:
                     trace.event(msg.step_id, "answer_in")
                     if msg.step_id == 0:  # confirmed, or (with a code) every step in flight there is lost
                         if msg.code:
-                            self._fail_all(stage_error(msg.code, f"stage {k + 1} at {self.route[k]}: {msg.message}"))
+                            self._fail_all(from_code(msg.code, f"stage {k + 1} at {self.route[k]}: {msg.message}"))
                         else:
                             self.subscribed[k].set()
                         continue
-                    with self.pending_lock:
-                        p = self.pending.pop(msg.step_id, None)
-                    if p is not None:
-                        p.response = msg
-                        p.event.set()
+                    self._answer(msg)
             except grpc.RpcError:
                 pass
             if self.subscribed[k].is_set():
@@ -114,12 +135,50 @@ class RemotePipeline:
                 self._fail_all(unavailable(f"stage {k + 1} at {self.route[k]} is unavailable"))
             self.closed.wait(0.2)
 
-    def _fail_all(self, error: ServiceError) -> None:
-        with self.pending_lock:
-            pending, self.pending = self.pending, {}
-        for p in pending.values():
-            p.error = error
+    def _answer(self, msg: stage_pb2.ForwardResponse) -> None:
+        """Deliver a step's results (all or some of its entries), or fail the rest of it (msg.code)."""
+        done: list[_Pending] = []
+        with self.cv:
+            waiting = self.pending.get(msg.step_id)
+            if waiting is None:
+                return
+            if msg.code:
+                error = from_code(msg.code, msg.message)
+                for p in waiting.values():
+                    p.error = error
+                done, answered = list(waiting.values()), []
+                waiting.clear()
+            else:
+                answered = []
+                for r in msg.results:
+                    p = waiting.pop(r.session_id, None)
+                    if p is not None:
+                        p.result = r
+                        done.append(p)
+                        if not r.code:
+                            answered.append(r.session_id)
+            if msg.step_id in self.decode_steps:
+                if answered:  # they come back together unless they finish: keep the group whole
+                    self.expected.update(answered)
+                    self.expected_since = time.monotonic()
+                if not waiting:
+                    self.decode_steps.discard(msg.step_id)
+            if not waiting:
+                del self.pending[msg.step_id]
+            self._pump()
+        for p in done:
             p.event.set()
+
+    def _fail_all(self, error: ServiceError) -> None:
+        with self.cv:
+            pending, self.pending = self.pending, {}
+            self.decode_steps.clear()
+            self.expected.clear()
+            self._pump()
+        for waiting in pending.values():
+            for p in waiting.values():
+                p.error = error
+                p.event.set()
 
     def addresses(self) -> list[str]:
         return list(self.route)
@@ -157,46 +216,102 @@ class RemotePipeline:
                 return False
         return True
 
-    def _send(self, session_id: str, position: int, tokens: np.ndarray, top_k: int) -> tuple[int, _Pending]:
-        step_id = next(self.step_ids)
-        req = stage_pb2.ForwardRequest(route=self.route[1:], step_id=step_id, reply_to=self.subscriber_id)
+    def _request(self) -> stage_pb2.ForwardRequest:
+        return stage_pb2.ForwardRequest(route=self.route[1:], step_id=next(self.step_ids), reply_to=self.subscriber_id)
+
+    def _down(self) -> int | None:
+        """The first stage whose Results stream is not open, or None."""
+        return next((k for k, ev in enumerate(self.subscribed) if not ev.is_set()), None)
+
+    def _send(self, session_id: str, position: int, tokens: np.ndarray, top_k: int) -> _Pending:
+        """A step of its own (a prompt chunk)."""
+        req = self._request()
         e = req.entries.add(session_id=session_id, position=position, num_tokens=len(tokens))
         e.logits.top_k = top_k
         to_proto(np.ascontiguousarray(tokens, np.int32), e.input)
         p = _Pending()
-        with self.pending_lock:  # registered before the check, so a stage dying from here on fails it
-            self.pending[step_id] = p
+        p.step_id = req.step_id
+        with self.cv:  # registered before the check, so a stage dying from here on fails it
+            self.pending[req.step_id] = {session_id: p}
         down = [k for k, ev in enumerate(self.subscribed) if not ev.wait(0 if ev.is_set() else 2.0)]
         if down:
-            with self.pending_lock:
-                self.pending.pop(step_id, None)
+            with self.cv:
+                self.pending.pop(req.step_id, None)
             raise unavailable(f"stage {down[0] + 1} at {self.route[down[0]]} is unavailable")
-        trace.event(step_id, "submitted")
+        trace.event(req.step_id, "submitted")
         self.out.send(req)
-        return step_id, p
+        return p
 
-    def _wait(self, step_id: int, p: _Pending) -> Logits:
+    def _pump(self) -> None:
+        """Send queued decode steps while a batch may go out (called with self.cv held)."""
+        while self.queue and len(self.decode_steps) < self.batches_in_flight and not self.expected:
+            flying = sum(len(self.pending.get(s, ())) for s in self.decode_steps)
+            share = -(-(len(self.queue) + flying) // self.batches_in_flight)  # an even share of the sessions
+            batch, self.queue = self.queue[:share], self.queue[share:]
+            req = self._request()
+            for step in batch:
+                e = req.entries.add(session_id=step.session_id, position=step.position, num_tokens=1)
+                e.logits.top_k = step.top_k
+                to_proto(np.array([step.token], np.int32), e.input)
+                step.pending.step_id = req.step_id
+            if (k := self._down()) is not None:
+                error = unavailable(f"stage {k + 1} at {self.route[k]} is unavailable")
+                for step in batch:
+                    step.pending.error = error
+                    step.pending.event.set()
+                continue
+            self.pending[req.step_id] = {step.session_id: step.pending for step in batch}
+            self.decode_steps.add(req.step_id)
+            trace.event(req.step_id, "submitted")
+            self.out.send(req)
+        if self.queue:  # the timer sends them if their group does not come
+            self.cv.notify()
+
+    def _batch_timer(self) -> None:
+        """Sends the queued steps when the rest of their group has not come within GROUP_WAIT."""
+        with self.cv:
+            while not self.closed.is_set():
+                if self.queue and self.expected and len(self.decode_steps) < self.batches_in_flight:
+                    left = self.expected_since + GROUP_WAIT - time.monotonic()
+                    if left <= 0:
+                        self.expected.clear()
+                        self._pump()
+                    else:
+                        self.cv.wait(left)
+                else:
+                    self.cv.wait(0.5)
+
+    def _wait(self, p: _Pending) -> Logits:
         woke = p.event.wait(STEP_TIMEOUT)
-        trace.event(step_id, "answer_taken")
+        trace.event(p.step_id, "answer_taken")
         if not woke:
-            with self.pending_lock:
-                self.pending.pop(step_id, None)
+            with self.cv:
+                waiting = self.pending.get(p.step_id, {})
+                for sid in [sid for sid, q in waiting.items() if q is p]:
+                    del waiting[sid]
             raise unavailable(f"no answer from the pipeline within {STEP_TIMEOUT:.0f} s")
         if p.error is not None:
             raise p.error
-        msg = p.response
-        if msg.code:
-            raise stage_error(msg.code, msg.message)
-        r = msg.results[0]
+        r = p.result
+        if r.code:
+            raise from_code(r.code, r.message)
         values = from_proto(r.logits, "logits")
         return Logits(values, from_proto(r.token_ids, "token_ids") if r.HasField("token_ids") else None)
 
     def submit(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Pending:
-        try:
-            step_id, p = self._send(session_id, position, tokens, top_k)
-        except ServiceError as e:
-            return failed(e)
-        return lambda: self._wait(step_id, p)
+        """One token goes out in a decode batch; more tokens (a prompt chunk) as a step of their own."""
+        if len(tokens) != 1:
+            try:
+                p = self._send(session_id, position, tokens, top_k)
+            except ServiceError as e:
+                return failed(e)
+            return lambda: self._wait(p)
+        p = _Pending()
+        with self.cv:
+            self.queue.append(_Step(session_id, position, int(tokens[0]), top_k, p))
+            self.expected.discard(session_id)
+            self._pump()
+        return lambda: self._wait(p)
 
     def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0) -> Logits:
         """All chunks go out at once: each stage runs its stream in order, so stage 1 works on chunk k+1
@@ -206,9 +321,9 @@ class RemotePipeline:
         sent = [self._send(session_id, s, tokens[s : s + p], top_k if s + p >= len(tokens) else 1)
                 for s in range(0, len(tokens), p)]
         results: list[Logits | ServiceError] = []
-        for step_id, pending in sent:
+        for pending in sent:
             try:
-                results.append(self._wait(step_id, pending))
+                results.append(self._wait(pending))
             except ServiceError as e:
                 results.append(e)
         for r in results:
@@ -217,6 +332,9 @@ class RemotePipeline:
         return results[-1]  # type: ignore[return-value]
 
     def release(self, session_id: str) -> None:
+        with self.cv:  # a finished session will not come back to its batch
+            self.expected.discard(session_id)
+            self._pump()
         try:
             self.stubs[0].Release(stage_pb2.ReleaseRequest(session_id=session_id, route=self.route[1:]), timeout=5)
         except grpc.RpcError:  # stage 1 is down: release directly wherever possible

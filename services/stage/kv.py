@@ -1,13 +1,17 @@
-"""A stage's KV cache: a bounded pool of per-session buffers, written in place by the graphs.
+"""A stage's KV cache: a bounded pool of session slots, written in place by the graphs.
 
-Each session's buffers are views of one anonymous memory mapping of its own: pages are committed only
-as positions are written, and releasing the session unmaps them at once. (np.zeros would not do: once
-glibc has raised its mmap threshold, it serves big blocks from the heap and zeroes them, so they are
-resident at once and stay resident after release.)
+Each KV buffer of the stage (past_key.i, past_value.i) is one anonymous memory mapping of `capacity` slots;
+a session owns one slot of every buffer. Consecutive slots are one contiguous array, so one graph run can
+take the decode steps of several sessions (batch dimension = slots lo..hi). Pages are committed only as
+positions are written; releasing a session gives its slot's pages back at once (madvise DONTNEED), and a
+new session takes the lowest free slot, which keeps the sessions in use packed at the low slots.
+(np.zeros would not do: once glibc has raised its mmap threshold, it serves big blocks from the heap and
+zeroes them, so they are resident at once and stay resident after release.)
 """
 
 from __future__ import annotations
 
+import heapq
 import mmap
 import threading
 import time
@@ -21,25 +25,30 @@ from splitllm.services.common.errors import exhausted, invalid, not_found
 @dataclass
 class Session:
     id: str
-    buffers: dict[
-        str, np.ndarray
-    ]  # graph input name (past_key.i / past_value.i) -> [1, kv_heads, C, head_dim]
+    slot: int
+    buffers: dict[str, np.ndarray]  # buffer name -> this session's slot of it (the graph's KV shape)
     length: int = 0  # positions written
     last_used: float = field(default_factory=time.monotonic)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    binding: object = None  # the runtime's reusable I/O binding for these buffers
 
 
-def mapped_zeros(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Zeroed float32 arrays carved from one private anonymous mapping (freed when the last view goes)."""
-    sizes = {name: int(np.prod(shape)) for name, shape in shapes.items()}
-    area = mmap.mmap(-1, max(4 * sum(sizes.values()), 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    flat = np.frombuffer(area, dtype=np.float32)
-    out, at = {}, 0
-    for name, shape in shapes.items():
-        out[name] = flat[at : at + sizes[name]].reshape(shape)
-        at += sizes[name]
-    return out
+class SlotBuffer:
+    """float32 [capacity, *shape] carved from a private anonymous mapping: one slot per session."""
+
+    def __init__(self, capacity: int, shape: tuple[int, ...]) -> None:
+        self.slot_bytes = 4 * int(np.prod(shape))
+        self.area = mmap.mmap(-1, max(capacity * self.slot_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.array = np.frombuffer(self.area, dtype=np.float32).reshape(capacity, *shape)
+
+    def clear(self, slot: int) -> None:
+        """Zero a slot and give its whole pages back to the system."""
+        start, end = slot * self.slot_bytes, (slot + 1) * self.slot_bytes
+        first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+        if first < last:
+            self.area.madvise(mmap.MADV_DONTNEED, first, last - first)
+        flat = self.array.reshape(-1)
+        for a, b in ((start, min(first, end)), (max(last, start), end)):  # partial pages at the edges
+            if a < b:
+                flat[a // 4 : b // 4] = 0
 
 
 class KVPool:
@@ -52,15 +61,17 @@ class KVPool:
         capacity: int,
         shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
-        """`shapes`: buffer name -> shape when the graphs want another layout (qnn); default past_key.{i} and
-        past_value.{i} [1, kv_heads, context, head_dim]."""
+        """`shapes`: buffer name -> one session's shape when the graphs want another layout (qnn); default
+        past_key.{i} and past_value.{i} [1, kv_heads, context, head_dim]."""
         if capacity < 1:
             raise ValueError(f"KV capacity must be at least 1 session (got {capacity})")
         self.layers, self.capacity = layers, capacity
         shape = (1, kv_heads, context, head_dim)
         self.shapes = shapes or {f"past_{kind}.{i}": shape for i in layers for kind in ("key", "value")}
-        self.bytes_per_session = sum(4 * int(np.prod(s)) for s in self.shapes.values())
+        self.buffers = {name: SlotBuffer(capacity, s) for name, s in self.shapes.items()}
+        self.bytes_per_session = sum(b.slot_bytes for b in self.buffers.values())
         self.sessions: dict[str, Session] = {}
+        self.free = list(range(capacity))  # a heap: the lowest free slot first
         self.lock = threading.Lock()
 
     @property
@@ -75,16 +86,21 @@ class KVPool:
     def bytes_capacity(self) -> int:
         return self.capacity * self.bytes_per_session
 
+    def slots(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Every buffer's slots lo..hi-1 as one array [hi - lo, *shape[1:]] (the graph's batch dimension)."""
+        return {n: b.array[lo:hi].reshape(hi - lo, *b.array.shape[2:]) for n, b in self.buffers.items()}
+
     def create(self, session_id: str) -> Session:
         if not session_id:
             raise invalid("session_id is empty: every entry needs a non-empty session id")
         with self.lock:
             if session_id in self.sessions:
                 raise invalid(f"session {session_id!r} already exists (position 0 starts a new session only)")
-            if len(self.sessions) >= self.capacity:
+            if not self.free:
                 raise exhausted(f"no KV capacity: {self.capacity} sessions in use on this stage; retry later")
-            buffers = mapped_zeros(self.shapes)
-            s = self.sessions[session_id] = Session(session_id, buffers)
+            slot = heapq.heappop(self.free)
+            buffers = {n: b.array[slot] for n, b in self.buffers.items()}
+            s = self.sessions[session_id] = Session(session_id, slot, buffers)
             return s
 
     def get(self, session_id: str) -> Session:
@@ -95,15 +111,29 @@ class KVPool:
             )
         return s
 
+    def by_slot(self) -> dict[int, Session]:
+        with self.lock:
+            return {s.slot: s for s in self.sessions.values()}
+
     def release(self, session_id: str) -> bool:
         with self.lock:
-            return self.sessions.pop(session_id, None) is not None
+            s = self.sessions.pop(session_id, None)
+            if s is None:
+                return False
+            self._free(s)
+            return True
+
+    def _free(self, s: Session) -> None:
+        for b in self.buffers.values():
+            b.clear(s.slot)
+        heapq.heappush(self.free, s.slot)
 
     def expire(self, ttl: float, now: float | None = None) -> list[str]:
-        """Drop sessions idle for more than `ttl` seconds (and not running); returns their ids."""
+        """Drop sessions idle for more than `ttl` seconds; returns their ids (the runtime calls it between runs)."""
         now = time.monotonic() if now is None else now
         with self.lock:
-            old = [sid for sid, s in self.sessions.items() if now - s.last_used > ttl and not s.lock.locked()]
-            for sid in old:
-                del self.sessions[sid]
-        return old
+            old = [s for s in self.sessions.values() if now - s.last_used > ttl]
+            for s in old:
+                del self.sessions[s.id]
+                self._free(s)
+        return [s.id for s in old]

@@ -12,10 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 
-from splitllm.services.common.errors import invalid
+from splitllm.services.common.errors import ServiceError, invalid
 from splitllm.services.common.manifest import load_manifest, stage_files
 from splitllm.services.stage.kv import KVPool, Session
 
@@ -56,7 +57,7 @@ def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
 
 
 class CpuGraph:
-    """The stage's dynamic-length CPU graph; KV bound in place through a per-session I/O binding."""
+    """The stage's dynamic-length CPU graph; KV bound in place, through one reusable I/O binding per slot range."""
 
     def __init__(self, path: Path, threads: int, output: str, spin: bool = False) -> None:
         self.session = ort.InferenceSession(
@@ -64,26 +65,32 @@ class CpuGraph:
         )
         self.output = output
         meta = next(o for o in self.session.get_outputs() if o.name == output)
-        self.output_shape = [d if isinstance(d, int) else None for d in meta.shape]  # None: the row count
+        self.width = meta.shape[-1]  # hidden size or vocabulary
+        seqlens = next(i for i in self.session.get_inputs() if i.name == "seqlens_k")
+        self.batched = not isinstance(seqlens.shape[0], int)  # graphs exported before decode batching take B = 1
+        self.bindings: dict[tuple[int, int], ort.IOBinding] = {}
 
-    def run(self, s: Session, x: np.ndarray, position: int) -> np.ndarray:
-        if s.binding is None:
+    def run(self, kv: KVPool, lo: int, x: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
+        """Sequences in the KV slots lo..lo+B-1 (B = len(seqlens)), S = rows / B new rows each, the last at
+        position seqlens[b]. Returns hidden states [B, S, hidden] or the logits of each last row [B, vocab]."""
+        batch = len(seqlens)
+        b = self.bindings.get((lo, batch))
+        if b is None:
             b = self.session.io_binding()
-            for name, buf in s.buffers.items():
+            for name, buf in kv.slots(lo, lo + batch).items():
                 value = ort.OrtValue.ortvalue_from_numpy(buf)
                 b.bind_ortvalue_input(name, value)
                 b.bind_ortvalue_output(name.replace("past_", "present_"), value)
-            s.binding = b
-        b = s.binding
-        n = x.shape[0]
-        b.bind_cpu_input("input_ids" if x.dtype == np.int32 else "hidden_in", x[None])
-        b.bind_cpu_input("seqlens_k", np.array([position + n - 1], np.int32))
-        b.bind_cpu_input("total_sequence_length", np.array(position + n, np.int32))
+            self.bindings[(lo, batch)] = b
+        rows = x.shape[0] // batch
+        b.bind_cpu_input("input_ids" if x.dtype == np.int32 else "hidden_in", x.reshape(batch, rows, *x.shape[1:]))
+        b.bind_cpu_input("seqlens_k", seqlens)
+        b.bind_cpu_input("total_sequence_length", np.array(seqlens.max() + 1, np.int32))
         # Into a fresh array: get_outputs() would wrap every present KV output too (~30 us per run).
-        out = np.empty([n if d is None else d for d in self.output_shape], np.float32)
+        out = np.empty((batch, self.width) if self.output == "logits" else (batch, rows, self.width), np.float32)
         b.bind_output(self.output, "cpu", element_type=np.float32, shape=out.shape, buffer_ptr=out.ctypes.data)
         self.session.run_with_iobinding(b)
-        return out[0]
+        return out
 
 
 class StageRuntime:
@@ -155,29 +162,96 @@ class StageRuntime:
 
     def forward(self, e: Entry) -> np.ndarray:
         """Run one entry; returns hidden states [n, hidden] or, at the last stage, logits [vocab]."""
-        self.check(e)
-        if e.position == 0:
-            s = self.kv.create(e.session_id)
-        else:
-            s = self.kv.get(e.session_id)
-        with s.lock:
-            if e.position != s.length:
-                if e.position == 0:
-                    self.kv.release(e.session_id)
-                raise invalid(
-                    f"session {e.session_id!r} is at position {s.length}; got a step at {e.position} "
-                    "(steps must continue where the session left off)"
-                )
-            try:
-                with self.lock:
-                    out = self.graph.run(s, e.data, e.position)
-            except Exception:
-                if e.position == 0:
-                    self.kv.release(e.session_id)
-                raise
-            s.length = e.position + e.data.shape[0]
-            s.last_used = time.monotonic()
+        out = self.forward_many([e])[0]
+        if isinstance(out, ServiceError):
+            raise out
         return out
 
+    def forward_many(self, entries: list[Entry]) -> list[np.ndarray | ServiceError]:
+        """Run a request's entries; per entry its output (as `forward`) or the error that stopped it alone.
+
+        A failed entry changes nothing. Single-token steps of two or more sessions run as one batched graph
+        run when the graph has a batch dimension (the weights are read once for all of them)."""
+        results: list[np.ndarray | ServiceError | None] = [None] * len(entries)
+        named: set[str] = set()
+        for i, e in enumerate(entries):
+            try:
+                self.check(e)
+                if e.session_id in named:
+                    raise invalid(f"entries name session {e.session_id!r} twice; one step per session per Forward")
+                named.add(e.session_id)
+            except ServiceError as err:
+                results[i] = err
+        with self.lock:  # session lengths change only under this lock, so a batch sees them all settled
+            sessions: dict[int, Session] = {}
+            for i, e in enumerate(entries):
+                if results[i] is None:
+                    try:
+                        sessions[i] = self._session(e)
+                    except ServiceError as err:
+                        results[i] = err
+            steps = [i for i in sessions if entries[i].data.shape[0] == 1 and entries[i].position > 0]
+            batch = steps if len(steps) > 1 and getattr(self.graph, "batched", False) else []
+            if batch:
+                self._run_batch([entries[i] for i in batch], [sessions[i] for i in batch], batch, results)
+            for i in sessions.keys() - set(batch):
+                results[i] = self._run_one(entries[i], sessions[i])
+        return results  # type: ignore[return-value]
+
+    def _session(self, e: Entry) -> Session:
+        s = self.kv.create(e.session_id) if e.position == 0 else self.kv.get(e.session_id)
+        if e.position != s.length:
+            raise invalid(
+                f"session {e.session_id!r} is at position {s.length}; got a step at {e.position} "
+                "(steps must continue where the session left off)"
+            )
+        return s
+
+    def _run_one(self, e: Entry, s: Session) -> np.ndarray | ServiceError:
+        n = e.data.shape[0]
+        try:
+            if isinstance(self.graph, CpuGraph):
+                out = self.graph.run(self.kv, s.slot, e.data, np.array([e.position + n - 1], np.int32))[0]
+            else:
+                out = self.graph.run(s, e.data, e.position)
+        except Exception as err:  # noqa: BLE001  the runtime failed this entry; it must not take the others
+            if e.position == 0:
+                self.kv.release(e.session_id)
+            return ServiceError(grpc.StatusCode.INTERNAL, f"stage {self.stage + 1} failed the step: {err}")
+        s.length, s.last_used = e.position + n, time.monotonic()
+        return out
+
+    def _run_batch(self, entries: list[Entry], sessions: list[Session], index: list[int],
+                   results: list[np.ndarray | ServiceError | None]) -> None:
+        """One token of each session in one run over the slots lo..hi that span them. A slot in that range
+        without a step here gets a dummy token written at its next position, which its own next step
+        overwrites (a session at the end of its context can take no further step); empty slots write at 0."""
+        lo, hi = min(s.slot for s in sessions), max(s.slot for s in sessions) + 1
+        occupied = self.kv.by_slot()
+        seqlens = np.zeros(hi - lo, np.int32)
+        for slot in range(lo, hi):
+            if (other := occupied.get(slot)) is not None:
+                seqlens[slot - lo] = min(other.length, self.context - 1)
+        x = np.zeros((hi - lo, *entries[0].data.shape[1:]), entries[0].data.dtype)
+        for e, s in zip(entries, sessions, strict=True):
+            x[s.slot - lo] = e.data[0]
+            seqlens[s.slot - lo] = e.position
+        try:
+            out = self.graph.run(self.kv, lo, x, seqlens)
+        except Exception as err:  # noqa: BLE001
+            error = ServiceError(grpc.StatusCode.INTERNAL, f"stage {self.stage + 1} failed the step: {err}")
+            for i in index:
+                results[i] = error
+            return
+        now = time.monotonic()
+        for i, e, s in zip(index, entries, sessions, strict=True):
+            results[i] = out[s.slot - lo]
+            s.length, s.last_used = e.position + 1, now
+
     def release(self, session_id: str) -> bool:
-        return self.kv.release(session_id)
+        with self.lock:  # not during a run: a batch may write a dummy token into any slot of its range
+            return self.kv.release(session_id)
+
+    def expire(self, ttl: float) -> list[str]:
+        with self.lock:
+            return self.kv.expire(ttl)

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from splitllm.protos import stage_pb2, stage_pb2_grpc
 from splitllm.services.common import trace
-from splitllm.services.common.errors import ServiceError, invalid, unavailable
+from splitllm.services.common.errors import ServiceError, from_code, invalid, unavailable
 from splitllm.services.common.grpc_util import CHANNEL_OPTIONS, SERVER_OPTIONS, listen_host
 from splitllm.services.common.metrics import StageMetrics
 from splitllm.services.common.streams import OutStream, Subscribers
@@ -88,73 +88,81 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             raise unavailable("the stage is still loading its graphs; retry shortly")
         return self.runtime
 
-    def _decode(self, request: stage_pb2.ForwardRequest) -> list[Entry]:
+    def _decode(self, request: stage_pb2.ForwardRequest) -> list[Entry | ServiceError]:
         if not request.entries:
             raise invalid("entries is empty: a Forward carries at least one session entry")
         if self.rt.is_last and request.route:
             raise invalid(f"route has {len(request.route)} addresses after the last stage (allowed: none)")
         if not self.rt.is_last and not request.route:
             raise invalid(f"route is empty but stage {self.rt.stage + 1} is not the last stage: name the next stages")
-        entries = []
+        entries: list[Entry | ServiceError] = []
         for i, pe in enumerate(request.entries):
-            data = from_proto(pe.input, f"entries[{i}].input")
+            try:
+                data = from_proto(pe.input, f"entries[{i}].input")
+            except ServiceError as err:
+                entries.append(err)
+                continue
             if pe.num_tokens and pe.num_tokens < data.shape[0]:  # padded chunk: only the valid rows run here
                 data = data[: pe.num_tokens]
-            e = Entry(pe.session_id, pe.position, data)
-            self.rt.check(e)
-            entries.append(e)
-        if len({e.session_id for e in entries}) != len(entries):
-            raise invalid("entries name the same session twice; one step per session per Forward")
-        for e in entries:  # every session must exist (or start) before any runs: a bad entry changes nothing
-            if e.position:
-                self.rt.kv.get(e.session_id)
+            entries.append(Entry(pe.session_id, pe.position, data))
         return entries
 
-    def _step(self, request: stage_pb2.ForwardRequest) -> stage_pb2.ForwardResponse | stage_pb2.ForwardRequest:
-        """Run the entries: the answer (last stage) or the request for the next stage."""
+    def _step(self, request: stage_pb2.ForwardRequest) -> tuple[stage_pb2.ForwardResponse | None,
+                                                                stage_pb2.ForwardRequest | None]:
+        """Run the entries. Returns (answer, onward): the answer holds the last stage's results and every entry
+        that failed here (None when there are neither); onward is the request for the next stage with the
+        entries that ran (None when none did). A bad request as a whole raises ServiceError."""
         m = self.metrics
-        entries = self._decode(request)
+        decoded = self._decode(request)
+        entries = [e for e in decoded if isinstance(e, Entry)]
         mode = "prompt" if any(e.data.shape[0] > 1 for e in entries) else "token"
         trace.event(request.step_id, "run")
         t0 = time.perf_counter()
-        outs = [self.rt.forward(e) for e in entries]
+        ran = iter(self.rt.forward_many(entries))
+        outs = [e if isinstance(e, ServiceError) else next(ran) for e in decoded]
         trace.event(request.step_id, "ran")
         if m:
             m.forward_seconds[mode].observe(time.perf_counter() - t0)
             m.batch_size[mode].observe(len(entries))
             m.received_bytes.inc(request.ByteSize())
             self._kv_gauges()
-        if self.rt.is_last:
-            resp = stage_pb2.ForwardResponse(step_id=request.step_id)
-            for e, pe, logits in zip(entries, request.entries, outs, strict=True):
-                put_logits(logits, pe.logits.top_k, resp.results.add(session_id=e.session_id))
-            if m:
-                m.sent_bytes.inc(resp.ByteSize())
-            return resp
-        nxt = stage_pb2.ForwardRequest(route=request.route[1:], step_id=request.step_id, reply_to=request.reply_to)
-        for e, pe, hidden in zip(entries, request.entries, outs, strict=True):
-            ne = nxt.entries.add(session_id=e.session_id, position=e.position, num_tokens=hidden.shape[0])
-            ne.logits.CopyFrom(pe.logits)
-            to_proto(hidden, ne.input)
+        answer = stage_pb2.ForwardResponse(step_id=request.step_id)
+        nxt = None if self.rt.is_last else stage_pb2.ForwardRequest(
+            route=request.route[1:], step_id=request.step_id, reply_to=request.reply_to)
+        for pe, out in zip(request.entries, outs, strict=True):
+            if isinstance(out, ServiceError):
+                if m:
+                    m.error(out.code)
+                answer.results.add(session_id=pe.session_id, code=out.code.value[0], message=out.message)
+            elif nxt is None:
+                put_logits(out, pe.logits.top_k, answer.results.add(session_id=pe.session_id))
+            else:
+                ne = nxt.entries.add(session_id=pe.session_id, position=pe.position, num_tokens=out.shape[0])
+                ne.logits.CopyFrom(pe.logits)
+                to_proto(out, ne.input)
         if m:
-            m.sent_bytes.inc(nxt.ByteSize())
-        return nxt
+            m.sent_bytes.inc(answer.ByteSize() if nxt is None else nxt.ByteSize())
+        return (answer if answer.results else None), (nxt if nxt is not None and nxt.entries else None)
 
     def Forward(self, request: stage_pb2.ForwardRequest, context: grpc.ServicerContext) -> stage_pb2.ForwardResponse:
         """Unary form (tests, tools): runs here, then calls the next stage and returns its answer."""
         try:
-            out = self._step(request)
-            if isinstance(out, stage_pb2.ForwardResponse):
-                return out
-            t1 = time.perf_counter()
-            left = context.time_remaining()  # no deadline reads as a huge number, which gRPC cannot take
-            try:
-                resp = self.downstream.stub(request.route[0]).Forward(out, timeout=left if left < 1e6 else None)
-            except grpc.RpcError as err:
-                raise self._downstream_error(request.route[0], err) from None
-            if self.metrics:
-                self.metrics.hop_seconds[step_mode(out)].observe(time.perf_counter() - t1)
-            return resp
+            answer, onward = self._step(request)
+            answer = answer or stage_pb2.ForwardResponse()
+            if onward is not None:
+                t1 = time.perf_counter()
+                left = context.time_remaining()  # no deadline reads as a huge number, which gRPC cannot take
+                try:
+                    resp = self.downstream.stub(request.route[0]).Forward(onward, timeout=left if left < 1e6 else None)
+                except grpc.RpcError as err:
+                    raise self._downstream_error(request.route[0], err) from None
+                if self.metrics:
+                    self.metrics.hop_seconds[step_mode(onward)].observe(time.perf_counter() - t1)
+                answer.results.extend(resp.results)
+            if all(r.code for r in answer.results):  # every entry failed (each counted once): so does the call
+                first = from_code(answer.results[0].code, answer.results[0].message)
+                context.abort(first.code, first.message)
+            return answer
         except ServiceError as e:
             if self.metrics:
                 self.metrics.error(e.code)
@@ -162,17 +170,17 @@ class StageServicer(stage_pb2_grpc.StageServicer):
 
     def ForwardStream(self, request_iterator, context: grpc.ServicerContext) -> stage_pb2.ForwardStreamSummary:
         """The data path: each step runs here and goes on to the next stage's stream, or (last stage) to the
-        coordinator's Results stream; a failed step is reported there too and the stream goes on."""
+        coordinator's Results stream; a failed step or entry is reported there too and the stream goes on."""
         steps = 0
         for request in request_iterator:
             steps += 1
             trace.event(request.step_id, "received")
             try:
-                out = self._step(request)
-                if isinstance(out, stage_pb2.ForwardResponse):
-                    self.subscribers.push(request.reply_to, out)
-                else:
-                    self.downstream.stream(request.route[0], self.metrics).send(out)
+                answer, onward = self._step(request)
+                if onward is not None:
+                    self.downstream.stream(request.route[0], self.metrics).send(onward)
+                if answer is not None:
+                    self.subscribers.push(request.reply_to, answer)
                 trace.event(request.step_id, "handed_off")
             except ServiceError as e:
                 if self.metrics:
@@ -250,7 +258,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     def expire(self, ttl: float) -> None:
         if self.runtime is None:
             return
-        for sid in self.rt.kv.expire(ttl):
+        for sid in self.rt.expire(ttl):
             log.info("session %s expired after %.0f s idle", sid, ttl)
             if self.metrics:
                 self.metrics.sessions_expired.inc()

@@ -1,0 +1,90 @@
+"""StageRuntime without sockets: decode batching across sessions, per-entry errors, KV slots."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from splitllm.export.build import export
+from splitllm.services.common.errors import ServiceError
+from splitllm.services.stage.runtime import Entry, StageRuntime
+
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(tmp_path_factory, tiny_checkpoint):
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    export(tiny_checkpoint, out, stages=2, context=CONTEXT, prefill=16)
+    return out
+
+
+def inputs(rt: StageRuntime, rng: np.random.Generator, n: int) -> np.ndarray:
+    if rt.is_first:
+        return rng.integers(0, rt.manifest.model.vocab_size, n).astype(np.int32)
+    return rng.standard_normal((n, rt.hidden)).astype(np.float32)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_batched_decode_matches_one_by_one(tiny_artifacts, stage):
+    """Steps of several sessions in one run give what the same steps give one at a time, also when slots in
+    the batch's range hold sessions without a step in it, or nothing, and when those sessions go on later."""
+    batched, single = (StageRuntime(tiny_artifacts, stage, kv_capacity=8, threads=1) for _ in range(2))
+    assert batched.graph.batched
+    rng = np.random.default_rng(stage)
+    lengths = [5, 16, 9, 12, 2, 16, 3]
+    for i, n in enumerate(lengths):
+        x = inputs(batched, rng, n)
+        for rt in (batched, single):
+            rt.forward(Entry(f"s{i}", 0, x))
+    for rt in (batched, single):
+        assert rt.release("s3")  # an empty slot inside the range
+    rounds = [[0, 1, 2, 4, 5, 6], [0, 6], [1, 2, 4, 5], [0, 1, 2, 4, 5, 6]]  # 3 and 4 sit out some rounds
+    for members in rounds:
+        steps = [Entry(f"s{i}", lengths[i], inputs(batched, rng, 1)) for i in members]
+        got = batched.forward_many(steps)
+        for e, g in zip(steps, got, strict=True):
+            np.testing.assert_allclose(g, single.forward(e), rtol=1e-5, atol=1e-5)
+        for i in members:
+            lengths[i] += 1
+    assert [batched.kv.get(f"s{i}").length for i in (0, 1, 2, 4, 5, 6)] == [lengths[i] for i in (0, 1, 2, 4, 5, 6)]
+
+
+def test_bad_entry_fails_alone(tiny_artifacts):
+    rt = StageRuntime(tiny_artifacts, 0, kv_capacity=4, threads=1)
+    rng = np.random.default_rng(0)
+    for sid in ("a", "b"):
+        rt.forward(Entry(sid, 0, inputs(rt, rng, 4)))
+    before = rt.kv.get("b").buffers["past_key.0"].copy()
+    out = rt.forward_many([
+        Entry("a", 4, inputs(rt, rng, 1)),
+        Entry("ghost", 4, inputs(rt, rng, 1)),
+        Entry("b", 7, inputs(rt, rng, 1)),  # b is at position 4
+        Entry("a", 5, inputs(rt, rng, 1)),  # a twice in one request
+        Entry("c", 0, np.array([10**6], np.int32)),  # outside the vocabulary
+    ])
+    assert isinstance(out[0], np.ndarray) and rt.kv.get("a").length == 5
+    codes = [e.code for e in out[1:]]  # type: ignore[union-attr]
+    assert codes == [grpc.StatusCode.NOT_FOUND] + [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert "at position 4" in out[2].message and "twice" in out[3].message  # type: ignore[union-attr]
+    assert rt.kv.get("b").length == 4 and np.array_equal(rt.kv.get("b").buffers["past_key.0"], before)
+    assert rt.kv.in_use == 2  # c was not created
+    with pytest.raises(ServiceError) as e:
+        rt.forward(Entry("ghost", 1, inputs(rt, rng, 1)))
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_released_slot_is_zeroed_and_reused_first(tiny_artifacts):
+    rt = StageRuntime(tiny_artifacts, 1, kv_capacity=3, threads=1)
+    rng = np.random.default_rng(0)
+    for sid in ("a", "b", "c"):
+        rt.forward(Entry(sid, 0, inputs(rt, rng, 8)))
+    slot = rt.kv.get("b").slot
+    assert slot == 1 and rt.kv.free == []
+    assert rt.release("b")
+    assert all(not buf.array[slot].any() for buf in rt.kv.buffers.values())
+    rt.forward(Entry("d", 0, inputs(rt, rng, 3)))
+    assert rt.kv.get("d").slot == slot
+    assert sorted(rt.expire(-1.0)) == ["a", "c", "d"]
+    assert rt.kv.in_use == 0 and sorted(rt.kv.free) == [0, 1, 2]
