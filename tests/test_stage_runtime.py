@@ -28,8 +28,9 @@ def inputs(rt: StageRuntime, rng: np.random.Generator, n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("stage", [0, 1])
 def test_batched_decode_matches_one_by_one(tiny_artifacts, stage):
-    """Steps of several sessions in one run give what the same steps give one at a time, also when slots in
-    the batch's range hold sessions without a step in it, or nothing, and when those sessions go on later."""
+    """Steps of several sessions in one run give what the same steps give one at a time, also when the batch's
+    sessions are first scattered over the slots (between them: sessions without a step, and a free slot) and
+    are moved together, and when the sessions that sat out go on later."""
     batched, single = (StageRuntime(tiny_artifacts, stage, kv_capacity=8, threads=1) for _ in range(2))
     assert batched.graph.batched
     rng = np.random.default_rng(stage)
@@ -48,6 +49,8 @@ def test_batched_decode_matches_one_by_one(tiny_artifacts, stage):
             np.testing.assert_allclose(g, single.forward(e), rtol=1e-5, atol=1e-5)
         for i in members:
             lengths[i] += 1
+        slots = sorted(batched.kv.get(f"s{i}").slot for i in members)
+        assert slots == list(range(slots[0], slots[0] + len(members)))  # gathered: the run spans its own rows
     assert [batched.kv.get(f"s{i}").length for i in (0, 1, 2, 4, 5, 6)] == [lengths[i] for i in (0, 1, 2, 4, 5, 6)]
 
 

@@ -2,9 +2,9 @@
 
 Each KV buffer of the stage (past_key.i, past_value.i) is one anonymous memory mapping of `capacity` slots;
 a session owns one slot of every buffer. Consecutive slots are one contiguous array, so one graph run can
-take the decode steps of several sessions (batch dimension = slots lo..hi). Pages are committed only as
-positions are written; releasing a session gives its slot's pages back at once (madvise DONTNEED), and a
-new session takes the lowest free slot, which keeps the sessions in use packed at the low slots.
+take the decode steps of several sessions (batch dimension = slots lo..hi; `move` brings a batch's
+sessions together). Pages are committed only as positions are written; releasing a session gives its
+slot's pages back at once (madvise DONTNEED), and a new session takes the lowest free slot.
 (np.zeros would not do: once glibc has raised its mmap threshold, it serves big blocks from the heap and
 zeroes them, so they are resident at once and stay resident after release.)
 """
@@ -111,9 +111,28 @@ class KVPool:
             )
         return s
 
-    def by_slot(self) -> dict[int, Session]:
+    def move(self, s: Session, slot: int) -> None:
+        """Give session `s` the slot `slot`, swapping KV with the session there (or taking it when free).
+        Copies only the positions written; for the [1, kv_heads, context, head_dim] layout (cpu)."""
         with self.lock:
-            return {s.slot: s for s in self.sessions.values()}
+            other = next((o for o in self.sessions.values() if o.slot == slot), None)
+            n = max(s.length, other.length if other else 0)
+            for b in self.buffers.values():
+                mine, theirs = b.array[s.slot][:, :, :n], b.array[slot][:, :, :n]
+                held = theirs.copy()
+                theirs[...] = mine
+                mine[...] = held
+            if other is None:
+                self.free.remove(slot)
+                for b in self.buffers.values():
+                    b.clear(s.slot)
+                self.free.append(s.slot)
+                heapq.heapify(self.free)
+            else:
+                other.slot = s.slot
+                other.buffers = {name: b.array[other.slot] for name, b in self.buffers.items()}
+            s.slot = slot
+            s.buffers = {name: b.array[slot] for name, b in self.buffers.items()}
 
     def release(self, session_id: str) -> bool:
         with self.lock:

@@ -223,19 +223,13 @@ class StageRuntime:
 
     def _run_batch(self, entries: list[Entry], sessions: list[Session], index: list[int],
                    results: list[np.ndarray | ServiceError | None]) -> None:
-        """One token of each session in one run over the slots lo..hi that span them. A slot in that range
-        without a step here gets a dummy token written at its next position, which its own next step
-        overwrites (a session at the end of its context can take no further step); empty slots write at 0."""
-        lo, hi = min(s.slot for s in sessions), max(s.slot for s in sessions) + 1
-        occupied = self.kv.by_slot()
-        seqlens = np.zeros(hi - lo, np.int32)
-        for slot in range(lo, hi):
-            if (other := occupied.get(slot)) is not None:
-                seqlens[slot - lo] = min(other.length, self.context - 1)
-        x = np.zeros((hi - lo, *entries[0].data.shape[1:]), entries[0].data.dtype)
+        """One token of each session in one run over their slots, gathered into one block first."""
+        self._gather(sessions)
+        lo = min(s.slot for s in sessions)
+        x = np.empty((len(sessions), *entries[0].data.shape[1:]), entries[0].data.dtype)
+        seqlens = np.empty(len(sessions), np.int32)
         for e, s in zip(entries, sessions, strict=True):
-            x[s.slot - lo] = e.data[0]
-            seqlens[s.slot - lo] = e.position
+            x[s.slot - lo], seqlens[s.slot - lo] = e.data[0], e.position
         try:
             out = self.graph.run(self.kv, lo, x, seqlens)
         except Exception as err:  # noqa: BLE001
@@ -248,8 +242,22 @@ class StageRuntime:
             results[i] = out[s.slot - lo]
             s.length, s.last_used = e.position + 1, now
 
+    def _gather(self, sessions: list[Session]) -> None:
+        """Move a batch's sessions into one block of consecutive slots (the block that holds most of them
+        already), swapping KV with the sessions there: a run spans consecutive slots, and a slot between
+        members would cost a row of compute like a member's (16 streams, 1.9 rows per member without this).
+        The coordinator keeps a batch's members together from step to step, so moves are paid only when its
+        groups change."""
+        k, slots = len(sessions), {s.slot for s in sessions}
+        if max(slots) - min(slots) < k:
+            return
+        lo = max(range(self.kv.capacity - k + 1), key=lambda a: (len(slots & set(range(a, a + k))), -a))
+        targets = [t for t in range(lo, lo + k) if t not in slots]
+        for s, t in zip([s for s in sessions if not lo <= s.slot < lo + k], targets, strict=True):
+            self.kv.move(s, t)
+
     def release(self, session_id: str) -> bool:
-        with self.lock:  # not during a run: a batch may write a dummy token into any slot of its range
+        with self.lock:  # not during a run, which writes into its slots and may move sessions between slots
             return self.kv.release(session_id)
 
     def expire(self, ttl: float) -> list[str]:
