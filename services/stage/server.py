@@ -315,6 +315,9 @@ def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capaci
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("stage %d (layers %d..%d) serving on %s", stage + 1, runtime.first, runtime.last - 1, listen)
+    if backend == "cpu" and not runtime.graph.batched:
+        log.warning("the stage graph has no batch dimension (exported before decode batching): concurrent "
+                    "sessions' token steps run one by one; export the artifact again to batch them")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
