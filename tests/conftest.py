@@ -30,3 +30,11 @@ def smollm2_artifacts(tmp_path_factory, smollm2_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_tiny_llama3(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny checkpoint in 2 stages, context 64, prefill 16."""
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    export(tiny_checkpoint, out, stages=2, context=64, prefill=16)
+    return out

@@ -6,18 +6,8 @@ import grpc
 import numpy as np
 import pytest
 
-from splitllm.export.build import export
 from splitllm.services.common.errors import ServiceError
 from splitllm.services.stage.runtime import Entry, StageRuntime
-
-CONTEXT = 64
-
-
-@pytest.fixture(scope="module")
-def tiny_artifacts(tmp_path_factory, tiny_checkpoint):
-    out = tmp_path_factory.mktemp("art") / "tiny"
-    export(tiny_checkpoint, out, stages=2, context=CONTEXT, prefill=16)
-    return out
 
 
 def inputs(rt: StageRuntime, rng: np.random.Generator, n: int) -> np.ndarray:

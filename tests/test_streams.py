@@ -1,4 +1,4 @@
-"""The streamed data path when a stream between two stages breaks: real gRPC servers on loopback sockets."""
+"""The streamed data path (breaks between stages, decode batches): real gRPC servers on loopback sockets."""
 
 from __future__ import annotations
 
@@ -8,15 +8,19 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health
 
 from splitllm.bench.runtimes import free_port_block
 from splitllm.protos import stage_pb2, stage_pb2_grpc
+from splitllm.services.common.errors import ServiceError
 from splitllm.services.common.grpc_util import CHANNEL_OPTIONS
 from splitllm.services.common.manifest import load_manifest
 from splitllm.services.common.streams import OutStream
+from splitllm.services.coordinator import remote as remote_module
 from splitllm.services.coordinator.remote import RemotePipeline, _Pending
+from splitllm.services.stage.runtime import StageRuntime
 from splitllm.services.stage.server import StageServicer, serve_stage
 
 
@@ -111,3 +115,77 @@ def test_a_broken_stream_between_stages_fails_the_steps_of_the_coordinators_that
     finally:
         sender.close()
         bystander.close()
+
+
+@pytest.fixture
+def tiny_remote(tiny_artifacts):
+    """The tiny model's two stages serving on loopback, a RemotePipeline over them, and each stage's batches
+    (the session ids of every forward_many call)."""
+    manifest, sha = load_manifest(tiny_artifacts, verify=[])
+    servers, addrs, calls = [], [], []
+    for k in range(manifest.num_stages):
+        rt = StageRuntime(tiny_artifacts, k, kv_capacity=4, threads=1)
+        seen: list[list[str]] = []
+
+        def spy(entries, run=rt.forward_many, seen=seen):
+            seen.append([e.session_id for e in entries])
+            return run(entries)
+
+        rt.forward_many = spy
+        server, port = serve_stage(StageServicer(rt), "127.0.0.1:0", health.HealthServicer(), ttl=60)
+        servers.append(server)
+        addrs.append(f"127.0.0.1:{port}")
+        calls.append(seen)
+    remote = RemotePipeline(manifest, sha, addrs)
+    assert all(ev.wait(10) for ev in remote.subscribed)
+    yield remote, calls
+    remote.close()
+    for server in servers:
+        server.stop(None)
+
+
+def test_a_group_goes_out_as_one_batch_and_a_bad_entry_fails_alone(tiny_remote):
+    """Sessions answered together come back together: their next steps wait for each other and go out as one
+    request, which each stage runs as one batch. An entry that fails (unknown session) fails alone."""
+    remote, calls = tiny_remote
+    for sid in ("a", "b"):
+        remote.prefill(sid, np.array([1, 2, 3], np.int32), 1)
+    remote.batches_in_flight = 1  # (2 would split the three into two batches in flight at once)
+    with remote.cv:
+        remote.expected.update({"a", "b", "ghost"})  # as if one batch had just answered all three
+        remote.expected_since = time.monotonic() + 60  # no timeout in this test
+    pending = {sid: remote.submit(sid, 3, np.array([4], np.int32), 1) for sid in ("a", "ghost", "b")}
+    a, b = pending["a"](), pending["b"]()
+    assert a.ids.shape == (1,) and b.ids.shape == (1,)
+    with pytest.raises(ServiceError) as e:
+        pending["ghost"]()
+    assert e.value.code == grpc.StatusCode.NOT_FOUND and "ghost" in e.value.message
+    assert calls[0][-1] == ["a", "ghost", "b"] and calls[1][-1] == ["a", "b"]  # one request, the ghost dropped
+    assert remote.submit("a", 4, np.array([5], np.int32), 1)().ids.shape == (1,)  # a single step goes at once
+
+
+def test_a_late_member_does_not_hold_its_group(tiny_remote, monkeypatch):
+    """A session of the group that does not come back (its client is slow, it finished without a release yet)
+    holds the others for GROUP_WAIT at most."""
+    remote, calls = tiny_remote
+    monkeypatch.setattr(remote_module, "GROUP_WAIT", 0.05)
+    remote.prefill("a", np.array([1, 2, 3], np.int32), 1)
+    with remote.cv:
+        remote.expected.update({"a", "late"})
+        remote.expected_since = time.monotonic()
+    t0 = time.monotonic()
+    assert remote.submit("a", 3, np.array([4], np.int32), 1)().ids.shape == (1,)
+    assert time.monotonic() - t0 < 5 and calls[0][-1] == ["a"]
+
+
+def test_two_batches_in_flight_share_the_sessions_evenly(tiny_remote):
+    remote, calls = tiny_remote
+    sessions = ["a", "b", "c", "d"]
+    for sid in sessions:
+        remote.prefill(sid, np.array([1, 2, 3], np.int32), 1)
+    with remote.cv:
+        remote.expected.update(sessions)
+        remote.expected_since = time.monotonic() + 60
+    pending = [remote.submit(sid, 3, np.array([4], np.int32), 1) for sid in sessions]
+    assert all(p().ids.shape == (1,) for p in pending)
+    assert calls[1][-2:] == [["a", "b"], ["c", "d"]]
