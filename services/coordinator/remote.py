@@ -285,10 +285,14 @@ class RemotePipeline:
         woke = p.event.wait(STEP_TIMEOUT)
         trace.event(p.step_id, "answer_taken")
         if not woke:
-            with self.cv:
+            with self.cv:  # forget the entry; a step with none left is no longer in flight
                 waiting = self.pending.get(p.step_id, {})
                 for sid in [sid for sid, q in waiting.items() if q is p]:
                     del waiting[sid]
+                if not waiting:
+                    self.pending.pop(p.step_id, None)
+                    self.decode_steps.discard(p.step_id)
+                    self._pump()
             raise unavailable(f"no answer from the pipeline within {STEP_TIMEOUT:.0f} s")
         if p.error is not None:
             raise p.error

@@ -147,6 +147,8 @@ class QnnGraph:
     `runner(mode, feeds)` runs one graph; export's calibration passes float CPU graphs through the same code.
     """
 
+    batched = False  # fixed shapes: one session per run
+
     def __init__(
         self, cfg: ModelConfig, layers: range, context: int, prefill: int, first: bool, last: bool, runner: Runner
     ) -> None:

@@ -6,6 +6,7 @@ The gRPC service (services/stage/server.py) is a thin layer over this object; th
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -21,6 +22,7 @@ from splitllm.services.common.manifest import load_manifest, stage_files
 from splitllm.services.stage.kv import KVPool, Session
 
 BACKENDS = ("cpu", "qnn")
+log = logging.getLogger("splitllm.stage")
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,7 @@ class StageRuntime:
                     except ServiceError as err:
                         results[i] = err
             steps = [i for i in sessions if entries[i].data.shape[0] == 1 and entries[i].position > 0]
-            batch = steps if len(steps) > 1 and getattr(self.graph, "batched", False) else []
+            batch = steps if len(steps) > 1 and self.graph.batched else []
             if batch:
                 self._run_batch([entries[i] for i in batch], [sessions[i] for i in batch], batch, results)
             for i in sessions.keys() - set(batch):
@@ -215,6 +217,7 @@ class StageRuntime:
             else:
                 out = self.graph.run(s, e.data, e.position)
         except Exception as err:  # noqa: BLE001  the runtime failed this entry; it must not take the others
+            log.exception("stage %d failed a step of session %s", self.stage + 1, e.session_id)
             if e.position == 0:
                 self.kv.release(e.session_id)
             return ServiceError(grpc.StatusCode.INTERNAL, f"stage {self.stage + 1} failed the step: {err}")
@@ -233,6 +236,7 @@ class StageRuntime:
         try:
             out = self.graph.run(self.kv, lo, x, seqlens)
         except Exception as err:  # noqa: BLE001
+            log.exception("stage %d failed a batch of %d sessions", self.stage + 1, len(sessions))
             error = ServiceError(grpc.StatusCode.INTERNAL, f"stage {self.stage + 1} failed the step: {err}")
             for i in index:
                 results[i] = error
