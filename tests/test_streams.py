@@ -189,3 +189,20 @@ def test_two_batches_in_flight_share_the_sessions_evenly(tiny_remote):
     pending = [remote.submit(sid, 3, np.array([4], np.int32), 1) for sid in sessions]
     assert all(p().ids.shape == (1,) for p in pending)
     assert calls[1][-2:] == [["a", "b"], ["c", "d"]]
+
+
+def test_prompt_chunks_go_out_a_window_at_a_time_while_others_decode(tiny_remote):
+    remote, calls = tiny_remote
+    tokens = np.arange(1, 61, dtype=np.int32)  # 4 chunks of 16 (2 stages, prefill 16)
+    order: list[str] = []
+    send, wait = remote._send, remote._wait
+    remote._send = lambda *args: order.append("send") or send(*args)
+    remote._wait = lambda p: order.append("wait") or wait(p)
+    alone = remote.prefill("alone", tokens, 1)
+    assert order == ["send"] * 4 + ["wait"] * 4  # nobody else decodes: every chunk at once
+    order.clear()
+    with remote.cv:
+        remote.expected.add("other")  # another session is decoding
+    windowed = remote.prefill("windowed", tokens, 1)
+    assert order == ["send", "send", "wait", "send", "wait", "send", "wait", "wait"]  # 2 in flight at most
+    assert np.array_equal(alone.ids, windowed.ids)

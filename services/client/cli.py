@@ -70,7 +70,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
 
     stages = [x.strip() for x in a.stages.split(",") if x.strip()]
     run(a.artifacts, stages, a.listen, a.metrics_port, a.max_concurrent, a.truncate_to_context, a.wait_stages,
-        a.prompt_chunks == "spread", a.batches_in_flight)
+        a.prompt_chunks == "spread", a.batches_in_flight, a.prompt_window)
     return 0
 
 
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--batches-in-flight", type=int, default=2,
                     help="the token steps of concurrent sessions go through the stages as one batch per step; "
                     "this many batches are in the pipeline at once, each with an even share of the sessions")
+    co.add_argument("--prompt-window", type=int, default=2,
+                    help="prompt chunks of one session in the pipeline at once; the other sessions' token steps "
+                    "go in between, so a long prompt stalls them for about this many chunks at a time")
     co.set_defaults(run=cmd_coordinator)
 
     ge = sub.add_parser("generate", help="one Generate call; prints the response summary")

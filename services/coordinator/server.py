@@ -108,7 +108,7 @@ def watch_stages(pipeline, served: CoordinatorServer, stop: threading.Event, per
 
 def run(artifacts: str, stages: list[str], listen: str, metrics_port: int | None = None, max_concurrent: int = 16,
         truncate_to_context: bool = False, wait_stages: float = 60.0, spread_prompts: bool = True,
-        batches_in_flight: int = 2) -> None:
+        batches_in_flight: int = 2, prompt_window: int = 2) -> None:
     """The `splitllm coordinator` process: check the stages, serve Generate until SIGTERM/SIGINT."""
     from prometheus_client import CollectorRegistry
 
@@ -121,7 +121,7 @@ def run(artifacts: str, stages: list[str], listen: str, metrics_port: int | None
 
     manifest, _ = load_manifest(artifacts, verify=[])
     manifest, sha = load_manifest(artifacts, verify=[manifest.tokenizer["file"]])
-    pipeline = RemotePipeline(manifest, sha, stages, spread_prompts, batches_in_flight)
+    pipeline = RemotePipeline(manifest, sha, stages, spread_prompts, batches_in_flight, prompt_window)
     pipeline.check(timeout=wait_stages)  # refuses to start on a mismatch, naming it
     registry = CollectorRegistry()
     metrics = CoordinatorMetrics(registry)
