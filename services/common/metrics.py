@@ -99,11 +99,14 @@ class StageMetrics:
         self.sent_bytes = Counter(
             "splitllm_stage_sent_bytes_total", "Payload bytes sent (downstream or as replies)", base,
             registry=registry).labels(**own)
+        self.kv_slot_moves = Counter(
+            "splitllm_stage_kv_slot_moves_total", "Sessions moved to another KV slot to sit next to their decode "
+            "batch (steady groups move rarely)", base, registry=registry).labels(**own)
         self.sessions_expired = Counter(
             "splitllm_stage_sessions_expired_total", "Idle sessions released by TTL", base,
             registry=registry).labels(**own)
         self._errors = Counter(
-            "splitllm_stage_errors_total", "RPCs that ended in an error, by gRPC status code",
+            "splitllm_stage_errors_total", "RPCs and batch entries that ended in an error, by gRPC status code",
             [*base, "code"], registry=registry)
         self._own = own
         for code in ERROR_CODES:

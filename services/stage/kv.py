@@ -15,6 +15,7 @@ import heapq
 import mmap
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,6 +73,7 @@ class KVPool:
         self.bytes_per_session = sum(b.slot_bytes for b in self.buffers.values())
         self.sessions: dict[str, Session] = {}
         self.free = list(range(capacity))  # a heap: the lowest free slot first
+        self.on_move: Callable[[], None] | None = None  # called after each `move` (a metrics counter)
         self.lock = threading.Lock()
 
     @property
@@ -133,6 +135,8 @@ class KVPool:
                 other.buffers = {name: b.array[other.slot] for name, b in self.buffers.items()}
             s.slot = slot
             s.buffers = {name: b.array[slot] for name, b in self.buffers.items()}
+        if self.on_move:
+            self.on_move()
 
     def release(self, session_id: str) -> bool:
         with self.lock:

@@ -310,6 +310,7 @@ def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capaci
     runtime = StageRuntime(artifacts, stage, backend, kv_capacity, threads, allow_cpu_fallback=allow_cpu_fallback,
                            spin=spin)
     set_build_info(registry, __version__, runtime.manifest_sha256, backend, stage)
+    runtime.kv.on_move = metrics.kv_slot_moves.inc
     servicer.metrics, servicer.runtime = metrics, runtime
     servicer._kv_gauges()
     for name in ("", SERVICE_NAME):
