@@ -81,3 +81,23 @@ def test_released_slot_is_zeroed_and_reused_first(tiny_artifacts):
     assert rt.kv.get("d").slot == slot
     assert sorted(rt.expire(-1.0)) == ["a", "c", "d"]
     assert rt.kv.in_use == 0 and sorted(rt.kv.free) == [0, 1, 2]
+
+
+def test_interleaved_groups_settle_after_one_move(tiny_artifacts):
+    """Two groups whose sessions alternate over the slots (as two coordinators' sessions may): the first batch
+    gathers its group, after which neither group's batches move anything."""
+    rt = StageRuntime(tiny_artifacts, 1, kv_capacity=6, threads=1)
+    moves: list[int] = []
+    rt.kv.on_move = lambda: moves.append(1)
+    rng = np.random.default_rng(0)
+    names = ["a0", "b0", "a1", "b1", "a2", "b2"]
+    for sid in names:
+        rt.forward(Entry(sid, 0, inputs(rt, rng, 4)))
+    groups = [names[0::2], names[1::2]]
+    counts = []
+    for position in range(4, 8):
+        for group in groups:
+            assert all(isinstance(o, np.ndarray) for o in rt.forward_many(
+                [Entry(sid, position, inputs(rt, rng, 1)) for sid in group]))
+            counts.append(len(moves))
+    assert counts[0] == 1 and counts[-1] == 1

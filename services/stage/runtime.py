@@ -255,7 +255,13 @@ class StageRuntime:
         k, slots = len(sessions), {s.slot for s in sessions}
         if max(slots) - min(slots) < k:
             return
-        lo = max(range(self.kv.capacity - k + 1), key=lambda a: (len(slots & set(range(a, a + k))), -a))
+        free = set(self.kv.free)
+
+        def fit(lo: int) -> tuple[int, int, int]:  # fewest moves, then fewest other sessions moved, then low
+            block = set(range(lo, lo + k))
+            return len(slots & block), len(free & block), -lo
+
+        lo = max(range(self.kv.capacity - k + 1), key=fit)
         targets = [t for t in range(lo, lo + k) if t not in slots]
         for s, t in zip([s for s in sessions if not lo <= s.slot < lo + k], targets, strict=True):
             self.kv.move(s, t)
