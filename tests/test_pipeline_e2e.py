@@ -79,6 +79,29 @@ def test_eight_concurrent_generates_match_their_solo_runs(client, pipeline):
     assert wait_released(pipeline) == [0, 0, 0, 0]
 
 
+def test_batches_survive_cancellations_and_newcomers(client, pipeline):
+    """Six greedy requests through 4 KV slots: two are cancelled mid-stream, the queued ones join the running
+    batches in the freed slots (sessions move between slots). The others get exactly their solo outputs,
+    and no KV is left anywhere."""
+    kwargs = [dict(prompt=f"Name a colour and a fruit, number {i}.", max_tokens=20) for i in range(6)]
+    solo = [client.generate(**kw).token_ids for kw in kwargs]
+
+    def run(i: int) -> list[int] | None:
+        stream = client.stub.Generate(client.request(**kwargs[i]))
+        ids: list[int] = []
+        for msg in stream:
+            ids += msg.token_ids
+            if i in (1, 2) and len(ids) == 4:
+                stream.cancel()
+                return None
+        return ids
+
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(run, range(6)))
+    assert [t for i, t in enumerate(together) if i not in (1, 2)] == [t for i, t in enumerate(solo) if i not in (1, 2)]
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+
+
 def test_stream_deltas_and_usage(client, reference):
     p = reference["prompts"][1]
     msgs = list(client.stream(prompt=p["prompt"], max_tokens=30))
