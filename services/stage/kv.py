@@ -101,8 +101,7 @@ class KVPool:
             if not self.free:
                 raise exhausted(f"no KV capacity: {self.capacity} sessions in use on this stage; retry later")
             slot = heapq.heappop(self.free)
-            buffers = {n: b.array[slot] for n, b in self.buffers.items()}
-            s = self.sessions[session_id] = Session(session_id, slot, buffers)
+            s = self.sessions[session_id] = Session(session_id, slot, self._views(slot))
             return s
 
     def get(self, session_id: str) -> Session:
@@ -126,15 +125,11 @@ class KVPool:
                 mine[...] = held
             if other is None:
                 self.free.remove(slot)
-                for b in self.buffers.values():
-                    b.clear(s.slot)
-                self.free.append(s.slot)
                 heapq.heapify(self.free)
+                self._free(s)  # the slot it leaves
             else:
-                other.slot = s.slot
-                other.buffers = {name: b.array[other.slot] for name, b in self.buffers.items()}
-            s.slot = slot
-            s.buffers = {name: b.array[slot] for name, b in self.buffers.items()}
+                other.slot, other.buffers = s.slot, self._views(s.slot)
+            s.slot, s.buffers = slot, self._views(slot)
         if self.on_move:
             self.on_move()
 
@@ -145,6 +140,9 @@ class KVPool:
                 return False
             self._free(s)
             return True
+
+    def _views(self, slot: int) -> dict[str, np.ndarray]:
+        return {name: b.array[slot] for name, b in self.buffers.items()}
 
     def _free(self, s: Session) -> None:
         for b in self.buffers.values():

@@ -220,7 +220,7 @@ class StageRuntime:
             log.exception("stage %d failed a step of session %s", self.stage + 1, e.session_id)
             if e.position == 0:
                 self.kv.release(e.session_id)
-            return ServiceError(grpc.StatusCode.INTERNAL, f"stage {self.stage + 1} failed the step: {err}")
+            return self._failed(err)
         s.length, s.last_used = e.position + n, time.monotonic()
         return out
 
@@ -237,7 +237,7 @@ class StageRuntime:
             out = self.graph.run(self.kv, lo, x, seqlens)
         except Exception as err:  # noqa: BLE001
             log.exception("stage %d failed a batch of %d sessions", self.stage + 1, len(sessions))
-            error = ServiceError(grpc.StatusCode.INTERNAL, f"stage {self.stage + 1} failed the step: {err}")
+            error = self._failed(err)
             for i in index:
                 results[i] = error
             return
@@ -245,6 +245,9 @@ class StageRuntime:
         for i, e, s in zip(index, entries, sessions, strict=True):
             results[i] = out[s.slot - lo]
             s.length, s.last_used = e.position + 1, now
+
+    def _failed(self, err: Exception) -> ServiceError:
+        return ServiceError(grpc.StatusCode.INTERNAL, f"stage {self.stage + 1} failed the step: {err}")
 
     def _gather(self, sessions: list[Session]) -> None:
         """Move a batch's sessions into one block of consecutive slots (the block that holds most of them
