@@ -158,17 +158,19 @@ class RemotePipeline:
                         done.append(p)
                         if not r.code:
                             answered.append(r.session_id)
-            if msg.step_id in self.decode_steps:
-                if answered:  # they come back together unless they finish: keep the group whole
-                    self.expected.update(answered)
-                    self.expected_since = time.monotonic()
-                if not waiting:
-                    self.decode_steps.discard(msg.step_id)
-            if not waiting:
-                del self.pending[msg.step_id]
-            self._pump()
+            if answered and msg.step_id in self.decode_steps:  # they come back together unless they finish
+                self.expected.update(answered)
+                self.expected_since = time.monotonic()
+            self._retire(msg.step_id)
         for p in done:
             p.event.set()
+
+    def _retire(self, step_id: int) -> None:
+        """A step with no entry left to answer is no longer in flight (called with self.cv held)."""
+        if not self.pending.get(step_id, True):
+            del self.pending[step_id]
+            self.decode_steps.discard(step_id)
+            self._pump()
 
     def _fail_all(self, error: ServiceError) -> None:
         with self.cv:
@@ -220,25 +222,33 @@ class RemotePipeline:
     def _request(self) -> stage_pb2.ForwardRequest:
         return stage_pb2.ForwardRequest(route=self.route[1:], step_id=next(self.step_ids), reply_to=self.subscriber_id)
 
-    def _down(self) -> int | None:
-        """The first stage whose Results stream is not open, or None."""
-        return next((k for k, ev in enumerate(self.subscribed) if not ev.is_set()), None)
+    @staticmethod
+    def _add_entry(req: stage_pb2.ForwardRequest, session_id: str, position: int, tokens: np.ndarray,
+                   top_k: int) -> None:
+        e = req.entries.add(session_id=session_id, position=position, num_tokens=len(tokens))
+        e.logits.top_k = top_k
+        to_proto(np.ascontiguousarray(tokens, np.int32), e.input)
+
+    def _down(self, wait: float = 0.0) -> ServiceError | None:
+        """UNAVAILABLE for the first stage whose Results stream is not open (waiting up to `wait` s for each
+        that is reconnecting), or None."""
+        for k, ev in enumerate(self.subscribed):
+            if not ev.wait(0 if ev.is_set() else wait):
+                return unavailable(f"stage {k + 1} at {self.route[k]} is unavailable")
+        return None
 
     def _send(self, session_id: str, position: int, tokens: np.ndarray, top_k: int) -> _Pending:
         """A step of its own (a prompt chunk)."""
         req = self._request()
-        e = req.entries.add(session_id=session_id, position=position, num_tokens=len(tokens))
-        e.logits.top_k = top_k
-        to_proto(np.ascontiguousarray(tokens, np.int32), e.input)
+        self._add_entry(req, session_id, position, tokens, top_k)
         p = _Pending()
         p.step_id = req.step_id
         with self.cv:  # registered before the check, so a stage dying from here on fails it
             self.pending[req.step_id] = {session_id: p}
-        down = [k for k, ev in enumerate(self.subscribed) if not ev.wait(0 if ev.is_set() else 2.0)]
-        if down:
+        if (error := self._down(wait=2.0)) is not None:
             with self.cv:
                 self.pending.pop(req.step_id, None)
-            raise unavailable(f"stage {down[0] + 1} at {self.route[down[0]]} is unavailable")
+            raise error
         trace.event(req.step_id, "submitted")
         self.out.send(req)
         return p
@@ -251,12 +261,9 @@ class RemotePipeline:
             batch, self.queue = self.queue[:share], self.queue[share:]
             req = self._request()
             for step in batch:
-                e = req.entries.add(session_id=step.session_id, position=step.position, num_tokens=1)
-                e.logits.top_k = step.top_k
-                to_proto(np.array([step.token], np.int32), e.input)
+                self._add_entry(req, step.session_id, step.position, np.array([step.token]), step.top_k)
                 step.pending.step_id = req.step_id
-            if (k := self._down()) is not None:
-                error = unavailable(f"stage {k + 1} at {self.route[k]} is unavailable")
+            if (error := self._down()) is not None:
                 for step in batch:
                     step.pending.error = error
                     step.pending.event.set()
@@ -286,14 +293,11 @@ class RemotePipeline:
         woke = p.event.wait(STEP_TIMEOUT)
         trace.event(p.step_id, "answer_taken")
         if not woke:
-            with self.cv:  # forget the entry; a step with none left is no longer in flight
+            with self.cv:  # forget the entry
                 waiting = self.pending.get(p.step_id, {})
                 for sid in [sid for sid, q in waiting.items() if q is p]:
                     del waiting[sid]
-                if not waiting:
-                    self.pending.pop(p.step_id, None)
-                    self.decode_steps.discard(p.step_id)
-                    self._pump()
+                self._retire(p.step_id)
             raise unavailable(f"no answer from the pipeline within {STEP_TIMEOUT:.0f} s")
         if p.error is not None:
             raise p.error
