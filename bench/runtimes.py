@@ -18,21 +18,23 @@ import numpy as np
 _ids = itertools.count()
 
 
+def _proc_bytes(path: str, key: str) -> int:
+    """A "Key:   N kB" figure of a /proc file, in bytes."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in {path}")
+
+
 def peak_rss(pid: int | str = "self") -> int:
     """Peak resident set size (VmHWM) of a process, in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+    return _proc_bytes(f"/proc/{pid}/status", "VmHWM")
 
 
 def pss(pid: int | str = "self") -> int:
     """Proportional set size now, in bytes: resident pages, each shared page split among the processes mapping
     it. Summed over processes it counts shared libraries once, where a sum of RSS counts them in every one."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
+    return _proc_bytes(f"/proc/{pid}/smaps_rollup", "Pss")
 
 
 def free_port_block(n: int) -> int:

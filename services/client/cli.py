@@ -11,7 +11,7 @@ from pathlib import Path
 
 DEFAULT_ARTIFACTS = "artifacts/smollm2"
 SPIN_HELP = ("idle intra-op threads spin up to 50 us before they sleep, within a step only: with --threads 2, lower "
-             "latency (TTFT ~0.8x, decode ~0.9x) for fewer concurrent tokens/s (16 streams ~0.85x)")
+             "latency (TTFT ~0.65x, decode ~0.8x) for fewer concurrent tokens/s (16 streams ~0.8x)")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
