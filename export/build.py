@@ -42,16 +42,27 @@ class ExportError(ValueError):
     """Bad export arguments or source; the message is the one-line error users see."""
 
 
+BALANCES = ("compute", "bytes")
+
+
 def split_plan(
-    layer_bytes: list[int], head_bytes: int, tail_bytes: int, stages: int
+    layer_bytes: list[int], head_bytes: int, tail_bytes: int, stages: int, balance: str = "bytes"
 ) -> list[tuple[int, int]]:
     """Contiguous layer ranges, at least one layer each, minimising the largest stage's bytes.
 
     The first stage also holds `head_bytes` (embedding), the last `tail_bytes` (final norm, lm_head).
+    balance "bytes" evens out weight memory (what an NPU's per-graph limit wants). "compute" first evens out
+    the layers (a prompt's work: the embedding is a lookup and lm_head runs on one row per chunk), at most
+    ceil(layers / stages) each, then bytes among such plans. On a 2-core CPU, 7/8/8/7 layers instead of the
+    bytes plan's 1/13/15/1 shorten the pipeline's fill: 1024-token prompt +4-8 %, TTFT at 32 tokens up to
+    -11 % (same-run A/B, SmolLM2).
     """
     n = len(layer_bytes)
     if not 1 <= stages <= n:
         raise ExportError(f"--stages {stages} is not possible: the model has {n} layers (allowed: 1 to {n})")
+    if balance not in BALANCES:
+        raise ExportError(f"--balance {balance!r} is not known (allowed: {', '.join(BALANCES)})")
+    most = -(-n // stages) if balance == "compute" else n
     prefix = np.concatenate([[0], np.cumsum(layer_bytes)])
 
     def cost(k: int, a: int, b: int) -> float:  # stage k holds layers a..b-1
@@ -63,7 +74,7 @@ def split_plan(
     best[0][0] = 0
     for k in range(1, stages + 1):
         for j in range(k, n - (stages - k) + 1):
-            for i in range(k - 1, j):
+            for i in range(max(k - 1, j - most), j):
                 c = max(best[k - 1][i], cost(k - 1, i, j))
                 if c < best[k][j]:
                     best[k][j], cut[k][j] = c, i
@@ -182,8 +193,10 @@ def export(
     calibration: str | Path | None = None,
     qnn_context: bool = False,
     qnn_w8: tuple[str, ...] = (),
+    balance: str | None = None,
 ) -> Manifest:
-    """Target qnn writes the cpu graphs too (export/build_qnn.py), so one artifact serves mixed pipelines."""
+    """Target qnn writes the cpu graphs too (export/build_qnn.py), so one artifact serves mixed pipelines.
+    `balance` (split_plan): by default "compute" for cpu and "bytes" for qnn."""
     out = Path(out)
     if target not in ("cpu", "qnn"):
         raise ExportError(f"--target {target!r} is not available in this build (allowed: cpu, qnn)")
@@ -202,7 +215,8 @@ def export(
 
         check_shapes(context, prefill)
     cfg = ckpt.config
-    ranges = split_plan(*estimated_bytes(cfg), stages=stages)
+    balance = balance or ("bytes" if target == "qnn" else "compute")
+    ranges = split_plan(*estimated_bytes(cfg), stages=stages, balance=balance)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).exists():
         raise ExportError(f"{out} exists and is not an artifact directory; refusing to overwrite it")
     work = out.parent / f".{out.name}.partial-{os.getpid()}"

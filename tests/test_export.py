@@ -153,6 +153,24 @@ def test_split_plan_balances_bytes(stages):
     )  # within one layer of the ideal (each stage >= 1 layer)
 
 
+@pytest.mark.parametrize("stages", [1, 2, 3, 4, 7, 30])
+def test_split_plan_balances_compute(stages):
+    """Layers as even as they go (a prompt's work), then bytes: the embedding and lm_head stages take fewer."""
+    table = 12 * 100  # embedding and lm_head, each as large as 12 layers
+    ranges = split_plan([100] * 30, table, table, stages, balance="compute")
+    counts = [b - a for a, b in ranges]
+    assert sum(counts) == 30 and min(counts) >= 1 and max(counts) == -(-30 // stages)
+    if stages == 4:
+        assert counts == [7, 8, 8, 7]
+        bytes_plan = split_plan([100] * 30, table, table, 4, balance="bytes")
+        assert [b - a for a, b in bytes_plan] == [1, 13, 14, 2]
+
+
+def test_split_plan_rejects_unknown_balance():
+    with pytest.raises(ExportError, match="--balance 'flops' is not known \\(allowed: compute, bytes\\)"):
+        split_plan([1] * 30, 0, 0, 4, balance="flops")
+
+
 def test_split_plan_rejects_more_stages_than_layers():
     with pytest.raises(ExportError, match="31 is not possible: the model has 30 layers"):
         split_plan([1] * 30, 0, 0, 31)

@@ -29,6 +29,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         calibration=a.calibration,
         qnn_context=a.qnn_context,
         qnn_w8=tuple(x for x in (a.qnn_w8 or "").split(",") if x),
+        balance=a.balance,
     )
     for s in m.stages:
         print(
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--context", type=int, default=1024, help="context length C")
     e.add_argument("--prefill-len", type=int, default=128, help="prompt-processing chunk P")
     e.add_argument("--target", default="cpu", choices=["cpu", "qnn"])
+    e.add_argument("--balance", choices=["compute", "bytes"],
+                   help="split the layers evenly (compute: the default for cpu, faster prompts on few cores) or "
+                        "by weight bytes (the default for qnn: NPU memory per graph)")
     e.add_argument(
         "--accuracy-level",
         type=int,
