@@ -166,6 +166,11 @@ def test_split_plan_balances_compute(stages):
         assert [b - a for a, b in bytes_plan] == [1, 13, 14, 2]
 
 
+def test_cpu_export_splits_layers_evenly_by_default(smollm2_artifacts):
+    m, _ = load_manifest(smollm2_artifacts, verify=[])
+    assert [s.last_layer - s.first_layer for s in m.stages] == [7, 8, 8, 7]
+
+
 def test_split_plan_rejects_unknown_balance():
     with pytest.raises(ExportError, match="--balance 'flops' is not known \\(allowed: compute, bytes\\)"):
         split_plan([1] * 30, 0, 0, 4, balance="flops")
