@@ -171,6 +171,15 @@ def test_cpu_export_splits_layers_evenly_by_default(smollm2_artifacts):
     assert [s.last_layer - s.first_layer for s in m.stages] == [7, 8, 8, 7]
 
 
+def test_cli_export_balance_bytes(tmp_path, smollm2_path, capsys):
+    from splitllm.services.client.cli import main
+
+    assert main(["export", str(smollm2_path), "--out", str(tmp_path / "a"), "--balance", "bytes"]) == 0
+    m, _ = load_manifest(tmp_path / "a", verify=[])
+    assert [s.last_layer - s.first_layer for s in m.stages] == [1, 13, 15, 1]
+    assert "stage 3: layers 14..28" in capsys.readouterr().out
+
+
 def test_split_plan_rejects_unknown_balance():
     with pytest.raises(ExportError, match="--balance 'flops' is not known \\(allowed: compute, bytes\\)"):
         split_plan([1] * 30, 0, 0, 4, balance="flops")
