@@ -55,7 +55,7 @@ def split_plan(
     the layers (a prompt's work: the embedding is a lookup and lm_head runs on one row per chunk), at most
     ceil(layers / stages) each, then bytes among such plans. SmolLM2 on 2 cores, 7/8/8/7 layers against the
     bytes plan's 1/13/15/1 (same-run A/B, 6 repetitions): TTFT at 32 / 128 tokens 81 -> 66 / 240 -> 193 ms,
-    TPOT 15.0 -> 13.6 ms, 4 streams +7 %, 1024-token prompt +2 %. With 14 layers in one stage, that stage ran
+    TPOT 15.0 -> 13.6 ms, 4 streams +7 %, 1024-token prompt +2 %. With 15 layers in one stage, that stage ran
     a short prompt's chunks one after another while the others waited.
     """
     n = len(layer_bytes)
