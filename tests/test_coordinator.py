@@ -141,8 +141,8 @@ class FullLogits:
         self.ks.append(top_k)
         return self.inner.prefill(session_id, tokens, 0)
 
-    def release(self, session_id):
-        self.inner.release(session_id)
+    def release(self, session_id, then=None):
+        self.inner.release(session_id, then)
 
     def addresses(self):
         return self.inner.addresses()
@@ -416,3 +416,33 @@ def test_prefill_chunks_spread_a_prompt_over_the_stages():
     assert prefill_chunk(1024, 128, 4, spread=True) == 128  # capped at the prefill length
     assert prefill_chunk(1030, 128, 4, spread=True) == 115  # nine chunks of 114-115
     assert prefill_chunk(128, 128, 4, spread=False) == 128  # qnn pads every chunk; cores shared by stages
+
+
+class HeldRelease(FullLogits):
+    """Releases on the stages at once, but confirms (`then`) only when the test lets it: a slow stage."""
+
+    def __init__(self, inner: LocalPipeline) -> None:
+        super().__init__(inner)
+        self.unconfirmed: list = []
+
+    def release(self, session_id, then=None):
+        self.inner.release(session_id)
+        self.unconfirmed.append(then)
+
+
+def test_call_ends_before_the_release_is_confirmed_but_its_slot_waits_for_it(pipeline, artifacts, registry):
+    held = HeldRelease(pipeline)
+    engine = Engine(held, CoordinatorMetrics(registry), artifacts=artifacts, max_concurrent=1)
+    assert len(list(engine.generate(pb.GenerateRequest(prompt="hi", max_tokens=2)))) == 2  # the call ended
+    assert len(held.unconfirmed) == 1 and registry.get_sample_value("splitllm_requests_running") == 1
+    second: list = []
+    waiter = threading.Thread(target=lambda: second.extend(engine.generate(
+        pb.GenerateRequest(prompt="hi", max_tokens=2))))
+    waiter.start()
+    time.sleep(0.2)
+    assert registry.get_sample_value("splitllm_requests_waiting") == 1 and not second
+    held.unconfirmed.pop()()  # every stage has answered
+    waiter.join(10)
+    assert len(second) == 2 and registry.get_sample_value("splitllm_requests_waiting") == 0
+    held.unconfirmed.pop()()
+    assert registry.get_sample_value("splitllm_requests_running") == 0 and sessions(pipeline) == [0, 0, 0, 0]

@@ -2,7 +2,8 @@
 
 A Generate call: validate everything (input, sampling, stop ids, context admission) before any stage call;
 wait for one of `max_concurrent` slots; prompt processing in chunks of P; then one token per step,
-streamed as it is sampled. The session is released on the stages on every way out (`finally`).
+streamed as it is sampled. The session is released on the stages on every way out (`finally`), without
+holding the call open; its slot frees once every stage has released it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,10 @@ class _Job:
     limit: int  # finish reason when the budget runs out: LENGTH (max_tokens) or CONTEXT
     stop_ids: frozenset[int]
     stop: list[str]
+
+
+def _now(fn: Callable[[], None]) -> None:
+    fn()
 
 
 class Engine:
@@ -146,8 +151,7 @@ class Engine:
         if is_cancelled():
             raise ServiceError(grpc.StatusCode.CANCELLED, "the client cancelled the request")
 
-    @contextmanager
-    def _slot(self, is_cancelled: Callable[[], bool], time_remaining: Callable[[], float | None]):
+    def _take_slot(self, is_cancelled: Callable[[], bool], time_remaining: Callable[[], float | None]) -> None:
         m = self.metrics
         with self._slots:
             if self._running >= self.max_concurrent:
@@ -163,26 +167,28 @@ class Engine:
             self._running += 1
         if m:
             m.running.inc()
-        try:
-            yield
-        finally:
-            with self._slots:
-                self._running -= 1
-                self._slots.notify()
-            if m:
-                m.running.dec()
+
+    def _free_slot(self) -> None:
+        with self._slots:
+            self._running -= 1
+            self._slots.notify()
+        if self.metrics:
+            self.metrics.running.dec()
 
     def generate(self, request: pb.GenerateRequest, is_cancelled: Callable[[], bool] = lambda: False,
-                 time_remaining: Callable[[], float | None] = lambda: None) -> Iterator[pb.GenerateResponse]:
-        """Stream one response per generated token; the last carries finish_reason and usage.
+                 time_remaining: Callable[[], float | None] = lambda: None,
+                 after_call: Callable[[Callable[[], None]], None] = _now) -> Iterator[pb.GenerateResponse]:
+        """Stream one response per generated token; the last carries finish_reason and usage. `after_call`
+        runs the session's release once the call has ended (the gRPC server's context.add_callback). Same-run A/B,
+        a call's last message to its end: 3.1 ms releasing inside the call, 0.46 ms after it (0.40 without).
 
         Errors are ServiceError (CANCELLED and DEADLINE_EXCEEDED included), raised from the iterator.
         """
         t0, status = time.monotonic(), "unavailable"
         try:
             job = self._admit(request)
-            with self._slot(is_cancelled, time_remaining):
-                yield from self._run(job, t0, is_cancelled, time_remaining)
+            self._take_slot(is_cancelled, time_remaining)
+            yield from self._run(job, t0, is_cancelled, time_remaining, after_call)  # frees the slot
             status = "ok"
         except ServiceError as e:
             status = _STATUS.get(e.code, "unavailable")
@@ -197,18 +203,20 @@ class Engine:
                 self.metrics.request_seconds.observe(time.monotonic() - t0)
 
     def _run(self, job: _Job, t0: float, is_cancelled: Callable[[], bool],
-             time_remaining: Callable[[], float | None]) -> Iterator[pb.GenerateResponse]:
+             time_remaining: Callable[[], float | None],
+             after_call: Callable[[Callable[[], None]], None]) -> Iterator[pb.GenerateResponse]:
+        """Runs in a slot, which it frees once every stage has released the session: the release starts after
+        the call, but a new request cannot take the session's KV before it is done."""
         m = self.metrics
-        sampler, k = Sampler(job.params, job.params.seed), top_k_needed(job.params)
-        decoder, stopper = IncrementalDecoder(self.codec), StopMatcher(job.stop)
-        history, n = list(job.prompt), len(job.prompt)
         sid = f"gen-{uuid.uuid4().hex}"
-        self._check(is_cancelled, time_remaining)
-        if m:
-            m.queue_seconds.observe(time.monotonic() - t0)
         pending: Pending | None = None  # the step in flight while a token goes out to the client
         try:
+            sampler, k = Sampler(job.params, job.params.seed), top_k_needed(job.params)
+            decoder, stopper = IncrementalDecoder(self.codec), StopMatcher(job.stop)
+            history, n = list(job.prompt), len(job.prompt)
             self._check(is_cancelled, time_remaining)
+            if m:
+                m.queue_seconds.observe(time.monotonic() - t0)
             logits = self.pipeline.prefill(sid, np.asarray(history, np.int32), k)
             if m:
                 m.prompt_tokens.inc(n)
@@ -259,7 +267,7 @@ class Engine:
             if pending is not None:  # let the step in flight finish before its session is released
                 with suppress(ServiceError):
                     pending()
-            self.pipeline.release(sid)
+            after_call(lambda: self.pipeline.release(sid, then=self._free_slot))
 
     # --- Tokenize, ModelInfo -----------------------------------------------------------------------------
 

@@ -49,8 +49,9 @@ class Pipeline(Protocol):
         """Prompt processing from position 0 in chunks of P; the logits after the last token."""
         ...
 
-    def release(self, session_id: str) -> None:
-        """Free the session on every stage of its route; never raises."""
+    def release(self, session_id: str, then: Callable[[], None] | None = None) -> None:
+        """Free the session on every stage of its route; never raises. May return before the stages have
+        answered; `then` runs (in any thread) once all of them have, whether they freed it or failed."""
         ...
 
     def addresses(self) -> list[str]: ...
@@ -82,8 +83,10 @@ class LocalPipeline:
     def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0) -> Logits:
         return top_k_logits(self.chain.prefill_tokens(session_id, list(tokens)), top_k)
 
-    def release(self, session_id: str) -> None:
+    def release(self, session_id: str, then: Callable[[], None] | None = None) -> None:
         self.chain.release(session_id)
+        if then is not None:
+            then()
 
     def addresses(self) -> list[str]:
         return ["local"] * len(self.chain.stages)

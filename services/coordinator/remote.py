@@ -21,7 +21,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 import numpy as np
@@ -359,19 +361,27 @@ class RemotePipeline:
             raise error
         return result  # type: ignore[return-value]
 
-    def release(self, session_id: str) -> None:
+    def release(self, session_id: str, then: Callable[[], None] | None = None) -> None:
+        """Release on every stage of the route at once and return without waiting (the session has no step in
+        flight); `then` runs when all have answered. The chained Release (stage 1 calling stage 2 ...) had held
+        a Generate call open 3.7 ms after its last message, awaiting the stages at once 2.6 ms."""
         with self.cv:  # a finished session will not come back to its batch
             self.expected.discard(session_id)
             self._pump()
-        # Every stage at once: the session has no step in flight. Through the chained Release (stage 1 calling
-        # stage 2 ...) a Generate's call ended 3.7 ms after its last message, now 2.6 ms (same-run A/B).
         request = stage_pb2.ReleaseRequest(session_id=session_id)
-        calls = [(a, stub.Release.future(request, timeout=5)) for a, stub in zip(self.route, self.stubs, strict=True)]
-        for addr, call in calls:
-            try:
-                call.result()
-            except grpc.RpcError as e:
-                log.warning("release of %s at %s failed: %s", session_id, addr, e.code().name)
+        left, lock = [len(self.route)], threading.Lock()
+
+        def answered(addr: str, call: grpc.Future) -> None:
+            if call.code() != grpc.StatusCode.OK:
+                log.warning("release of %s at %s failed: %s", session_id, addr, call.code().name)
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last and then is not None:
+                then()
+
+        for addr, stub in zip(self.route, self.stubs, strict=True):
+            stub.Release.future(request, timeout=5).add_done_callback(partial(answered, addr))
 
     def close(self) -> None:
         self.closed.set()

@@ -37,7 +37,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                  ) -> Iterator[pb.GenerateResponse]:
         # The engine counts the final status (CANCELLED, DEADLINE_EXCEEDED included) in its metrics.
         try:
-            yield from self.engine.generate(request, lambda: not context.is_active(), context.time_remaining)
+            yield from self.engine.generate(request, lambda: not context.is_active(), context.time_remaining,
+                                            lambda fn: context.add_callback(fn) or fn())
         except Exception as e:
             _abort(context, e)
 
