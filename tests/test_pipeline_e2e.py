@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from splitllm.bench.runtimes import free_port_block
 from splitllm.protos import stage_pb2, stage_pb2_grpc, tensor_pb2
 from splitllm.services.client.client import Client
-from splitllm.services.client.launcher import Pipeline
+from splitllm.services.client.launcher import Pipeline, Service, cli, wait_serving
 from splitllm.services.common.tensor import to_proto
 from splitllm.services.coordinator.remote import prefill_chunk
 from splitllm.services.stage.chain import LocalChain
@@ -100,6 +101,41 @@ def test_batches_survive_cancellations_and_newcomers(client, pipeline):
         together = list(pool.map(run, range(6)))
     assert [t for i, t in enumerate(together) if i not in (1, 2)] == [t for i, t in enumerate(solo) if i not in (1, 2)]
     assert wait_released(pipeline) == [0, 0, 0, 0]
+
+
+def test_two_coordinators_share_the_stages(client, pipeline, smollm2_artifacts):
+    """A second coordinator process on the same four stages: the sessions of both run at once, each
+    coordinator batching its own and getting its own answers; a cancellation through one leaves the other's
+    sessions alone; every session is released on every stage."""
+    addr = f"127.0.0.1:{free_port_block(1)}"
+    stages = ",".join(s.address for s in pipeline.stages)
+    second = Service("coordinator 2", addr, 0, subprocess.Popen(cli(
+        "coordinator", "--artifacts", str(smollm2_artifacts), "--stages", stages, "--listen", addr)))
+    try:
+        wait_serving(second, time.monotonic() + 60)
+        kwargs = [dict(prompt=f"Name an animal and a city, number {i}.", max_tokens=16, temperature=0.7, seed=i)
+                  for i in range(4)]
+        solo = [client.generate(**kw).token_ids for kw in kwargs]
+        with Client(addr) as other:
+            via = [client, other, client, other]
+
+            def run(i: int) -> list[int] | None:
+                stream = via[i].stub.Generate(via[i].request(**kwargs[i]))
+                ids: list[int] = []
+                for msg in stream:
+                    ids += msg.token_ids
+                    if i == 3 and len(ids) == 4:
+                        stream.cancel()
+                        return None
+                return ids
+
+            with ThreadPoolExecutor(4) as pool:
+                together = list(pool.map(run, range(4)))
+        assert together[:3] == solo[:3] and together[3] is None
+        assert wait_released(pipeline) == [0, 0, 0, 0]
+    finally:
+        second.proc.terminate()
+        second.proc.wait(10)
 
 
 def test_stream_deltas_and_usage(client, reference):
