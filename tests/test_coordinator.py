@@ -317,16 +317,22 @@ def test_deadline(engine, pipeline, registry):
     assert sessions(pipeline) == [0, 0, 0, 0] and status_count(registry, "deadline") == 1
 
 
-def test_queue_waits_for_a_slot(pipeline, artifacts, registry):
-    engine = Engine(pipeline, CoordinatorMetrics(registry), artifacts=artifacts, max_concurrent=1)
-    first = engine.generate(pb.GenerateRequest(prompt="hi", max_tokens=20))
-    next(first)
+def queued(engine: Engine, registry: CollectorRegistry) -> tuple[list, threading.Thread]:
+    """A 2-token request started in a thread, checked to be waiting for a slot: (its responses, the thread)."""
     second: list = []
     waiter = threading.Thread(target=lambda: second.extend(engine.generate(
         pb.GenerateRequest(prompt="hi", max_tokens=2))))
     waiter.start()
     time.sleep(0.2)
     assert registry.get_sample_value("splitllm_requests_waiting") == 1 and not second
+    return second, waiter
+
+
+def test_queue_waits_for_a_slot(pipeline, artifacts, registry):
+    engine = Engine(pipeline, CoordinatorMetrics(registry), artifacts=artifacts, max_concurrent=1)
+    first = engine.generate(pb.GenerateRequest(prompt="hi", max_tokens=20))
+    next(first)
+    second, waiter = queued(engine, registry)
     assert sessions(pipeline) == [1, 1, 1, 1]
     first.close()
     waiter.join(10)
@@ -435,12 +441,7 @@ def test_call_ends_before_the_release_is_confirmed_but_its_slot_waits_for_it(pip
     engine = Engine(held, CoordinatorMetrics(registry), artifacts=artifacts, max_concurrent=1)
     assert len(list(engine.generate(pb.GenerateRequest(prompt="hi", max_tokens=2)))) == 2  # the call ended
     assert len(held.unconfirmed) == 1 and registry.get_sample_value("splitllm_requests_running") == 1
-    second: list = []
-    waiter = threading.Thread(target=lambda: second.extend(engine.generate(
-        pb.GenerateRequest(prompt="hi", max_tokens=2))))
-    waiter.start()
-    time.sleep(0.2)
-    assert registry.get_sample_value("splitllm_requests_waiting") == 1 and not second
+    second, waiter = queued(engine, registry)
     held.unconfirmed.pop()()  # every stage has answered
     waiter.join(10)
     assert len(second) == 2 and registry.get_sample_value("splitllm_requests_waiting") == 0
