@@ -56,7 +56,8 @@ class CoordinatorMetrics:
                                      registry=registry)
         self.generated_tokens = Counter("splitllm_generated_tokens_total", "Tokens generated",
                                         registry=registry)
-        self.running = Gauge("splitllm_requests_running", "Requests past admission, generating",
+        self.running = Gauge("splitllm_requests_running",
+                             "Requests holding a slot: generating, or releasing their session on the stages",
                              registry=registry)
         self.waiting = Gauge("splitllm_requests_waiting", "Requests waiting for admission or capacity",
                              registry=registry)
