@@ -106,7 +106,8 @@ def test_batches_survive_cancellations_and_newcomers(client, pipeline):
 def test_two_coordinators_share_the_stages(client, pipeline, smollm2_artifacts):
     """A second coordinator process on the same four stages: the sessions of both run at once, each
     coordinator batching its own and getting its own answers; a cancellation through one leaves the other's
-    sessions alone; every session is released on every stage."""
+    sessions alone; every session is released on every stage, also when a coordinator stops right after a
+    call."""
     addr = f"127.0.0.1:{free_port_block(1)}"
     stages = ",".join(s.address for s in pipeline.stages)
     second = Service("coordinator 2", addr, 0, subprocess.Popen(cli(
@@ -131,10 +132,14 @@ def test_two_coordinators_share_the_stages(client, pipeline, smollm2_artifacts):
 
             with ThreadPoolExecutor(4) as pool:
                 together = list(pool.map(run, range(4)))
-        assert together[:3] == solo[:3] and together[3] is None
+            assert together[:3] == solo[:3] and together[3] is None
+            assert wait_released(pipeline) == [0, 0, 0, 0]
+            other.generate(**kwargs[0])  # its release runs after the call: stopping now must not leak it
+        second.proc.terminate()
+        assert second.proc.wait(10) == 0
         assert wait_released(pipeline) == [0, 0, 0, 0]
     finally:
-        second.proc.terminate()
+        second.proc.kill()
         second.proc.wait(10)
 
 

@@ -109,6 +109,8 @@ class RemotePipeline:
         self.expected_since = 0.0
         self.step_ids = itertools.count(1)
         self.closed = threading.Event()
+        self.releasing = 0  # releases not answered by every stage yet
+        self.released = threading.Condition()  # guards releasing
         self.subscribed = [threading.Event() for _ in addresses]
         self.calls: list[grpc.Future | None] = [None] * len(addresses)
         self.out = OutStream(self.stubs[0], addresses[0],
@@ -370,20 +372,31 @@ class RemotePipeline:
         with self.cv:  # a finished session will not come back to its batch
             self.expected.discard(session_id)
             self._pump()
+        with self.released:
+            self.releasing += 1
         request = stage_pb2.ReleaseRequest(session_id=session_id)
-        left, lock = [len(self.route)], threading.Lock()
+        left = [len(self.route)]
 
         def answered(addr: str, call: grpc.Future) -> None:
             if call.code() != grpc.StatusCode.OK:
                 log.warning("release of %s at %s failed: %s", session_id, addr, call.code().name)
-            with lock:
+            with self.released:
                 left[0] -= 1
                 last = left[0] == 0
+                if last:
+                    self.releasing -= 1
+                    self.released.notify_all()
             if last and then is not None:
                 then()
 
         for addr, stub in zip(self.route, self.stubs, strict=True):
             stub.Release.future(request, timeout=5).add_done_callback(partial(answered, addr))
+
+    def wait_releases(self, timeout: float) -> bool:
+        """Wait until every release started has been answered by every stage (at shutdown: releases run after
+        their calls, so a stopped server may still have some in flight). False if some are left."""
+        with self.released:
+            return self.released.wait_for(lambda: self.releasing == 0, timeout)
 
     def close(self) -> None:
         self.closed.set()

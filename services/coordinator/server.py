@@ -138,5 +138,7 @@ def run(artifacts: str, stages: list[str], listen: str, metrics_port: int | None
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     served.stop(grace=2)
+    if not pipeline.wait_releases(timeout=5):
+        log.warning("stopping with sessions not yet released on every stage (the stages expire them)")
     if http:
         http.shutdown()
