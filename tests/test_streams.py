@@ -206,3 +206,21 @@ def test_prompt_chunks_go_out_a_window_at_a_time_while_others_decode(tiny_remote
     windowed = remote.prefill("windowed", tokens, 1)
     assert order == ["send", "send", "wait", "send", "wait", "send", "wait", "wait"]  # 2 in flight at most
     assert np.array_equal(alone.ids, windowed.ids)
+
+
+def test_release_confirms_when_every_stage_has_answered_even_after_close(tiny_remote):
+    """release() returns at once; `then` runs once every stage has freed the session, and still runs (with a
+    warning) when the pipeline was closed first, so a request's slot is never lost."""
+    remote, _ = tiny_remote
+    remote.prefill("r", np.array([1, 2, 3], np.int32), 1)
+    confirmed = threading.Event()
+    remote.release("r", then=confirmed.set)
+    assert confirmed.wait(10) and remote.wait_releases(0)
+    for address in remote.route:
+        with grpc.insecure_channel(address) as ch:
+            assert stage_pb2_grpc.StageStub(ch).Info(stage_pb2.InfoRequest()).sessions_in_use == 0
+    remote.prefill("late", np.array([1, 2, 3], np.int32), 1)
+    remote.close()
+    late: list[bool] = []
+    remote.release("late", then=lambda: late.append(True))
+    assert late == [True] and remote.wait_releases(0)

@@ -377,9 +377,10 @@ class RemotePipeline:
         request = stage_pb2.ReleaseRequest(session_id=session_id)
         left = [len(self.route)]
 
-        def answered(addr: str, call: grpc.Future) -> None:
-            if call.code() != grpc.StatusCode.OK:
-                log.warning("release of %s at %s failed: %s", session_id, addr, call.code().name)
+        def answered(addr: str, call: grpc.Future | None) -> None:
+            if call is None or call.code() != grpc.StatusCode.OK:
+                why = call.code().name if call is not None else "the channel is closed"
+                log.warning("release of %s at %s failed: %s", session_id, addr, why)
             with self.released:
                 left[0] -= 1
                 last = left[0] == 0
@@ -390,7 +391,10 @@ class RemotePipeline:
                 then()
 
         for addr, stub in zip(self.route, self.stubs, strict=True):
-            stub.Release.future(request, timeout=5).add_done_callback(partial(answered, addr))
+            try:
+                stub.Release.future(request, timeout=5).add_done_callback(partial(answered, addr))
+            except ValueError:  # closed (close() ran): still count the stage, so that `then` runs
+                answered(addr, None)
 
     def wait_releases(self, timeout: float) -> bool:
         """Wait until every release started has been answered by every stage (at shutdown: releases run after
