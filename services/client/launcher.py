@@ -126,15 +126,19 @@ class Pipeline:
         return next((s for s in self.services if s.proc.poll() is not None), None)
 
     def stop(self) -> None:
-        for s in reversed(self.services):
-            if s.proc.poll() is None:
-                s.proc.send_signal(signal.SIGTERM)
-        for s in self.services:
-            try:
-                s.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                s.proc.kill()
-                s.proc.wait()
+        """The coordinator first: it releases its last sessions after their calls, while the stages still
+        serve; then the stages."""
+        coordinators = [s for s in self.services if s.name == "coordinator"]
+        for group in (coordinators, [s for s in self.services if s not in coordinators]):
+            for s in reversed(group):
+                if s.proc.poll() is None:
+                    s.proc.send_signal(signal.SIGTERM)
+            for s in group:
+                try:
+                    s.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    s.proc.kill()
+                    s.proc.wait()
 
     def __enter__(self) -> Pipeline:
         return self.start()
