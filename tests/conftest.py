@@ -28,13 +28,26 @@ def smollm2_artifacts(tmp_path_factory, smollm2_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_exact_artifacts(tmp_path_factory, smollm2_path) -> Path:
+    """SmolLM2 with float arithmetic in the matmuls (accuracy level 0), for tests that compare exactly.
+
+    At the default level 4 MatMulNBits rounds each activation row to int8, and ONNX Runtime's kernel for one row
+    sums in another order than its kernel for several (on AVX2 machines): a last-bit difference flips a rounding
+    and grows through 30 layers, so a session decoded alone and in a batch can part at a near-tie. In float the
+    two agree to ~1e-6, so outputs equal exactly unless something is really wrong (a mixed-up session or slot)."""
+    out = tmp_path_factory.mktemp("art") / "smollm2-exact"
+    export(smollm2_path, out, stages=4, accuracy_level=0)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_tiny_llama3(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory, tiny_checkpoint) -> Path:
-    """The tiny checkpoint in 2 stages, context 64, prefill 16."""
+    """The tiny checkpoint in 2 stages, context 64, prefill 16, float matmuls (see smollm2_exact_artifacts)."""
     out = tmp_path_factory.mktemp("art") / "tiny"
-    export(tiny_checkpoint, out, stages=2, context=64, prefill=16)
+    export(tiny_checkpoint, out, stages=2, context=64, prefill=16, accuracy_level=0)
     return out

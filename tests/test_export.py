@@ -23,8 +23,10 @@ from splitllm.services.stage.chain import LocalChain
 from splitllm.services.stage.runtime import StageRuntime
 
 
-def chain_vs_reference(artifacts: Path, source: Path, prompt: list[int], steps: int) -> list[float]:
-    """Max |logit difference| per step: prompt in chunks of P, then token by token (greedy)."""
+def chain_vs_reference(artifacts: Path, source: Path, prompt: list[int], steps: int, tie: float = 0.0) -> list[float]:
+    """Max |logit difference| per step: prompt in chunks of P, then token by token (the reference's greedy path).
+    Each step the chain's top token must be the reference's, or (`tie` > 0) one the reference scores within `tie`
+    of its top: a near-tie that int8 rounding may break either way."""
     chain = LocalChain(artifacts)
     ref = ReferenceModel(chain.manifest.model, WeightSource(open_checkpoint(source)))
     diffs = []
@@ -32,7 +34,8 @@ def chain_vs_reference(artifacts: Path, source: Path, prompt: list[int], steps: 
     want, kv = ref.forward(prompt)
     want = want[-1]
     for i in range(steps + 1):
-        assert int(np.argmax(got)) == int(np.argmax(want))
+        chosen = int(np.argmax(got))
+        assert chosen == int(np.argmax(want)) or want[chosen] >= want.max() - tie, (i, chosen, int(np.argmax(want)))
         diffs.append(float(np.abs(got - want).max()))
         if i == steps:
             break
@@ -105,11 +108,20 @@ def test_smollm2_greedy_matches_llamacpp(smollm2_artifacts, reference, spin):
         assert out == p["greedy_token_ids"], p["prompt"]
 
 
-def test_smollm2_chain_matches_numpy_reference(smollm2_artifacts, smollm2_path):
-    """Chained graphs vs the float32 numpy reference on the same (dequantized) weights."""
+def test_smollm2_chain_matches_numpy_reference(smollm2_exact_artifacts, smollm2_path):
+    """Chained float graphs (accuracy level 0) vs the float32 numpy reference on the same (dequantized) weights:
+    the graphs' math is the reference's (measured: max |delta| 5e-5)."""
     prompt = list(range(1000, 1150))  # 2 chunks of P=128
-    diffs = chain_vs_reference(smollm2_artifacts, smollm2_path, prompt, steps=3)
-    assert max(diffs) < 1.0, diffs
+    diffs = chain_vs_reference(smollm2_exact_artifacts, smollm2_path, prompt, steps=3)
+    assert max(diffs) < 1e-3, diffs
+
+
+def test_smollm2_fast_path_close_to_numpy_reference(smollm2_artifacts, smollm2_path):
+    """The default graphs (accuracy level 4: int8 activations) stay close to the float reference. Step 2 of this
+    path is a near-tie (reference top-2 gap 0.09) that an AVX2 machine's int8 kernels break the other way."""
+    prompt = list(range(1000, 1150))
+    diffs = chain_vs_reference(smollm2_artifacts, smollm2_path, prompt, steps=3, tie=0.25)
+    assert max(diffs) < 1.0, diffs  # fp32 implementations differ by up to ~0.6 here
 
 
 def test_row_chunked_export_writes_the_same_bytes(tmp_path, tiny_checkpoint, monkeypatch):
