@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a pipeline token's time goes: a timestamp trace of every hop, from `splitllm serve`'s processes.
 
-    python bench/hop_trace.py                          # 1 thread per stage, 200 greedy tokens
+    python bench/hop_trace.py                          # stages as serve starts them, 200 greedy tokens
     python bench/hop_trace.py --stage-threads 2 --spin
 
 Starts the pipeline with SPLITLLM_TRACE_DIR set (services/common/trace.py), generates --tokens greedy
@@ -76,7 +76,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifacts", default="artifacts/smollm2", help="exported with `splitllm export`")
     ap.add_argument("--tokens", type=int, default=200)
-    ap.add_argument("--stage-threads", type=int, default=1)
+    ap.add_argument("--stage-threads", type=int, help="default: splitllm serve's (launcher.STAGE_THREADS)")
     ap.add_argument("--spin", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
@@ -85,9 +85,10 @@ def main() -> int:
 
     from splitllm.bench.runtimes import free_port_block
     from splitllm.services.client.client import Client
-    from splitllm.services.client.launcher import Pipeline
+    from splitllm.services.client.launcher import STAGE_THREADS, Pipeline
 
     base = free_port_block(5)
+    a.stage_threads = a.stage_threads or STAGE_THREADS
     processes = Pipeline(a.artifacts, base_port=base, coordinator_port=base + 4, metrics_base=None,
                          stage_threads=a.stage_threads, stage_spin=a.spin).start()
     try:

@@ -127,13 +127,13 @@ class Pipeline:
     name = "pipeline"
 
     def __init__(self, artifacts: str, spin: bool = False, **_: object) -> None:
-        """Stages as `splitllm serve` starts them: 1 thread each, or with `spin` 2 spinning threads."""
+        """Stages as `splitllm serve` starts them: 2 threads each that sleep, or with `spin` spin."""
         from splitllm.services.client.client import Client
         from splitllm.services.client.launcher import Pipeline as Processes
 
         base = free_port_block(5)
         self.processes = Processes(artifacts, base_port=base, coordinator_port=base + 4, metrics_base=None,
-                                   kv_capacity=16, stage_threads=2 if spin else 1, stage_spin=spin).start()
+                                   kv_capacity=16, stage_spin=spin).start()
         self.client = Client(self.processes.coordinator.address)
 
     def _stream(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:

@@ -213,7 +213,8 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
             c.close()
 
     notes.append("stages: 2 ONNX Runtime threads that spin up to 50 us within a step, chain likewise" if spin else
-                 "stages: 1 ONNX Runtime thread each (splitllm serve's default); chain: 2 threads that sleep")
+                 "stages: 2 ONNX Runtime threads each that sleep, full prompt chunks (splitllm serve's default); "
+                 "chain: 2 threads that sleep")
     if "llamacpp" in runtimes:
         wait = "spin (stock)" if spin else "sleep (OMP_WAIT_POLICY=PASSIVE, as the stages' threads)"
         notes.append(f"llama.cpp: {llamacpp_threads} threads that {wait} at barriers, n_batch 512; "

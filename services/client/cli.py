@@ -11,7 +11,8 @@ from pathlib import Path
 
 DEFAULT_ARTIFACTS = "artifacts/smollm2"
 SPIN_HELP = ("idle intra-op threads spin up to 50 us before they sleep, within a step only: with --threads 2, lower "
-             "latency (TTFT ~0.65x, decode ~0.8x) for fewer concurrent tokens/s (16 streams ~0.8x)")
+             "latency for fewer concurrent tokens/s (on an AVX-512 host, against 1 sleeping thread: TTFT ~0.65x, "
+             "decode ~0.8x, 16 streams ~0.8x)")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -253,9 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--artifacts", default=DEFAULT_ARTIFACTS)
     se.add_argument("--kv-capacity", type=int, default=16)
     se.add_argument("--backend", default="cpu", choices=["cpu", "qnn"])
-    se.add_argument("--stage-threads", type=int, default=1,
-                    help="ONNX Runtime intra-op threads per stage; while two stages fit the cores (2 x threads <= "
-                    "cores) the coordinator spreads prompts over the stages, else it sends full chunks")
+    se.add_argument("--stage-threads", type=int, default=2,
+                    help="ONNX Runtime intra-op threads per stage (default 2, launcher.STAGE_THREADS says why); while "
+                    "two stages fit the cores (2 x threads <= cores) the coordinator spreads prompts over the stages, "
+                    "else it sends full chunks")
     se.add_argument("--spin", action="store_true", help=SPIN_HELP)
     se.set_defaults(run=cmd_serve)
 
