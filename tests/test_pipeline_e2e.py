@@ -42,18 +42,12 @@ def client(pipeline):
 
 
 @pytest.fixture(scope="module")
-def exact_pipeline(smollm2_exact_artifacts):
-    """For the tests that compare batched decoding with solo runs token for token: float matmuls, whose results
-    do not depend on how many sessions share a run (conftest.smollm2_exact_artifacts says why the default's
-    int8 matmuls can part at a near-tie)."""
-    with start_pipeline(smollm2_exact_artifacts) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def exact_client(exact_pipeline):
-    with Client(exact_pipeline.coordinator.address) as c:
-        yield c
+def exact(smollm2_exact_artifacts):
+    """(pipeline, client) for the tests that compare batched decoding with solo runs token for token: float
+    matmuls, whose results do not depend on how many sessions share a run (conftest.smollm2_exact_artifacts
+    says why the default's int8 matmuls can part at a near-tie)."""
+    with start_pipeline(smollm2_exact_artifacts) as p, Client(p.coordinator.address) as c:
+        yield p, c
 
 
 def stage_stubs(pipeline) -> list[stage_pb2_grpc.StageStub]:
@@ -81,8 +75,8 @@ def test_greedy_equals_in_process_chain_and_llamacpp(client, pipeline, smollm2_a
     assert wait_released(pipeline) == [0, 0, 0, 0]
 
 
-def test_eight_concurrent_generates_match_their_solo_runs(exact_client, exact_pipeline):
-    client, pipeline = exact_client, exact_pipeline
+def test_eight_concurrent_generates_match_their_solo_runs(exact):
+    pipeline, client = exact
     prompts = [f"Tell me one fact about the number {i}." for i in range(8)]
     kwargs = [dict(prompt=p, max_tokens=24, temperature=0.8, top_p=0.95, seed=100 + i) for i, p in enumerate(prompts)]
     solo = [client.generate(**kw).token_ids for kw in kwargs]
@@ -98,11 +92,11 @@ def test_eight_concurrent_generates_match_their_solo_runs(exact_client, exact_pi
     assert wait_released(pipeline) == [0, 0, 0, 0]
 
 
-def test_batches_survive_cancellations_and_newcomers(exact_client, exact_pipeline):
+def test_batches_survive_cancellations_and_newcomers(exact):
     """Six greedy requests through 4 KV slots: two are cancelled mid-stream, the queued ones join the running
     batches in the freed slots (sessions move between slots). The others get exactly their solo outputs,
     and no KV is left anywhere."""
-    client, pipeline = exact_client, exact_pipeline
+    pipeline, client = exact
     kwargs = [dict(prompt=f"Name a colour and a fruit, number {i}.", max_tokens=20) for i in range(6)]
     solo = [client.generate(**kw).token_ids for kw in kwargs]
 
@@ -122,16 +116,16 @@ def test_batches_survive_cancellations_and_newcomers(exact_client, exact_pipelin
     assert wait_released(pipeline) == [0, 0, 0, 0]
 
 
-def test_two_coordinators_share_the_stages(exact_client, exact_pipeline, smollm2_exact_artifacts):
+def test_two_coordinators_share_the_stages(exact):
     """A second coordinator process on the same four stages: the sessions of both run at once, each
     coordinator batching its own and getting its own answers; a cancellation through one leaves the other's
     sessions alone; every session is released on every stage, also when a coordinator stops right after a
     call."""
-    client, pipeline, smollm2_artifacts = exact_client, exact_pipeline, smollm2_exact_artifacts
+    pipeline, client = exact
     addr = f"127.0.0.1:{free_port_block(1)}"
     stages = ",".join(s.address for s in pipeline.stages)
     second = Service("coordinator 2", addr, 0, subprocess.Popen(cli(
-        "coordinator", "--artifacts", str(smollm2_artifacts), "--stages", stages, "--listen", addr)))
+        "coordinator", "--artifacts", pipeline.artifacts, "--stages", stages, "--listen", addr)))
     try:
         wait_serving(second, time.monotonic() + 60)
         kwargs = [dict(prompt=f"Name an animal and a city, number {i}.", max_tokens=16, temperature=0.7, seed=i)
