@@ -6,6 +6,7 @@ import json
 import re
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -107,7 +108,7 @@ def test_metrics_served_over_http() -> None:
     stage = StageMetrics(reg, 2, "r0")
     set_build_info(reg, "0.1.0", "ab" * 32, "qnn", 2)
     stage.forward_seconds["token"].observe(0.003)
-    stage.set_kv(256, 1024)
+    stage.watch_kv(SimpleNamespace(in_use=1, bytes_in_use=256, bytes_capacity=1024))
     stage.error(grpc.StatusCode.NOT_FOUND)
     coordinator = CoordinatorMetrics(reg2 := CollectorRegistry())
     coordinator.requests["ok"].inc()

@@ -265,9 +265,11 @@ def test_kv_capacity_exhausted_then_recovers(pipeline):
         forward(s1, f"full-{i}", 0, ids, route)
     expect(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: forward(s1, "one-more", 0, ids, route), "retry later")
     assert sessions_in_use(pipeline) == [KV_CAPACITY] * 4
+    assert kv_gauges(pipeline) == [(KV_CAPACITY, 1.0)] * 4
     for i in range(KV_CAPACITY):
         s1.Release(stage_pb2.ReleaseRequest(session_id=f"full-{i}", route=route))
     assert wait_released(pipeline) == [0, 0, 0, 0]
+    assert kv_gauges(pipeline) == [(0, 0.0)] * 4
     forward(s1, "one-more", 0, ids, route)
     s1.Release(stage_pb2.ReleaseRequest(session_id="one-more", route=route))
 
@@ -284,6 +286,12 @@ def scrape(port: int) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("stage", "replica"))
             out[f"{s.name}{{{labels}}}"] = s.value
     return out
+
+
+def kv_gauges(pipeline) -> list[tuple[float, float]]:
+    """Each stage's splitllm_stage_sessions_active and kv_cache_usage_ratio, as scraped."""
+    got = [scrape(s.metrics_port) for s in pipeline.stages]
+    return [(m["splitllm_stage_sessions_active{}"], m["splitllm_stage_kv_cache_usage_ratio{}"]) for m in got]
 
 
 def test_metrics_move_by_the_right_amounts(client, pipeline, reference):

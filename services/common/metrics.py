@@ -9,6 +9,7 @@ the start, so every series is exported (at zero) before its first event.
 
 from __future__ import annotations
 
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -25,6 +26,17 @@ FINISH_REASONS = ("stop", "length", "context")  # FinishReason in coordinator.pr
 ERROR_CODES = tuple(grpc.StatusCode[c] for c in (
     "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED",
     "INTERNAL"))
+
+
+class KVFigures(Protocol):
+    """What the KV gauges read (services/stage/kv.py's KVPool)."""
+
+    @property
+    def in_use(self) -> int: ...
+    @property
+    def bytes_in_use(self) -> int: ...
+    @property
+    def bytes_capacity(self) -> int: ...
 
 
 def _latency(name: str, doc: str, registry: CollectorRegistry, labels: tuple[str, ...] = ()) -> Histogram:
@@ -113,11 +125,12 @@ class StageMetrics:
         for code in ERROR_CODES:
             self._errors.labels(code=code.name, **own)
 
-    def set_kv(self, used: int, capacity: int) -> None:
-        """Set the KV bytes and their ratio together, so the three gauges never disagree."""
-        self.kv_used_bytes.set(used)
-        self.kv_capacity_bytes.set(capacity)
-        self.kv_usage_ratio.set(used / capacity if capacity else 0.0)
+    def watch_kv(self, kv: KVFigures) -> None:
+        """The KV gauges read the pool when they are scraped: always current, and nothing to set on a step."""
+        self.sessions_active.set_function(lambda: kv.in_use)
+        self.kv_used_bytes.set_function(lambda: kv.bytes_in_use)
+        self.kv_capacity_bytes.set_function(lambda: kv.bytes_capacity)
+        self.kv_usage_ratio.set_function(lambda: kv.bytes_in_use / kv.bytes_capacity if kv.bytes_capacity else 0.0)
 
     def error(self, code: grpc.StatusCode) -> None:
         """Count one RPC that ended with ``code`` (any code; the usual ones are pre-created)."""

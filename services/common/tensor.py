@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from splitllm.protos import tensor_pb2
@@ -40,7 +42,7 @@ def from_proto(t: tensor_pb2.Tensor, field: str = "tensor") -> np.ndarray:
     shape = tuple(t.shape)
     if any(d < 0 for d in shape):
         raise invalid(f"{field}: negative dimension in shape {list(shape)}")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)  # not np.prod: 10 us a call, on every entry of every step
     if len(t.data) != n * dt.itemsize:
         want = n * dt.itemsize
         raise invalid(f"{field}: {len(t.data)} bytes do not match shape {list(shape)} of {dt} ({want} bytes)")

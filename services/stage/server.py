@@ -125,7 +125,6 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             m.forward_seconds[mode].observe(time.perf_counter() - t0)
             m.batch_size[mode].observe(len(entries))
             m.received_bytes.inc(request.ByteSize())
-            self._kv_gauges()
         answer = stage_pb2.ForwardResponse(step_id=request.step_id)
         nxt = None if self.rt.is_last else stage_pb2.ForwardRequest(
             route=request.route[1:], step_id=request.step_id, reply_to=request.reply_to)
@@ -217,7 +216,6 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         if self.runtime is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the stage is still loading its graphs")
         released = self.rt.release(request.session_id)
-        self._kv_gauges()
         route = list(request.route)
         while route:  # hand the rest of the route to the next stage; skip stages that are down
             try:
@@ -250,11 +248,6 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             hidden_size=rt.hidden,
         )
 
-    def _kv_gauges(self) -> None:
-        if self.metrics and self.runtime:
-            self.metrics.sessions_active.set(self.rt.kv.in_use)
-            self.metrics.set_kv(self.rt.kv.bytes_in_use, self.rt.kv.bytes_capacity)
-
     def expire(self, ttl: float) -> None:
         if self.runtime is None:
             return
@@ -262,7 +255,6 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             log.info("session %s expired after %.0f s idle", sid, ttl)
             if self.metrics:
                 self.metrics.sessions_expired.inc()
-        self._kv_gauges()
 
 
 def serve_stage(servicer: StageServicer, listen: str, health_servicer: health.HealthServicer, max_workers: int = 32,
@@ -311,8 +303,8 @@ def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capaci
                            spin=spin)
     set_build_info(registry, __version__, runtime.manifest_sha256, backend, stage)
     runtime.kv.on_move = metrics.kv_slot_moves.inc
+    metrics.watch_kv(runtime.kv)
     servicer.metrics, servicer.runtime = metrics, runtime
-    servicer._kv_gauges()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("stage %d (layers %d..%d) serving on %s", stage + 1, runtime.first, runtime.last - 1, listen)
