@@ -1,4 +1,3 @@
-import json
 import threading
 import time
 from pathlib import Path
@@ -19,20 +18,12 @@ from splitllm.services.coordinator.pipeline import LocalPipeline, Logits, top_k_
 from splitllm.services.coordinator.sampler import Sampler, SamplingParams, top_k_needed
 from splitllm.services.coordinator.server import SERVICE_NAME, serve_coordinator
 
-GGUF_PATH = Path.home() / ".cache/splitllm/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-REFERENCE = Path(__file__).resolve().parents[1] / "../shared/reference/smollm2/llamacpp_chat_greedy.json"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> Path:
-    if not GGUF_PATH.exists() or not REFERENCE.exists():
-        pytest.skip(f"needs {GGUF_PATH} and {REFERENCE}")
-    from splitllm.export.build import export
-
-    path = tmp_path_factory.mktemp("smollm2")
-    export(str(GGUF_PATH), str(path))
-    return path
+def artifacts(smollm2_artifacts) -> Path:
+    return smollm2_artifacts
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +32,9 @@ def pipeline(artifacts) -> LocalPipeline:
 
 
 @pytest.fixture(scope="module")
-def reference() -> list[dict]:
-    return json.loads(REFERENCE.read_text())["prompts"]
+def prompts(reference) -> list[dict]:
+    """llama.cpp's greedy answers to the sample prompts."""
+    return reference["prompts"]
 
 
 @pytest.fixture
@@ -75,8 +67,8 @@ def greedy(prompt: str, max_tokens: int, **kw) -> dict:
 
 # --- Generate against llama.cpp ---------------------------------------------------------------------------
 
-def test_greedy_matches_llamacpp(engine, pipeline, reference, registry):
-    for case in reference:
+def test_greedy_matches_llamacpp(engine, pipeline, prompts, registry):
+    for case in prompts:
         text, ids, last = run(engine, **greedy(case["prompt"], 30))
         assert ids == case["greedy_token_ids"]
         assert text == case["greedy_text"]
@@ -90,8 +82,8 @@ def test_greedy_matches_llamacpp(engine, pipeline, reference, registry):
     assert registry.get_sample_value("splitllm_finish_reason_total", {"reason": "stop"}) == 1
 
 
-def test_chat_and_token_ids_inputs(engine, reference):
-    case = reference[1]
+def test_chat_and_token_ids_inputs(engine, prompts):
+    case = prompts[1]
     chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=case["prompt"])])
     assert run(engine, chat=chat, max_tokens=10)[1] == case["greedy_token_ids"]
     ids = pb.TokenIds(ids=case["prompt_token_ids"])
@@ -101,18 +93,18 @@ def test_chat_and_token_ids_inputs(engine, reference):
         != len(case["prompt_token_ids"])
 
 
-def test_concurrent_requests_keep_their_sessions_apart(engine, pipeline, reference):
+def test_concurrent_requests_keep_their_sessions_apart(engine, pipeline, prompts):
     results: dict[int, list[int]] = {}
 
     def one(i: int) -> None:
-        results[i] = run(engine, **greedy(reference[i]["prompt"], 30))[1]
+        results[i] = run(engine, **greedy(prompts[i]["prompt"], 30))[1]
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(reference))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert [results[i] for i in range(len(reference))] == [c["greedy_token_ids"] for c in reference]
+    assert [results[i] for i in range(len(prompts))] == [c["greedy_token_ids"] for c in prompts]
     assert sessions(pipeline) == [0, 0, 0, 0]
 
 
@@ -227,16 +219,16 @@ def test_sampler_seed():
 
 # --- stops and the context --------------------------------------------------------------------------------
 
-def test_stop_string(engine, reference):
-    text, ids, last = run(engine, **greedy(reference[0]["prompt"], 30, stop=["Pacific", "zzz"]))
+def test_stop_string(engine, prompts):
+    text, ids, last = run(engine, **greedy(prompts[0]["prompt"], 30, stop=["Pacific", "zzz"]))
     assert text == "California is a state located in the " and last.finish_reason == pb.STOP
-    assert ids == reference[0]["greedy_token_ids"][:8]  # up to and with " Pacific"
-    text, _, _ = run(engine, **greedy(reference[0]["prompt"], 30, stop=["Pacific N"]))
+    assert ids == prompts[0]["greedy_token_ids"][:8]  # up to and with " Pacific"
+    text, _, _ = run(engine, **greedy(prompts[0]["prompt"], 30, stop=["Pacific N"]))
     assert text == "California is a state located in the "
 
 
-def test_stop_token(engine, reference):
-    text, ids, last = run(engine, **greedy(reference[0]["prompt"], 30, stop_token_ids=[314]))  # " is"
+def test_stop_token(engine, prompts):
+    text, ids, last = run(engine, **greedy(prompts[0]["prompt"], 30, stop_token_ids=[314]))  # " is"
     assert (text, ids, last.finish_reason) == ("California", [28314, 314], pb.STOP)
     assert last.usage.completion_tokens == 2
 
@@ -342,8 +334,8 @@ def test_queue_waits_for_a_slot(pipeline, artifacts, registry):
 
 # --- Tokenize, ModelInfo ----------------------------------------------------------------------------------
 
-def test_tokenize(engine, reference):
-    case = reference[0]
+def test_tokenize(engine, prompts):
+    case = prompts[0]
     out = engine.tokenize(pb.TokenizeRequest(chat=pb.ChatMessages(
         messages=[pb.ChatMessage(role="user", content=case["prompt"])])))
     assert list(out.ids) == case["prompt_token_ids"] and out.rendered == case["rendered_prompt"]
@@ -363,12 +355,12 @@ def test_model_info(engine):
 
 # --- over gRPC --------------------------------------------------------------------------------------------
 
-def test_grpc_server(engine, pipeline, reference, registry):
+def test_grpc_server(engine, pipeline, prompts, registry):
     served = serve_coordinator(engine, "127.0.0.1:0", max_workers=4)
     channel = grpc.insecure_channel(f"127.0.0.1:{served.port}")
     try:
         stub = pb_grpc.CoordinatorStub(channel)
-        case = reference[1]
+        case = prompts[1]
         out = list(stub.Generate(pb.GenerateRequest(prompt=case["prompt"], max_tokens=30), timeout=30))
         assert "".join(o.text for o in out) == case["greedy_text"] and out[-1].finish_reason == pb.STOP
         assert stub.ModelInfo(pb.ModelInfoRequest()).num_stages == 4

@@ -9,14 +9,10 @@ from tokenizers import Tokenizer
 from splitllm.export.tokenizer import compact_merges, tokenizer_from_gguf, tokenizer_from_hf_dir
 from splitllm.services.coordinator.text import ChatTemplate, IncrementalDecoder, StopMatcher, TextCodec
 
-GGUF_PATH = Path.home() / ".cache/splitllm/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-REFERENCE = Path(__file__).resolve().parents[1] / "../shared/reference/smollm2/llamacpp_chat_greedy.json"
 
 @pytest.fixture(scope="module")
-def smollm():
-    if not GGUF_PATH.exists() or not REFERENCE.exists():
-        pytest.skip(f"needs {GGUF_PATH} and {REFERENCE}")
-    return tokenizer_from_gguf(gguf.GGUFReader(GGUF_PATH)), json.loads(REFERENCE.read_text())
+def smollm(smollm2_path, reference):
+    return tokenizer_from_gguf(gguf.GGUFReader(smollm2_path)), reference
 
 
 @pytest.fixture(scope="module")
