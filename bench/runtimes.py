@@ -178,6 +178,26 @@ class Pipeline:
         self.processes.stop()
 
 
+def _without_extra_buffer_types(llama_cpp: object) -> None:
+    """Load models with `use_extra_bufts` off, which llama-cpp-python's Llama() does not expose.
+
+    On a CPU with AMX, llama-cpp-python 0.3.36 built natively puts matmul weights in ggml's AMX buffer type, and
+    its AMX matmul dies with SIGILL on the project's VM for any batch of more than one token (a `tileloadd` in
+    ggml_backend_amx_mul_mat, even after arch_prctl has granted the process the tile state). Without the extra
+    buffer types llama.cpp takes its AVX-512 VNNI kernels: as fast as a build without AMX (-DGGML_NATIVE=OFF with
+    the AVX-512 flags) in a same-run A/B, prompt 1024 ~150-210 tok/s and decode ~45-70 tok/s for both.
+    """
+    module = llama_cpp.llama_cpp  # the ctypes bindings, which llama_cpp.llama reads the default from
+    default = module.llama_model_default_params
+
+    def params():  # a ctypes struct
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_model_default_params = params
+
+
 class LlamaCpp:
     """llama.cpp through llama-cpp-python on the same GGUF; one context runs streams one after another.
 
@@ -193,6 +213,8 @@ class LlamaCpp:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when libgomp loads, with llama_cpp
         import llama_cpp
 
+        if "amx_int8" in Path("/proc/cpuinfo").read_text():
+            _without_extra_buffer_types(llama_cpp)
         self.gguf, self.lib, self.threads = gguf, llama_cpp, threads
         self.llm = llama_cpp.Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, logits_all=False,
                                    verbose=False)
