@@ -155,7 +155,7 @@ def chart(results: dict, path: Path, subtitle: str = "") -> None:
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"splitllm bench: median of the repetitions (value under each bar), whiskers min-max; {subtitle}",
+    fig.suptitle(f"splitllm bench: median of the repetitions (value under each bar), whiskers min-max\n{subtitle}",
                  fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)

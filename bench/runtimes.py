@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from splitllm.bench.machine import cpu_flags
+
 _ids = itertools.count()
 
 
@@ -213,7 +215,7 @@ class LlamaCpp:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when libgomp loads, with llama_cpp
         import llama_cpp
 
-        if "amx_int8" in Path("/proc/cpuinfo").read_text():
+        if "amx_int8" in cpu_flags():
             _without_extra_buffer_types(llama_cpp)
         self.gguf, self.lib, self.threads = gguf, llama_cpp, threads
         self.llm = llama_cpp.Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, logits_all=False,

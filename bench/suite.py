@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from splitllm.bench import report
+from splitllm.bench import machine, report
 
 REFERENCE = Path(__file__).resolve().parents[1] / "../shared/reference/smollm2"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -174,6 +174,8 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         runtimes.remove("llamacpp")
     print(f"splitllm bench{' --quick' if quick else ''}: {', '.join(runtimes)}; 1 warm-up + {plan.reps} "
           f"repetitions; expect about {plan.expected_minutes:.0f} min (longer when the machine is busy)", flush=True)
+    host = machine.describe()
+    print(f"machine: {machine.summary(host)}", flush=True)
     if spin and (warning := oversubscribed(loads)):
         print(f"warning: {warning}", flush=True)
 
@@ -231,18 +233,19 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
               "them round robin in one thread",
               f"perplexity over {len(ppl_tokens) // 512} x 512-token windows; the pipeline runs the chain's graphs, "
               "one figure serves both",
-              f"load average {min(loads):.1f} to {max(loads):.1f} during the run ({os.cpu_count()} cores)"]
+              f"load average {min(loads):.1f} to {max(loads):.1f} during the run ({os.cpu_count()} cores)",
+              f"machine: {machine.summary(host)}"]
     if spin and (warning := oversubscribed(loads)):
         notes.append(warning)
     targets = report.evaluate(results)
-    doc = {"plan": asdict(plan), "artifacts": artifacts, "gguf": gguf, "llamacpp_threads": llamacpp_threads,
-           "spin": spin, "load_average": loads, "runtimes": results, "targets": targets,
-           "notes": notes, "seconds": time.monotonic() - t_start}
+    doc = {"machine": host, "plan": asdict(plan), "artifacts": artifacts, "gguf": gguf,
+           "llamacpp_threads": llamacpp_threads, "spin": spin, "load_average": loads, "runtimes": results,
+           "targets": targets, "notes": notes, "seconds": time.monotonic() - t_start}
     (out_dir / "bench.json").write_text(json.dumps(doc, indent=1))
     print("\n" + report.render(results, targets, notes))
     try:
-        report.chart(results, out_dir / "bench.png", f"load average {min(loads):.1f}-{max(loads):.1f} "
-                     f"on {os.cpu_count()} cores")
+        report.chart(results, out_dir / "bench.png", f"load average {min(loads):.1f}-{max(loads):.1f}; "
+                     f"{machine.summary(host)}")
         charted = f" and {out_dir / 'bench.png'}"
     except ImportError:
         charted = " (no chart: matplotlib is not installed, pip install 'splitllm[bench]')"

@@ -117,3 +117,19 @@ def test_hop_trace_lines_up_events_across_processes(tmp_path):
     assert result["by_kind_us"] == pytest.approx(
         {"hand-off": 20, "transport": 220, "python": 40, "compute": 600, "coordinator": 120})
     assert result["median_step_interval_us"] == pytest.approx(1000)
+
+
+def test_machine_names_the_cpu_its_kernel_flags_and_versions(monkeypatch, tmp_path):
+    from splitllm.bench import machine
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\n"
+                       "flags\t\t: fpu avx2 avx512f avx512_vnni amx_int8\n\n"
+                       "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    monkeypatch.setattr(machine, "CPUINFO", cpuinfo)
+    m = machine.describe()
+    assert m["cpu"] == "Test CPU 9000" and m["isa"] == ["avx2", "avx512f", "avx512_vnni", "amx_int8"]
+    assert m["onnxruntime"] == __import__("onnxruntime").__version__ and m["cores"] >= 1
+    line = machine.summary(m)
+    assert line.startswith("Test CPU 9000, ") and "avx512_vnni amx_int8" in line and "onnxruntime" in line
+    json.dumps(m)  # goes into bench.json as it is

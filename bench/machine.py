@@ -1,0 +1,76 @@
+"""What the bench ran on: CPU, the instruction sets that pick ONNX Runtime's and llama.cpp's kernels, caches,
+memory and the runtimes' versions. The project's machines change between runs, and ratios to llama.cpp move
+with the CPU (AVX2 vs AVX-512 VNNI), so every result carries its host."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+CPUINFO = Path("/proc/cpuinfo")
+# /proc/cpuinfo flags that decide which int8 / 4-bit kernels run
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def _cpuinfo() -> dict[str, str]:
+    info: dict[str, str] = {}
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return info
+    for line in text.split("\n\n")[0].splitlines():  # the first processor's block
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo().get("flags", "").split())
+
+
+def _cache_sizes() -> dict[str, str]:
+    """{'L2': '2048K', 'L3': '307200K'} for CPU 0 (the kernel's own strings)."""
+    sizes = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+            if kind in ("Unified", "Data"):
+                sizes[f"L{level}"] = (index / "size").read_text().strip()
+        except OSError:
+            continue
+    return sizes
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def describe() -> dict:
+    cpu = _cpuinfo()
+    flags = cpu_flags()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {
+        "cpu": cpu.get("model name", platform.processor() or platform.machine()),
+        "cores": os.cpu_count(),
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "caches": _cache_sizes(),
+        "memory_gib": round(memory / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "onnxruntime": _version("onnxruntime"),
+        "llama_cpp_python": _version("llama_cpp_python"),
+    }
+
+
+def summary(m: dict) -> str:
+    """One line for the terminal and the chart."""
+    isa = " ".join(m["isa"]) or "no AVX2"
+    l3 = f", L3 {m['caches']['L3']}" if "L3" in m["caches"] else ""
+    llama = f", llama-cpp-python {m['llama_cpp_python']}" if m["llama_cpp_python"] else ""
+    return (f"{m['cpu']}, {m['cores']} cores ({isa}{l3}), {m['memory_gib']} GiB; "
+            f"onnxruntime {m['onnxruntime']}{llama}")
