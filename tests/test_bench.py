@@ -133,3 +133,14 @@ def test_machine_names_the_cpu_its_kernel_flags_and_versions(monkeypatch, tmp_pa
     line = machine.summary(m)
     assert line.startswith("Test CPU 9000, ") and "avx512_vnni amx_int8" in line and "onnxruntime" in line
     json.dumps(m)  # goes into bench.json as it is
+
+
+def test_llamacpp_models_load_without_extra_buffer_types_when_patched():
+    from types import SimpleNamespace
+
+    from splitllm.bench.runtimes import _without_extra_buffer_types
+
+    bindings = SimpleNamespace(llama_model_default_params=lambda: SimpleNamespace(use_extra_bufts=True, n_gpu_layers=0))
+    _without_extra_buffer_types(SimpleNamespace(llama_cpp=bindings))
+    params = bindings.llama_model_default_params()
+    assert params.use_extra_bufts is False and params.n_gpu_layers == 0  # the rest of the defaults stay
