@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -180,15 +183,30 @@ class Pipeline:
         self.processes.stop()
 
 
-def _without_extra_buffer_types(llama_cpp: object) -> None:
-    """Load models with `use_extra_bufts` off, which llama-cpp-python's Llama() does not expose.
+# Runs in a throwaway process: a prompt of several tokens through llama.cpp's default buffer types.
+_AMX_PROBE = """import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
+llm.eval(llm.tokenize(b"a prompt of several tokens"))"""
 
-    On a CPU with AMX, llama-cpp-python 0.3.36 built natively puts matmul weights in ggml's AMX buffer type, and
-    its AMX matmul dies with SIGILL on the project's VM for any batch of more than one token (a `tileloadd` in
-    ggml_backend_amx_mul_mat, even after arch_prctl has granted the process the tile state). Without the extra
-    buffer types llama.cpp takes its AVX-512 VNNI kernels: as fast as a build without AMX (-DGGML_NATIVE=OFF with
-    the AVX-512 flags) in a same-run A/B, prompt 1024 ~150-210 tok/s and decode ~45-70 tok/s for both.
+
+def amx_kernels_crash(gguf: str) -> bool:
+    """Whether llama.cpp dies with SIGILL in its AMX matmul here.
+
+    On a CPU with AMX, llama-cpp-python 0.3.36 built natively puts matmul weights in ggml's AMX buffer type. On the
+    project's Xeon VM its AMX matmul dies with SIGILL for any batch of more than one token (a `tileloadd` in
+    ggml_backend_amx_mul_mat, even after arch_prctl has granted the process the tile state), so it is tried in
+    a throwaway process first; where it works, llama.cpp keeps it.
     """
+    if "amx_int8" not in cpu_flags():
+        return False
+    probe = subprocess.run([sys.executable, "-c", _AMX_PROBE, gguf], capture_output=True, timeout=300)
+    return probe.returncode == -signal.SIGILL
+
+
+def _without_extra_buffer_types(llama_cpp: object) -> None:
+    """Load models with `use_extra_bufts` off, which llama-cpp-python's Llama() does not expose. llama.cpp then
+    takes its AVX-512 VNNI kernels: on the Xeon VM as fast as a build without AMX (-DGGML_NATIVE=OFF with the
+    AVX-512 flags) in a same-run A/B, prompt 1024 ~140-210 tok/s and decode ~30-70 tok/s for both."""
     module = llama_cpp.llama_cpp  # the ctypes bindings, which llama_cpp.llama reads the default from
     default = module.llama_model_default_params
 
@@ -215,7 +233,9 @@ class LlamaCpp:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when libgomp loads, with llama_cpp
         import llama_cpp
 
-        if "amx_int8" in cpu_flags():
+        if amx_kernels_crash(gguf):
+            print("llama.cpp: its AMX matmul dies with SIGILL on this machine; loading without extra buffer types "
+                  "(its AVX-512 kernels)", file=sys.stderr, flush=True)
             _without_extra_buffer_types(llama_cpp)
         self.gguf, self.lib, self.threads = gguf, llama_cpp, threads
         self.llm = llama_cpp.Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, logits_all=False,

@@ -144,3 +144,24 @@ def test_llamacpp_models_load_without_extra_buffer_types_when_patched():
     _without_extra_buffer_types(SimpleNamespace(llama_cpp=bindings))
     params = bindings.llama_model_default_params()
     assert params.use_extra_bufts is False and params.n_gpu_layers == 0  # the rest of the defaults stay
+
+
+def test_amx_probe_runs_only_on_amx_cpus_and_reads_sigill(monkeypatch):
+    import signal
+    from types import SimpleNamespace
+
+    from splitllm.bench import runtimes
+
+    probes, exit_code = [], {"value": -signal.SIGILL}
+
+    def fake_run(args, **_):
+        probes.append(args)
+        return SimpleNamespace(returncode=exit_code["value"])
+
+    monkeypatch.setattr(runtimes.subprocess, "run", fake_run)
+    monkeypatch.setattr(runtimes, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert runtimes.amx_kernels_crash("m.gguf") is False and probes == []  # no AMX: nothing to try
+    monkeypatch.setattr(runtimes, "cpu_flags", lambda: {"avx512f", "amx_int8"})
+    assert runtimes.amx_kernels_crash("m.gguf") is True and probes[-1][-1] == "m.gguf"
+    exit_code["value"] = 0
+    assert runtimes.amx_kernels_crash("m.gguf") is False  # AMX works there: llama.cpp keeps it
