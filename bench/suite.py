@@ -38,7 +38,7 @@ class Plan:
     def make(quick: bool, reps: int | None = None) -> Plan:
         if quick:
             return Plan(reps or 2, 64, (1, 4, 16), 8, 1, 2.0)
-        return Plan(reps or 5, 128, (1, 4, 16), 64, None, 9.0)
+        return Plan(reps or 5, 128, (1, 4, 16), 64, None, 10.0)
 
 
 class Child:
@@ -168,10 +168,13 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
     prompts = {n: ids[:n] for n in PROMPT_LENGTHS}
     stream_prompts = [ids[32 * i : 32 * i + 32] for i in range(max(plan.streams))]
     ppl_tokens = ids[: 512 * plan.ppl_windows] if plan.ppl_windows else ids
-    if "llamacpp" in runtimes and (why := skip_llamacpp(gguf)):
+    if spin and report.SPINNING in runtimes:  # llama.cpp's threads spin already
+        runtimes.remove(report.SPINNING)
+    llamacpps = [r for r in runtimes if r.startswith("llamacpp")]
+    if llamacpps and (why := skip_llamacpp(gguf)):
         print(f"skipping llama.cpp: {why}", flush=True)
         notes.append(f"llama.cpp skipped: {why}")
-        runtimes.remove("llamacpp")
+        runtimes = [r for r in runtimes if r not in llamacpps]
     print(f"splitllm bench{' --quick' if quick else ''}: {', '.join(runtimes)}; 1 warm-up + {plan.reps} "
           f"repetitions; expect about {plan.expected_minutes:.0f} min (longer when the machine is busy)", flush=True)
     host = machine.describe()
@@ -207,7 +210,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         for r in runtimes:
             results[r]["figures"] = {k: report.summarize(v) for k, v in samples[r].items() if k != "greedy"}
             results[r]["rss_streams"] = children[r].call("rss")["value"]
-        for r in [r for r in runtimes if r != "pipeline"]:
+        for r in [r for r in runtimes if r in ("chain", "llamacpp")]:  # the pipeline's and llama.cpp's: the same sums
             print(f"[{elapsed()}] perplexity: {r} ...", flush=True)
             results[r]["perplexity"] = children[r].call("perplexity", tokens=ppl_tokens, ctx=512)["value"]
     finally:
@@ -221,7 +224,10 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         wait = "spin (stock)" if spin else "sleep (OMP_WAIT_POLICY=PASSIVE, as the stages' threads)"
         notes.append(f"llama.cpp: {llamacpp_threads} threads that {wait} at barriers, n_batch 512; "
                      "concurrent streams run one after another in its one context")
-        for r in [r for r in runtimes if r != "llamacpp"]:
+        if report.SPINNING in runtimes:
+            notes.append("llama.cpp, threads spin: the same with its stock spinning threads, for reference; the "
+                         "targets compare with the sleeping one, as the stages' threads sleep")
+        for r in [r for r in runtimes if r in ("pipeline", "chain")]:
             d = first_divergence(samples[r]["greedy"], samples["llamacpp"]["greedy"])
             notes.append(f"{r}: greedy {plan.gen_tokens} tokens " + (
                 "identical to llama.cpp's" if d is None else f"first differ from llama.cpp's at token {d}"))

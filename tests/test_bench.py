@@ -60,6 +60,24 @@ def test_targets_without_llamacpp_are_not_applicable():
     assert t["perplexity, splitllm vs llama.cpp"]["met"] is True
 
 
+def test_ratio_targets_also_against_spinning_llamacpp_but_judged_against_the_sleeping_one():
+    r = results({"pipeline": 150.0, "chain": 150.0, "llamacpp": 100.0, "llamacpp_spin": 300.0},
+                {"pipeline": 7.0, "chain": 6.0, "llamacpp": 10, "llamacpp_spin": 3})
+    r["llamacpp_spin"]["rss"] = {"total": 100e6}
+    t = {x["name"]: x for x in report.evaluate(r)}
+    gen = t["generation tok/s, pipeline / llama.cpp"]
+    assert gen["met"] is True and gen["vs_spinning"] == pytest.approx(0.5) and gen["vs_spinning_shown"] == "0.50x"
+    rss = t["peak RSS, pipeline (5 processes) / llama.cpp"]
+    assert rss["value"] == pytest.approx(2.4) and "vs_spinning" not in rss  # one process, however its threads wait
+    assert "vs_spinning" not in t["pipeline overhead per token (TPOT - chain's)"]
+    text = report.render(r, list(t.values()))
+    assert text.splitlines()[0].endswith("llama.cpp  llama.cpp, threads spin")
+    lines = {line.split("  ")[0]: line for line in text.splitlines()}
+    assert lines["target"].endswith("met   vs llama.cpp, threads spin")
+    assert lines["generation tok/s, pipeline / llama.cpp"].endswith("1.50x  yes     0.50x")
+    assert lines["peak RSS, pipeline (5 processes) / llama.cpp"].endswith("2.40x  yes         -")
+
+
 def test_table_shows_figures_memory_and_targets():
     r = results({"pipeline": 150.0, "chain": 155.0, "llamacpp": 100.0}, {"pipeline": 7.0, "chain": 6.0, "llamacpp": 10})
     text = report.render(r, report.evaluate(r), ["a note"])

@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="artifact with context > 1024 (exported from the embedded model when missing)")
     be.add_argument("--gguf", help="GGUF for llama.cpp (default: the artifact's source)")
     be.add_argument("--reps", type=int, help="measured repetitions after the warm-up (default 5, --quick 2)")
-    be.add_argument("--runtimes", default="pipeline,chain,llamacpp")
+    be.add_argument("--runtimes", default="pipeline,chain,llamacpp,llamacpp_spin",
+                    help="llamacpp: threads sleep, as the stages' (the targets' reference); llamacpp_spin: its stock "
+                    "spinning threads, a reference column (left out with --spin)")
     be.add_argument("--out", help="directory for bench.json, bench.png and the runtimes' logs (default bench/results)")
     be.add_argument("--llamacpp-threads", type=int, default=2)
     be.add_argument("--spin", action="store_true",
