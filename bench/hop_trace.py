@@ -2,7 +2,7 @@
 """Where a pipeline token's time goes: a timestamp trace of every hop, from `splitllm serve`'s processes.
 
     python bench/hop_trace.py                          # stages as serve starts them, 200 greedy tokens
-    python bench/hop_trace.py --stage-threads 2 --spin
+    python bench/hop_trace.py --stage-threads 1 --no-spin
 
 Starts the pipeline with SPLITLLM_TRACE_DIR set (services/common/trace.py), generates --tokens greedy
 tokens after a 32-token prompt, and lines up the events of each decode step across the five processes
@@ -77,7 +77,8 @@ def main() -> int:
     ap.add_argument("--artifacts", default="artifacts/smollm2", help="exported with `splitllm export`")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--stage-threads", type=int, help="default: splitllm serve's (launcher.STAGE_THREADS)")
-    ap.add_argument("--spin", action="store_true")
+    ap.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                    help="stages' threads spin within a step or sleep (default: as splitllm serve starts them)")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     trace_dir = Path(tempfile.mkdtemp(prefix="splitllm-trace-"))
@@ -91,6 +92,7 @@ def main() -> int:
     a.stage_threads = a.stage_threads or STAGE_THREADS
     processes = Pipeline(a.artifacts, base_port=base, coordinator_port=base + 4, metrics_base=None,
                          stage_threads=a.stage_threads, stage_spin=a.spin).start()
+    a.spin = processes.stage_spin
     try:
         with Client(processes.coordinator.address) as client:
             prompt = list(range(100, 132))

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUNTIMES = {"pipeline": "splitllm pipeline", "chain": "in-process chain", "llamacpp": "llama.cpp",
-            "llamacpp_spin": "llama.cpp, threads spin"}
-SPINNING = "llamacpp_spin"  # a reference column: the targets compare with "llamacpp", whose threads sleep
+            "llamacpp_spin": "llama.cpp, threads spin", "llamacpp_sleep": "llama.cpp, threads sleep"}
+# The targets compare with "llamacpp", whose threads wait as the stages' do; the other way is a reference column.
+OTHER_LLAMACPP = ("llamacpp_spin", "llamacpp_sleep")
 
 # key -> (label, unit, scale from the stored SI value to the shown unit)
 FIGURES: dict[str, tuple[str, str, float]] = {
@@ -53,7 +54,7 @@ class Target:
     measure: Callable[[dict, str], float | None]  # from the results of every runtime and the llama.cpp to compare
     ok: Callable[[float], bool]
     fmt: str = "{:.2f}x"
-    per_llamacpp: bool = True  # a ratio to llama.cpp: also shown against the spinning one
+    per_llamacpp: bool = True  # a ratio to llama.cpp: also shown against the one that waits the other way
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -92,17 +93,21 @@ TARGETS = [
 ]
 
 
+def other_llamacpp(results: dict) -> str | None:
+    return next((k for k in OTHER_LLAMACPP if results.get(k, {}).get("figures")), None)
+
+
 def evaluate(results: dict) -> list[dict]:
-    """Each target against llama.cpp with sleeping threads; the ratios also against the spinning one when it ran
-    (`vs_spinning`, never counted as met or not)."""
-    out = []
+    """Each target against llama.cpp whose threads wait as the stages' do; the ratios also against the llama.cpp
+    that waits the other way when it ran (`vs_other`, never counted as met or not)."""
+    out, other = [], other_llamacpp(results)
     for t in TARGETS:
         value = t.measure(results, "llamacpp")
         row = {"name": t.name, "rule": t.rule, "value": value,
                "shown": t.fmt.format(value) if value is not None else "n/a",
                "met": t.ok(value) if value is not None else None}
-        if t.per_llamacpp and (spun := t.measure(results, SPINNING)) is not None:
-            row["vs_spinning"], row["vs_spinning_shown"] = spun, t.fmt.format(spun)
+        if other and t.per_llamacpp and (v := t.measure(results, other)) is not None:
+            row |= {"vs_other": v, "vs_other_shown": t.fmt.format(v), "other": RUNTIMES[other]}
         out.append(row)
     return out
 
@@ -134,13 +139,13 @@ def render(results: dict, targets: list[dict], notes: list[str] = ()) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    spun = any("vs_spinning" in t for t in targets)
+    other = next((t["other"] for t in targets if "other" in t), None)
     lines += ["", "target".ljust(48) + "rule".ljust(12) + "measured".rjust(10) + "  met"
-              + ("   vs llama.cpp, threads spin" if spun else "")]
+              + (f"   vs {other}" if other else "")]
     for t in targets:
         met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
-        spinning = met.ljust(3) + t.get("vs_spinning_shown", "-").rjust(10) if spun else met
-        lines.append(t["name"].ljust(48) + t["rule"].ljust(12) + t["shown"].rjust(10) + "  " + spinning)
+        verdict = met.ljust(3) + t.get("vs_other_shown", "-").rjust(10) if other else met
+        lines.append(t["name"].ljust(48) + t["rule"].ljust(12) + t["shown"].rjust(10) + "  " + verdict)
     return "\n".join(lines + [""] + [f"note: {n}" for n in notes])
 
 
@@ -156,7 +161,7 @@ def chart(results: dict, path: Path, subtitle: str = "") -> None:
               ("ttft_32", "time to first token, 32-token prompt (ms, lower is better)"),
               ("prompt_tps_1024", "prompt processing, 1024 tokens (tokens/s)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), layout="constrained")
-    colors = ["#1f77b4", "#7fb3e0", "#d62728", "#f2a09f"]
+    colors = ["#1f77b4", "#7fb3e0", "#d62728", "#f2a09f", "#f2a09f"]
     for ax, (key, title) in zip(axes, panels, strict=True):
         scale = FIGURES[key][2]
         figs = [results[k]["figures"][key] for k in runtimes]

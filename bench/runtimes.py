@@ -132,7 +132,7 @@ class Pipeline:
     name = "pipeline"
 
     def __init__(self, artifacts: str, spin: bool = False, **_: object) -> None:
-        """Stages as `splitllm serve` starts them: 2 threads each that sleep, or with `spin` spin."""
+        """Stages as `splitllm serve` starts them (2 threads each), their threads spinning within a step or not."""
         from splitllm.services.client.client import Client
         from splitllm.services.client.launcher import Pipeline as Processes
 
@@ -299,9 +299,10 @@ class LlamaCpp:
 
 
 class LlamaCppSpinning(LlamaCpp):
-    """llama.cpp as it ships: its threads spin at barriers. A reference column beside the sleeping one, which the
-    targets use. On an idle machine spinning is llama.cpp's best single-stream speed: on the 2-core AMD EPYC (Zen 5)
-    host of 2026-12-06, 5.5-5.9 ms a token against 20-22 ms with sleeping threads, which wake at every barrier."""
+    """llama.cpp as it ships, threads spinning at barriers, whatever the run's --spin: a reference column beside
+    the llama.cpp that waits as the stages do. On an idle machine spinning is llama.cpp's best single-stream speed:
+    on the 2-core AMD EPYC (Zen 5) host of 2026-12-06, 5.5-5.9 ms a token against 20-22 ms with sleeping threads,
+    which wake at every barrier."""
 
     name = "llamacpp_spin"
 
@@ -309,4 +310,14 @@ class LlamaCppSpinning(LlamaCpp):
         super().__init__(gguf, threads, spin=True)
 
 
-RUNTIMES = {r.name: r for r in (Pipeline, Chain, LlamaCpp, LlamaCppSpinning)}
+class LlamaCppSleeping(LlamaCpp):
+    """llama.cpp with sleeping threads (OMP_WAIT_POLICY=PASSIVE), whatever the run's --spin: the reference column
+    when the stages spin."""
+
+    name = "llamacpp_sleep"
+
+    def __init__(self, gguf: str, threads: int = 2, **_: object) -> None:
+        super().__init__(gguf, threads, spin=False)
+
+
+RUNTIMES = {r.name: r for r in (Pipeline, Chain, LlamaCpp, LlamaCppSpinning, LlamaCppSleeping)}

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitllm.bench import machine, report
+from splitllm.services.client.launcher import STAGE_THREADS, one_stage_at_a_time
 
 REFERENCE = Path(__file__).resolve().parents[1] / "../shared/reference/smollm2"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,7 +39,7 @@ class Plan:
     def make(quick: bool, reps: int | None = None) -> Plan:
         if quick:
             return Plan(reps or 2, 64, (1, 4, 16), 8, 1, 2.0)
-        return Plan(reps or 5, 128, (1, 4, 16), 64, None, 10.0)
+        return Plan(reps or 5, 128, (1, 4, 16), 64, None, 8.0)
 
 
 class Child:
@@ -140,7 +141,7 @@ def oversubscribed(loads: list[float]) -> str | None:
     if max(loads) <= cores:
         return None
     return (f"the load average reached {max(loads):.1f} on {cores} cores: llama.cpp's spinning threads (at every "
-            "barrier) then run several times slower; drop --spin")
+            "barrier) then run several times slower; run with --no-spin")
 
 
 def skip_llamacpp(gguf: str) -> str | None:
@@ -150,16 +151,23 @@ def skip_llamacpp(gguf: str) -> str | None:
 
 
 def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str = "",
-        runtimes: tuple[str, ...] = tuple(report.RUNTIMES), llamacpp_threads: int = 2, spin: bool = False,
-        out_dir: str | Path | None = None) -> int:
+        runtimes: tuple[str, ...] = ("pipeline", "chain", "llamacpp", "llamacpp_other"), llamacpp_threads: int = 2,
+        spin: bool | None = None, out_dir: str | Path | None = None) -> int:
+    """`spin` None: as `splitllm serve` starts the stages. The chain's and llama.cpp's threads wait as the stages' do
+    (the targets' llama.cpp); "llamacpp_other" is llama.cpp waiting the other way, a reference column."""
     from splitllm.services.common.manifest import load_manifest
     from splitllm.services.coordinator.text import TextCodec
 
     t_start, loads = time.monotonic(), [os.getloadavg()[0]]
     elapsed = lambda: clock(time.monotonic() - t_start)  # noqa: E731
-    plan, notes, runtimes = Plan.make(quick, reps), [], list(runtimes)
+    if spin is None:
+        spin = one_stage_at_a_time(STAGE_THREADS)
+    other = "llamacpp_sleep" if spin else "llamacpp_spin"
+    plan, notes = Plan.make(quick, reps), []
+    runtimes = [other if r == "llamacpp_other" else r for r in runtimes]
     if unknown := set(runtimes) - set(report.RUNTIMES):
-        raise ValueError(f"unknown runtimes {sorted(unknown)} (allowed: {', '.join(report.RUNTIMES)})")
+        allowed = ", ".join([*report.RUNTIMES, "llamacpp_other"])
+        raise ValueError(f"unknown runtimes {sorted(unknown)} (allowed: {allowed})")
     source = ensure_artifacts(artifacts)
     gguf = gguf or source
     m, _ = load_manifest(artifacts, verify=[])
@@ -168,8 +176,6 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
     prompts = {n: ids[:n] for n in PROMPT_LENGTHS}
     stream_prompts = [ids[32 * i : 32 * i + 32] for i in range(max(plan.streams))]
     ppl_tokens = ids[: 512 * plan.ppl_windows] if plan.ppl_windows else ids
-    if spin and report.SPINNING in runtimes:  # llama.cpp's threads spin already
-        runtimes.remove(report.SPINNING)
     llamacpps = [r for r in runtimes if r.startswith("llamacpp")]
     if llamacpps and (why := skip_llamacpp(gguf)):
         print(f"skipping llama.cpp: {why}", flush=True)
@@ -217,16 +223,16 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         for c in children.values():
             c.close()
 
-    notes.append("stages: 2 ONNX Runtime threads that spin up to 50 us within a step, chain likewise" if spin else
-                 "stages: 2 ONNX Runtime threads each that sleep, full prompt chunks (splitllm serve's default); "
-                 "chain: 2 threads that sleep")
+    waits = "spin up to 50 us within a step" if spin else "sleep"
+    serves = "splitllm serve's default" if spin == one_stage_at_a_time(STAGE_THREADS) else "not serve's default"
+    notes.append(f"stages: {STAGE_THREADS} ONNX Runtime threads each that {waits} ({serves}); chain likewise")
     if "llamacpp" in runtimes:
-        wait = "spin (stock)" if spin else "sleep (OMP_WAIT_POLICY=PASSIVE, as the stages' threads)"
-        notes.append(f"llama.cpp: {llamacpp_threads} threads that {wait} at barriers, n_batch 512; "
-                     "concurrent streams run one after another in its one context")
-        if report.SPINNING in runtimes:
-            notes.append("llama.cpp, threads spin: the same with its stock spinning threads, for reference; the "
-                         "targets compare with the sleeping one, as the stages' threads sleep")
+        wait = "spin (stock)" if spin else "sleep (OMP_WAIT_POLICY=PASSIVE)"
+        notes.append(f"llama.cpp: {llamacpp_threads} threads that {wait} at barriers, as the stages' wait, "
+                     "n_batch 512; concurrent streams run one after another in its one context")
+        if other in runtimes:
+            notes.append(f"{report.RUNTIMES[other]}: the same llama.cpp with its threads waiting the other way, for "
+                         "reference; the targets compare with the one whose threads wait as the stages' do")
         for r in [r for r in runtimes if r in ("pipeline", "chain")]:
             d = first_divergence(samples[r]["greedy"], samples["llamacpp"]["greedy"])
             notes.append(f"{r}: greedy {plan.gen_tokens} tokens " + (

@@ -60,22 +60,30 @@ def test_targets_without_llamacpp_are_not_applicable():
     assert t["perplexity, splitllm vs llama.cpp"]["met"] is True
 
 
-def test_ratio_targets_also_against_spinning_llamacpp_but_judged_against_the_sleeping_one():
+def test_ratio_targets_also_against_the_other_llamacpp_but_judged_against_the_one_that_waits_as_the_stages():
     r = results({"pipeline": 150.0, "chain": 150.0, "llamacpp": 100.0, "llamacpp_spin": 300.0},
                 {"pipeline": 7.0, "chain": 6.0, "llamacpp": 10, "llamacpp_spin": 3})
     r["llamacpp_spin"]["rss"] = {"total": 100e6}
     t = {x["name"]: x for x in report.evaluate(r)}
     gen = t["generation tok/s, pipeline / llama.cpp"]
-    assert gen["met"] is True and gen["vs_spinning"] == pytest.approx(0.5) and gen["vs_spinning_shown"] == "0.50x"
+    assert gen["met"] is True and gen["vs_other"] == pytest.approx(0.5) and gen["vs_other_shown"] == "0.50x"
     rss = t["peak RSS, pipeline (5 processes) / llama.cpp"]
-    assert rss["value"] == pytest.approx(2.4) and "vs_spinning" not in rss  # one process, however its threads wait
-    assert "vs_spinning" not in t["pipeline overhead per token (TPOT - chain's)"]
+    assert rss["value"] == pytest.approx(2.4) and "vs_other" not in rss  # one process, however its threads wait
+    assert "vs_other" not in t["pipeline overhead per token (TPOT - chain's)"]
     text = report.render(r, list(t.values()))
     assert text.splitlines()[0].endswith("llama.cpp  llama.cpp, threads spin")
     lines = {line.split("  ")[0]: line for line in text.splitlines()}
     assert lines["target"].endswith("met   vs llama.cpp, threads spin")
     assert lines["generation tok/s, pipeline / llama.cpp"].endswith("1.50x  yes     0.50x")
     assert lines["peak RSS, pipeline (5 processes) / llama.cpp"].endswith("2.40x  yes         -")
+
+
+def test_stages_that_spin_are_compared_with_spinning_llamacpp_and_the_sleeping_one_is_the_reference(monkeypatch):
+    r = results({"pipeline": 150.0, "chain": 150.0, "llamacpp": 100.0, "llamacpp_sleep": 50.0},
+                {"pipeline": 7.0, "chain": 6.0, "llamacpp": 10, "llamacpp_sleep": 20})
+    t = report.evaluate(r)
+    assert t[0]["vs_other"] == pytest.approx(3.0) and t[0]["other"] == "llama.cpp, threads sleep"
+    assert report.render(r, t).splitlines()[0].endswith("llama.cpp  llama.cpp, threads sleep")
 
 
 def test_table_shows_figures_memory_and_targets():

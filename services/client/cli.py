@@ -259,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--stage-threads", type=int, default=2,
                     help="ONNX Runtime intra-op threads per stage (default 2, launcher.STAGE_THREADS says why); while "
                     "two stages fit the cores (2 x threads <= cores) the coordinator spreads prompts over the stages, "
-                    "else it sends full chunks")
-    se.add_argument("--spin", action="store_true", help=SPIN_HELP)
+                    "else it sends full chunks and one decode batch at a time")
+    se.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                    help="stages' idle threads spin up to 50 us within a step (default: when a stage's threads take "
+                    "every core, so that one stage computes at a time; launcher.Pipeline.one_stage_at_a_time)")
     se.set_defaults(run=cmd_serve)
 
     de = sub.add_parser("demo", help="serve, then run the model card's three sample prompts")
@@ -282,14 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="artifact with context > 1024 (exported from the embedded model when missing)")
     be.add_argument("--gguf", help="GGUF for llama.cpp (default: the artifact's source)")
     be.add_argument("--reps", type=int, help="measured repetitions after the warm-up (default 5, --quick 2)")
-    be.add_argument("--runtimes", default="pipeline,chain,llamacpp,llamacpp_spin",
-                    help="llamacpp: threads sleep, as the stages' (the targets' reference); llamacpp_spin: its stock "
-                    "spinning threads, a reference column (left out with --spin)")
+    be.add_argument("--runtimes", default="pipeline,chain,llamacpp,llamacpp_other",
+                    help="llamacpp: its threads wait as the stages' do (the targets' reference); llamacpp_other: they "
+                    "wait the other way (llamacpp_spin or llamacpp_sleep), a reference column")
     be.add_argument("--out", help="directory for bench.json, bench.png and the runtimes' logs (default bench/results)")
     be.add_argument("--llamacpp-threads", type=int, default=2)
-    be.add_argument("--spin", action="store_true",
-                    help="every runtime's threads spin: llama.cpp's stock setting, stages with 2 threads and --spin "
-                    "(llama.cpp is faster on an idle machine and collapses on a busy one)")
+    be.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                    help="every runtime's threads spin (llama.cpp's stock setting, stages within a step) or sleep; "
+                    "default: as splitllm serve starts the stages (spinning llama.cpp collapses on a busy machine)")
     be.set_defaults(run=cmd_bench)
     return p
 

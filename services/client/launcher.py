@@ -22,11 +22,13 @@ from splitllm.services.common.manifest import MANIFEST_FILE, load_manifest
 HOST = "127.0.0.1"
 COORDINATOR_PORT, STAGE_PORT = 50051, 50061  # stages: 50061, 50062, ...
 COORDINATOR_METRICS, STAGE_METRICS = 9400, 9401  # stages: 9401, 9402, ...
-# Intra-op threads per stage that `splitllm serve` starts: 2 that sleep, with full prompt chunks (two such stages
-# do not fit 2 cores at once). Same-run A/B on the 2-core AVX2 host, 8 repetitions, against 1 thread and
-# prompts spread over the stages: TPOT 14.3 -> 12.3 ms, TTFT of a chat prompt 115 -> 100 ms, 4 streams 93 tok/s
-# both, 16 streams 136 -> 130 tok/s, 1024-token prompt 2.17 -> 2.20 s. A single stream leaves the other core idle,
-# and lm_head's one large node splits over both threads (stage 4: 4.55 -> 3.71 ms a token).
+# Intra-op threads per stage that `splitllm serve` starts: 2, one stage computing at a time (one_stage_at_a_time
+# says how they wait). Same-run A/B on the 2-core AVX2 host, 8 repetitions, 2 sleeping threads
+# against 1 thread and prompts spread over the stages: TPOT 14.3 -> 12.3 ms, TTFT of a chat prompt 115 -> 100 ms,
+# 4 streams 93 tok/s both, 16 streams 136 -> 130 tok/s, 1024-token prompt 2.17 -> 2.20 s. A single stream leaves the
+# other core idle, and lm_head's one large node splits over both threads (stage 4: 4.55 -> 3.71 ms a token). On the
+# Zen 5 host 1 sleeping thread was ahead (3 A/Bs: TPOT -4 to -16 %, TTFT and streams within +-8 %), and 2 spinning
+# threads with one batch in flight ahead of both.
 STAGE_THREADS = 2
 
 
@@ -59,17 +61,30 @@ def wait_serving(svc: Service, deadline: float) -> None:
             time.sleep(0.1)
 
 
+def one_stage_at_a_time(stage_threads: int) -> bool:
+    """Whether a stage's threads take every core, so that two stages computing at once would share them. Then
+    prompts go in full chunks, one decode batch is in flight (--batches-in-flight 1: the next batch waits for
+    the answer instead of running beside another) and the stages spin within a step (SPIN_US; they sleep between
+    steps). Same-run A/B against serve's settings before (2 sleeping threads, 2 batches in flight; 2-core AMD EPYC
+    Zen 5, 4 turns of 3, medians): TPOT 9.92 -> 7.56 ms, TTFT 32 tokens 38.1 -> 31.9 ms, 1000 tokens 796 -> 777 ms,
+    4 streams 207 -> 288 tok/s, 16 streams 383 -> 459 tok/s; one batch in flight alone, threads sleeping: 9.45 ms,
+    36.7 ms, 747 ms, 251 and 407 tok/s."""
+    return 2 * stage_threads > (os.cpu_count() or 1)
+
+
 class Pipeline:
     """The running processes of one pipeline; a context manager that always stops them."""
 
     def __init__(self, artifacts: str | Path, base_port: int = STAGE_PORT, coordinator_port: int = COORDINATOR_PORT,
                  metrics_base: int | None = COORDINATOR_METRICS, kv_capacity: int = 16, backend: str = "cpu",
-                 stage_threads: int = STAGE_THREADS, stage_spin: bool = False,
+                 stage_threads: int = STAGE_THREADS, stage_spin: bool | None = None,
                  extra_coordinator_args: list[str] | None = None) -> None:
+        """`stage_spin` None: the stages spin within a step when one computes at a time (one_stage_at_a_time)."""
         self.artifacts = str(artifacts)
         self.base_port, self.coordinator_port, self.metrics_base = base_port, coordinator_port, metrics_base
         self.kv_capacity, self.backend = kv_capacity, backend
-        self.stage_threads, self.stage_spin = stage_threads, stage_spin
+        self.stage_threads = stage_threads
+        self.stage_spin = self.one_stage_at_a_time() if stage_spin is None else stage_spin
         self.extra = extra_coordinator_args or []
         self.services: list[Service] = []
 
@@ -85,9 +100,8 @@ class Pipeline:
         """0: coordinator, k: stage k (1-based); 0 when metrics are off."""
         return self.metrics_base + i if self.metrics_base else 0
 
-    def stages_can_overlap(self) -> bool:
-        """Two stages running at once (prompt chunks spread across stages) fit this machine's cores."""
-        return 2 * self.stage_threads <= (os.cpu_count() or 1)
+    def one_stage_at_a_time(self) -> bool:
+        return one_stage_at_a_time(self.stage_threads)
 
     def stage_process(self, k: int) -> Service:
         """Start stage k (0-based) on its fixed address."""
@@ -100,6 +114,16 @@ class Pipeline:
         if self.stage_spin:
             args.append("--spin")
         return Service(f"stage {k + 1}", addr, self.metrics_port(k + 1), subprocess.Popen(cli(*args)))
+
+    def coordinator_args(self, listen: str, stages: list[str]) -> list[str]:
+        args = ["coordinator", "--artifacts", self.artifacts, "--listen", listen, "--stages", ",".join(stages),
+                "--max-concurrent", str(self.kv_capacity),
+                "--prompt-chunks", "full" if self.one_stage_at_a_time() else "spread"]
+        if self.one_stage_at_a_time():
+            args += ["--batches-in-flight", "1"]
+        if self.metrics_base:
+            args += ["--metrics-port", str(self.metrics_port(0))]
+        return args + self.extra
 
     def restart_stage(self, k: int, timeout: float = 60.0) -> None:
         self.services[k] = self.stage_process(k)
@@ -114,12 +138,7 @@ class Pipeline:
             for s in self.services:
                 wait_serving(s, deadline)
             addr = f"{HOST}:{self.coordinator_port}"
-            args = ["coordinator", "--artifacts", self.artifacts, "--listen", addr,
-                    "--stages", ",".join(s.address for s in self.services), "--max-concurrent", str(self.kv_capacity),
-                    "--prompt-chunks", "spread" if self.stages_can_overlap() else "full"]
-            if self.metrics_base:
-                args += ["--metrics-port", str(self.metrics_port(0))]
-            proc = subprocess.Popen(cli(*args + self.extra))
+            proc = subprocess.Popen(cli(*self.coordinator_args(addr, [s.address for s in self.services])))
             self.services.append(Service("coordinator", addr, self.metrics_port(0), proc))
             wait_serving(self.coordinator, deadline)
         except BaseException:

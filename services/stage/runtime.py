@@ -45,7 +45,8 @@ def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
     longer and keeps a core busy that another stage wants. Same-run A/B, 4 two-thread stages on 2 cores, 50 us vs the
     default: 1024-token prompt 488 -> 628 tok/s, 16 streams 71 -> 88 tok/s, TTFT and decode unchanged (before
     decode batching). Against 1-thread sleeping stages, with decode batching: TTFT at 32 tokens 88 -> 56 ms, decode
-    18.0 -> 14.1 ms per token, 16 streams 250 -> 201 tok/s. Off by default: stages share the cores with each other."""
+    18.0 -> 14.1 ms per token, 16 streams 250 -> 201 tok/s. Off by default for a stage started alone (1 thread: stages
+    share the cores); `splitllm serve` turns it on when one stage computes at a time (launcher.one_stage_at_a_time)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1

@@ -1,0 +1,18 @@
+"""The launcher's choices for `splitllm serve` (no processes here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitllm.services.client import launcher
+
+
+@pytest.mark.parametrize(("cores", "threads", "alone"), [(2, 2, True), (2, 1, False), (4, 2, False), (1, 1, True)])
+def test_serve_spins_and_sends_one_batch_when_a_stage_takes_every_core(monkeypatch, cores, threads, alone):
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: cores)
+    p = launcher.Pipeline("unused", stage_threads=threads)
+    assert launcher.one_stage_at_a_time(threads) is alone and p.stage_spin is alone
+    assert launcher.Pipeline("unused", stage_threads=threads, stage_spin=False).stage_spin is False
+    args = " ".join(p.coordinator_args("127.0.0.1:1", ["127.0.0.1:2"]))
+    assert ("--prompt-chunks full" in args) is alone and ("--prompt-chunks spread" in args) is not alone
+    assert ("--batches-in-flight 1" in args) is alone
