@@ -216,7 +216,8 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         for r in runtimes:
             results[r]["figures"] = {k: report.summarize(v) for k, v in samples[r].items() if k != "greedy"}
             results[r]["rss_streams"] = children[r].call("rss")["value"]
-        for r in [r for r in runtimes if r in ("chain", "llamacpp")]:  # the pipeline's and llama.cpp's: the same sums
+        # The pipeline runs the chain's graphs, and the other llama.cpp does the same sums as this one.
+        for r in [r for r in runtimes if r in ("chain", "llamacpp")]:
             print(f"[{elapsed()}] perplexity: {r} ...", flush=True)
             results[r]["perplexity"] = children[r].call("perplexity", tokens=ppl_tokens, ctx=512)["value"]
     finally:
