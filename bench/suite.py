@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitllm.bench import machine, report
-from splitllm.services.client.launcher import STAGE_THREADS, one_stage_at_a_time
+from splitllm.services.client.launcher import STAGE_THREADS, spins_by_default
 
 REFERENCE = Path(__file__).resolve().parents[1] / "../shared/reference/smollm2"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -161,7 +161,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
     t_start, loads = time.monotonic(), [os.getloadavg()[0]]
     elapsed = lambda: clock(time.monotonic() - t_start)  # noqa: E731
     if spin is None:
-        spin = one_stage_at_a_time(STAGE_THREADS)
+        spin = spins_by_default(STAGE_THREADS)
     other = "llamacpp_sleep" if spin else "llamacpp_spin"
     plan, notes = Plan.make(quick, reps), []
     runtimes = [other if r == "llamacpp_other" else r for r in runtimes]
@@ -225,7 +225,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
             c.close()
 
     waits = "spin up to 50 us within a step" if spin else "sleep"
-    serves = "splitllm serve's default" if spin == one_stage_at_a_time(STAGE_THREADS) else "not serve's default"
+    serves = "splitllm serve's default" if spin == spins_by_default(STAGE_THREADS) else "not serve's default"
     notes.append(f"stages: {STAGE_THREADS} ONNX Runtime threads each that {waits} ({serves}); chain likewise")
     if "llamacpp" in runtimes:
         wait = "spin (stock)" if spin else "sleep (OMP_WAIT_POLICY=PASSIVE)"

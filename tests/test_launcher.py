@@ -7,11 +7,13 @@ import pytest
 from splitllm.services.client import launcher
 
 
-@pytest.mark.parametrize(("cores", "threads", "alone"), [(2, 2, True), (2, 1, False), (4, 2, False), (1, 1, True)])
-def test_serve_spins_and_sends_one_batch_when_a_stage_takes_every_core(monkeypatch, cores, threads, alone):
+@pytest.mark.parametrize(("cores", "threads", "alone", "spin"),
+                         [(2, 2, True, True), (2, 1, False, False), (4, 2, False, False), (1, 1, True, True),
+                          (1, 2, True, False)])  # 2 threads on 1 core: a spinning thread would hold the other's core
+def test_serve_spins_and_sends_one_batch_when_a_stage_takes_every_core(monkeypatch, cores, threads, alone, spin):
     monkeypatch.setattr(launcher.os, "cpu_count", lambda: cores)
     p = launcher.Pipeline("unused", stage_threads=threads)
-    assert launcher.one_stage_at_a_time(threads) is alone and p.stage_spin is alone
+    assert launcher.one_stage_at_a_time(threads) is alone and p.stage_spin is spin
     assert launcher.Pipeline("unused", stage_threads=threads, stage_spin=False).stage_spin is False
     args = " ".join(p.coordinator_args("127.0.0.1:1", ["127.0.0.1:2"]))
     assert ("--prompt-chunks full" in args) is alone and ("--prompt-chunks spread" in args) is not alone

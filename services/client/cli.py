@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "else it sends full chunks and one decode batch at a time")
     se.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
                     help="stages' idle threads spin up to 50 us within a step (default: when a stage's threads take "
-                    "every core, so that one stage computes at a time; launcher.Pipeline.one_stage_at_a_time)")
+                    "every core, so that one stage computes at a time; launcher.spins_by_default)")
     se.set_defaults(run=cmd_serve)
 
     de = sub.add_parser("demo", help="serve, then run the model card's three sample prompts")

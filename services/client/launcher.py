@@ -63,13 +63,19 @@ def wait_serving(svc: Service, deadline: float) -> None:
 
 def one_stage_at_a_time(stage_threads: int) -> bool:
     """Whether a stage's threads take every core, so that two stages computing at once would share them. Then
-    prompts go in full chunks, one decode batch is in flight (--batches-in-flight 1: the next batch waits for
-    the answer instead of running beside another) and the stages spin within a step (SPIN_US; they sleep between
-    steps). Same-run A/B against serve's settings before (2 sleeping threads, 2 batches in flight; 2-core AMD EPYC
-    Zen 5, 4 turns of 3, medians): TPOT 9.92 -> 7.56 ms, TTFT 32 tokens 38.1 -> 31.9 ms, 1000 tokens 796 -> 777 ms,
-    4 streams 207 -> 288 tok/s, 16 streams 383 -> 459 tok/s; one batch in flight alone, threads sleeping: 9.45 ms,
-    36.7 ms, 747 ms, 251 and 407 tok/s."""
+    prompts go in full chunks, one decode batch is in flight (--batches-in-flight 1: the next batch waits for the
+    answer instead of running beside another) and the stages spin within a step (spins_by_default; they sleep
+    between steps). Same-run A/B against serve's settings before (2 sleeping threads, 2 batches in flight; 2-core
+    AMD EPYC Zen 5, 4 turns of 3, medians): TPOT 9.92 -> 7.56 ms, TTFT 32 tokens 38.1 -> 31.9 ms, 1000 tokens 796
+    -> 777 ms, 4 streams 207 -> 288 tok/s, 16 streams 383 -> 459 tok/s; one batch in flight alone, threads
+    sleeping: 9.45 ms, 36.7 ms, 747 ms, 251 and 407 tok/s."""
     return 2 * stage_threads > (os.cpu_count() or 1)
+
+
+def spins_by_default(stage_threads: int) -> bool:
+    """Stages spin within a step when one computes at a time and each of its threads has a core to spin on (2
+    threads on 1 core: a spinning thread would hold the core the other one waits for)."""
+    return one_stage_at_a_time(stage_threads) and stage_threads <= (os.cpu_count() or 1)
 
 
 class Pipeline:
@@ -79,12 +85,12 @@ class Pipeline:
                  metrics_base: int | None = COORDINATOR_METRICS, kv_capacity: int = 16, backend: str = "cpu",
                  stage_threads: int = STAGE_THREADS, stage_spin: bool | None = None,
                  extra_coordinator_args: list[str] | None = None) -> None:
-        """`stage_spin` None: the stages spin within a step when one computes at a time (one_stage_at_a_time)."""
+        """`stage_spin` None: spins_by_default."""
         self.artifacts = str(artifacts)
         self.base_port, self.coordinator_port, self.metrics_base = base_port, coordinator_port, metrics_base
         self.kv_capacity, self.backend = kv_capacity, backend
         self.stage_threads = stage_threads
-        self.stage_spin = self.one_stage_at_a_time() if stage_spin is None else stage_spin
+        self.stage_spin = spins_by_default(stage_threads) if stage_spin is None else stage_spin
         self.extra = extra_coordinator_args or []
         self.services: list[Service] = []
 

@@ -46,7 +46,7 @@ def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
     default: 1024-token prompt 488 -> 628 tok/s, 16 streams 71 -> 88 tok/s, TTFT and decode unchanged (before
     decode batching). Against 1-thread sleeping stages, with decode batching: TTFT at 32 tokens 88 -> 56 ms, decode
     18.0 -> 14.1 ms per token, 16 streams 250 -> 201 tok/s. Off by default for a stage started alone (1 thread: stages
-    share the cores); `splitllm serve` turns it on when one stage computes at a time (launcher.one_stage_at_a_time)."""
+    share the cores); `splitllm serve` turns it on when one stage computes at a time (launcher.spins_by_default)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
