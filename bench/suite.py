@@ -34,11 +34,14 @@ class Plan:
     stream_tokens: int
     ppl_windows: int | None  # None: every 512-token window of the text
     expected_minutes: float  # on this 2-core machine when it is otherwise idle
+    # Concurrent streams the warm-up runs. --quick leaves out the 16: on a slow host (Zen 1, AVX2) their prompts
+    # alone take 2-4 s a runtime. The warm-up keeps every prompt length: "peak RSS, one stream" is read after it.
+    warmup_streams: tuple[int, ...] | None = None  # None: `streams`
 
     @staticmethod
     def make(quick: bool, reps: int | None = None) -> Plan:
         if quick:
-            return Plan(reps or 2, 64, (1, 4, 16), 8, 1, 2.0)
+            return Plan(reps or 2, 64, (1, 4, 16), 8, 1, 2.0, warmup_streams=(1, 4))
         return Plan(reps or 5, 128, (1, 4, 16), 64, None, 8.0)
 
 
@@ -95,9 +98,9 @@ def single(child: Child, plan: Plan, prompts: dict[int, list[int]], out: dict[st
     out["greedy"] = tokens
 
 
-def streams(child: Child, plan: Plan, prompts: list[list[int]], out: dict[str, list]) -> None:
-    for k in plan.streams:
-        r = child.call("streams", prompts=prompts[:k], n=plan.stream_tokens)
+def streams(child: Child, counts: tuple[int, ...], tokens: int, prompts: list[list[int]], out: dict[str, list]) -> None:
+    for k in counts:
+        r = child.call("streams", prompts=prompts[:k], n=tokens)
         out.setdefault(f"streams_{k}", []).append(r["value"] / r["seconds"])
 
 
@@ -151,10 +154,11 @@ def skip_llamacpp(gguf: str) -> str | None:
 
 
 def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str = "",
-        runtimes: tuple[str, ...] = ("pipeline", "chain", "llamacpp", "llamacpp_other"), llamacpp_threads: int = 2,
+        runtimes: tuple[str, ...] | None = None, llamacpp_threads: int = 2,
         spin: bool | None = None, out_dir: str | Path | None = None) -> int:
     """`spin` None: as `splitllm serve` starts the stages. The chain's and llama.cpp's threads wait as the stages' do
-    (the targets' llama.cpp); "llamacpp_other" is llama.cpp waiting the other way, a reference column."""
+    (the targets' llama.cpp); "llamacpp_other" is llama.cpp waiting the other way, a reference column that the
+    full run has by default and --quick only when asked (it is never judged, and costs a quarter of the time)."""
     from splitllm.services.common.manifest import load_manifest
     from splitllm.services.coordinator.text import TextCodec
 
@@ -164,6 +168,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         spin = spins_by_default(STAGE_THREADS)
     other = "llamacpp_sleep" if spin else "llamacpp_spin"
     plan, notes = Plan.make(quick, reps), []
+    runtimes = runtimes or ("pipeline", "chain", "llamacpp", *(() if quick else ("llamacpp_other",)))
     runtimes = [other if r == "llamacpp_other" else r for r in runtimes]
     if unknown := set(runtimes) - set(report.RUNTIMES):
         allowed = ", ".join([*report.RUNTIMES, "llamacpp_other"])
@@ -206,7 +211,8 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
                 if rep == 0:  # the peak with one stream at a time, as llama.cpp's single context runs
                     results[r]["rss"] = children[r].call("rss")["value"]
                     results[r]["pss"] = children[r].call("pss")["value"]
-                streams(children[r], plan, stream_prompts, samples[r] if rep else {})
+                counts = plan.streams if rep or plan.warmup_streams is None else plan.warmup_streams
+                streams(children[r], counts, plan.stream_tokens, stream_prompts, samples[r] if rep else {})
             loads.append(os.getloadavg()[0])
             left = (time.monotonic() - t_loop) / (rep + 1) * (plan.reps - rep)
             if "chain" in samples and rep:  # the chain's perplexity runs token by token

@@ -140,7 +140,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from splitllm.bench.suite import run
 
     try:
-        return run(a.artifacts, quick=a.quick, reps=a.reps, gguf=a.gguf or "", runtimes=tuple(a.runtimes.split(",")),
+        runtimes = tuple(a.runtimes.split(",")) if a.runtimes else None
+        return run(a.artifacts, quick=a.quick, reps=a.reps, gguf=a.gguf or "", runtimes=runtimes,
                    llamacpp_threads=a.llamacpp_threads, spin=a.spin, out_dir=a.out)
     except RuntimeError as e:  # a runtime failed: its message says which and where its log is
         print(f"splitllm bench: {e}", file=sys.stderr)
@@ -284,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="artifact with context > 1024 (exported from the embedded model when missing)")
     be.add_argument("--gguf", help="GGUF for llama.cpp (default: the artifact's source)")
     be.add_argument("--reps", type=int, help="measured repetitions after the warm-up (default 5, --quick 2)")
-    be.add_argument("--runtimes", default="pipeline,chain,llamacpp,llamacpp_other",
-                    help="llamacpp: its threads wait as the stages' do (the targets' reference); llamacpp_other: they "
-                    "wait the other way (llamacpp_spin or llamacpp_sleep), a reference column")
+    be.add_argument("--runtimes", help="default pipeline,chain,llamacpp,llamacpp_other (--quick: the first three). "
+                    "llamacpp: its threads wait as the stages' do (the targets' reference); llamacpp_other: they wait "
+                    "the other way (llamacpp_spin or llamacpp_sleep), a reference column")
     be.add_argument("--out", help="directory for bench.json, bench.png and the runtimes' logs (default bench/results)")
     be.add_argument("--llamacpp-threads", type=int, default=2)
     be.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
