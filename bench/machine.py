@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -74,3 +75,49 @@ def summary(m: dict) -> str:
     llama = f", llama-cpp-python {m['llama_cpp_python']}" if m["llama_cpp_python"] else ""
     return (f"{m['cpu']}, {m['cores']} cores ({isa}{l3}), {m['memory_gib']} GiB; "
             f"onnxruntime {m['onnxruntime']}{llama}")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time the machine has been busy since boot, all cores together (/proc/stat: user, nice, system, irq,
+    softirq and steal, which on a VM is time the host gave to other guests)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int | None = None) -> float:
+    """CPU time of process `root` (default: this one) and its live descendants, with the children each has waited
+    for (/proc/<pid>/stat: utime, stime, cutime, cstime)."""
+    root = root or os.getpid()
+    parents: dict[int, int] = {}
+    seconds: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": comm may hold spaces
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        seconds[pid] = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in seconds:
+        p = pid
+        while p > 1 and p != root:
+            p = parents.get(p, 0)
+        if p == root:
+            total += seconds[pid]
+    return total
+
+
+class OutsideCpu:
+    """The share of the machine's CPU that processes outside this one's tree (and other guests, as steal) took
+    since construction. The load average cannot tell that: it counts the bench's own spinning threads too."""
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.ours0 = time.monotonic(), busy_cpu_seconds(), tree_cpu_seconds()
+
+    def share(self) -> float:
+        wall = (time.monotonic() - self.t0) * (os.cpu_count() or 1)
+        outside = (busy_cpu_seconds() - self.busy0) - (tree_cpu_seconds() - self.ours0)
+        return max(outside, 0.0) / wall if wall > 0 else 0.0

@@ -145,13 +145,15 @@ def ensure_artifacts(artifacts: str) -> str:
     return m.source.get("path", "") if m.source.get("kind") == "gguf" else ""
 
 
-def oversubscribed(loads: list[float]) -> str | None:
-    """With --spin: a busy machine makes spinning threads collapse (llama.cpp's at every barrier)."""
-    cores = os.cpu_count() or 1
-    if max(loads) <= cores:
+OUTSIDE_LIMIT = 0.10  # share of the machine's CPU that other processes may take before --spin figures are suspect
+
+
+def oversubscribed(outside_share: float, when: str = "during the run") -> str | None:
+    """With --spin: other processes on the cores make spinning threads collapse (llama.cpp's at every barrier)."""
+    if outside_share <= OUTSIDE_LIMIT:
         return None
-    return (f"the load average reached {max(loads):.1f} on {cores} cores: llama.cpp's spinning threads (at every "
-            "barrier) then run several times slower; run with --no-spin")
+    return (f"other processes took {outside_share:.0%} of the {os.cpu_count() or 1} cores {when}: llama.cpp's "
+            "spinning threads (at every barrier) then run several times slower; run with --no-spin")
 
 
 def skip_llamacpp(gguf: str) -> str | None:
@@ -197,8 +199,11 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
           f"repetitions; expect about {expected_minutes(plan):.0f} min (longer when the machine is busy)", flush=True)
     host = machine.describe()
     print(f"machine: {machine.summary(host)}", flush=True)
-    if spin and (warning := oversubscribed(loads)):
+    before = machine.OutsideCpu()
+    time.sleep(0.5)
+    if spin and (warning := oversubscribed(before.share(), "just before the run")):
         print(f"warning: {warning}", flush=True)
+    outside = machine.OutsideCpu()
 
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +230,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
             if "chain" in samples and rep:  # the chain's perplexity runs token by token
                 left += len(ppl_tokens) * statistics.median(samples["chain"]["tpot"])
             print(f"[{elapsed()}] {f'repetition {rep}/{plan.reps}' if rep else 'warm-up'} done, load average "
-                  f"{loads[-1]:.1f}; ~{clock(left)} left", flush=True)
+                  f"{loads[-1]:.1f}, other processes {outside.share():.0%} of the CPU; ~{clock(left)} left", flush=True)
         for r in runtimes:
             results[r]["figures"] = {k: report.summarize(v) for k, v in samples[r].items() if k != "greedy"}
             results[r]["rss_streams"] = children[r].call("rss")["value"]
@@ -233,6 +238,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         for r in [r for r in runtimes if r in ("chain", "llamacpp")]:
             print(f"[{elapsed()}] perplexity: {r} ...", flush=True)
             results[r]["perplexity"] = children[r].call("perplexity", tokens=ppl_tokens, ctx=512)["value"]
+        outside_share = outside.share()
     finally:
         for c in children.values():
             c.close()
@@ -259,13 +265,15 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
               "them round robin in one thread",
               f"perplexity over {len(ppl_tokens) // 512} x 512-token windows; the pipeline runs the chain's graphs, "
               "one figure serves both",
-              f"load average {min(loads):.1f} to {max(loads):.1f} during the run ({os.cpu_count()} cores)",
+              f"load average {min(loads):.1f} to {max(loads):.1f} during the run ({os.cpu_count()} cores, the bench's "
+              f"own threads included); other processes took {outside_share:.0%} of the CPU (steal included)",
               f"machine: {machine.summary(host)}"]
-    if spin and (warning := oversubscribed(loads)):
+    if spin and (warning := oversubscribed(outside_share)):
         notes.append(warning)
     targets = report.evaluate(results)
     doc = {"machine": host, "plan": asdict(plan), "artifacts": artifacts, "gguf": gguf,
-           "llamacpp_threads": llamacpp_threads, "spin": spin, "load_average": loads, "runtimes": results,
+           "llamacpp_threads": llamacpp_threads, "spin": spin, "load_average": loads,
+           "outside_cpu_share": outside_share, "runtimes": results,
            "targets": targets, "notes": notes, "seconds": time.monotonic() - t_start}
     (out_dir / "bench.json").write_text(json.dumps(doc, indent=1))
     print("\n" + report.render(results, targets, notes))
