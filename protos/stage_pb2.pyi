@@ -14,18 +14,20 @@ class LogitsRequest(_message.Message):
     def __init__(self, top_k: _Optional[int] = ...) -> None: ...
 
 class ForwardEntry(_message.Message):
-    __slots__ = ("session_id", "position", "num_tokens", "input", "logits")
+    __slots__ = ("session_id", "position", "num_tokens", "input", "logits", "release")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     num_tokens: int
     input: _tensor_pb2.Tensor
     logits: LogitsRequest
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logits: _Optional[_Union[LogitsRequest, _Mapping]] = ...) -> None: ...
+    release: bool
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logits: _Optional[_Union[LogitsRequest, _Mapping]] = ..., release: bool = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("entries", "route", "step_id", "reply_to")

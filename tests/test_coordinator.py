@@ -124,13 +124,16 @@ class FullLogits:
     def __init__(self, inner: LocalPipeline) -> None:
         self.inner, self.manifest = inner, inner.manifest
         self.ks: list[int] = []
+        self.lasts: list[bool] = []  # per step: marked as the session's last
 
-    def submit(self, session_id, position, tokens, top_k=0):
+    def submit(self, session_id, position, tokens, top_k=0, last=False):
         self.ks.append(top_k)
+        self.lasts.append(last)
         return self.inner.submit(session_id, position, tokens, 0)
 
-    def prefill(self, session_id, tokens, top_k=0):
+    def prefill(self, session_id, tokens, top_k=0, last=False):
         self.ks.append(top_k)
+        self.lasts.append(last)
         return self.inner.prefill(session_id, tokens, 0)
 
     def release(self, session_id, then=None):
@@ -147,6 +150,24 @@ def test_top_k_logits_give_the_same_tokens(engine, pipeline, artifacts, sampling
     request = {"prompt": "Name three colours.", "sampling": pb.SamplingParams(**sampling), "max_tokens": 10}
     assert run(Engine(full, artifacts=artifacts), **request)[1] == run(engine, **request)[1]
     assert full.ks[-1] == top_k_needed(SamplingParams.from_proto(request["sampling"])) > 0
+
+
+def test_the_step_that_reaches_the_budget_is_marked_last(pipeline, artifacts):
+    """The stages free a session as its last step runs (ForwardEntry.release): the step that makes the
+    max_tokens-th token, whatever it samples (the prompt itself for max_tokens 1), and no step of a session that
+    its stop token ends first."""
+    full = FullLogits(pipeline)
+    engine = Engine(full, artifacts=artifacts)
+    run(engine, **greedy("Name three colours.", 1))
+    assert full.lasts == [True]
+    full.lasts.clear()
+    run(engine, **greedy("Name three colours.", 4))
+    assert full.lasts == [False, False, False, True]
+    full.lasts.clear()
+    _, ids, last = run(engine, **greedy("what is 2+3?", 100))
+    assert last.finish_reason == pb.STOP and len(ids) < 100
+    assert len(full.lasts) == len(ids) and not any(full.lasts)
+    assert sessions(pipeline) == [0] * len(pipeline.chain.stages)
 
 
 # --- sampler ----------------------------------------------------------------------------------------------

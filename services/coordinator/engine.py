@@ -217,7 +217,9 @@ class Engine:
             self._check(is_cancelled, time_remaining)
             if m:
                 m.queue_seconds.observe(time.monotonic() - t0)
-            logits = self.pipeline.prefill(sid, np.asarray(history, np.int32), k)
+            # A step whose token would reach the budget is the session's last, whatever it samples: the stages
+            # free the session as it runs (the release after the call then makes no calls).
+            logits = self.pipeline.prefill(sid, np.asarray(history, np.int32), k, last=job.budget <= 1)
             if m:
                 m.prompt_tokens.inc(n)
             t_first = t_prev = 0.0
@@ -259,7 +261,8 @@ class Engine:
                             m.tpot_seconds.observe(after / (generated - 1))
                     yield out
                     return
-                pending = self.pipeline.submit(sid, len(history) - 1, np.array([token], np.int32), k)
+                pending = self.pipeline.submit(sid, len(history) - 1, np.array([token], np.int32), k,
+                                               last=generated + 1 >= job.budget)
                 yield out
                 self._check(is_cancelled, time_remaining)
                 logits, pending = pending(), None

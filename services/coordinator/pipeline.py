@@ -39,14 +39,17 @@ def failed(error: ServiceError) -> Pending:
 class Pipeline(Protocol):
     manifest: Manifest
 
-    def submit(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Pending:
+    def submit(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0,
+               last: bool = False) -> Pending:
         """Start `tokens` (int32, 1..P of them) of a session from `position` through every stage. Never
         raises: errors come out of the Pending. The coordinator streams token n to its client while
-        the stages run step n + 1."""
+        the stages run step n + 1. `last`: the session's last step, which may free it on the stages as it
+        goes (release is still called, and is then cheaper)."""
         ...
 
-    def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0) -> Logits:
-        """Prompt processing from position 0 in chunks of P; the logits after the last token."""
+    def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0, last: bool = False) -> Logits:
+        """Prompt processing from position 0 in chunks of P; the logits after the last token. `last`: as
+        submit's, for the last chunk (the session ends after its first token)."""
         ...
 
     def release(self, session_id: str, then: Callable[[], None] | None = None) -> None:
@@ -70,8 +73,10 @@ class LocalPipeline:
         self.chain = LocalChain(artifacts, kv_capacity=kv_capacity, threads=threads)
         self.manifest = self.chain.manifest
 
-    def submit(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0) -> Pending:
-        """Runs the step now, in the caller's thread: the chain is in this process."""
+    def submit(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0,
+               last: bool = False) -> Pending:
+        """Runs the step now, in the caller's thread: the chain is in this process (release costs no calls,
+        so `last` changes nothing)."""
         try:
             if tokens.size == 0:
                 raise invalid("a step needs at least one token")
@@ -80,7 +85,7 @@ class LocalPipeline:
             return failed(e)
         return lambda: logits
 
-    def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0) -> Logits:
+    def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0, last: bool = False) -> Logits:
         return top_k_logits(self.chain.prefill_tokens(session_id, list(tokens)), top_k)
 
     def release(self, session_id: str, then: Callable[[], None] | None = None) -> None:

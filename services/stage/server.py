@@ -136,9 +136,12 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             elif nxt is None:
                 put_logits(out, pe.logits.top_k, answer.results.add(session_id=pe.session_id))
             else:
-                ne = nxt.entries.add(session_id=pe.session_id, position=pe.position, num_tokens=out.shape[0])
+                ne = nxt.entries.add(session_id=pe.session_id, position=pe.position, num_tokens=out.shape[0],
+                                     release=pe.release)
                 ne.logits.CopyFrom(pe.logits)
                 to_proto(out, ne.input)
+            if pe.release and not isinstance(out, ServiceError):  # its last step has run here
+                self.rt.release(pe.session_id)
         if m:
             m.sent_bytes.inc(answer.ByteSize() if nxt is None else nxt.ByteSize())
         return (answer if answer.results else None), (nxt if nxt is not None and nxt.entries else None)
