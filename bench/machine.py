@@ -88,7 +88,7 @@ def busy_cpu_seconds() -> float:
 def tree_cpu_seconds(root: int | None = None) -> float:
     """CPU time of process `root` (default: this one) and its live descendants, with the children each has waited
     for (/proc/<pid>/stat: utime, stime, cutime, cstime)."""
-    root = root or os.getpid()
+    root, tick = root or os.getpid(), os.sysconf("SC_CLK_TCK")
     parents: dict[int, int] = {}
     seconds: dict[int, float] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -99,7 +99,7 @@ def tree_cpu_seconds(root: int | None = None) -> float:
         fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": comm may hold spaces
         pid = int(stat.parent.name)
         parents[pid] = int(fields[1])
-        seconds[pid] = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        seconds[pid] = sum(int(f) for f in fields[11:15]) / tick
     total = 0.0
     for pid in seconds:
         p = pid

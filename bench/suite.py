@@ -199,10 +199,11 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
           f"repetitions; expect about {expected_minutes(plan):.0f} min (longer when the machine is busy)", flush=True)
     host = machine.describe()
     print(f"machine: {machine.summary(host)}", flush=True)
-    before = machine.OutsideCpu()
-    time.sleep(0.5)
-    if spin and (warning := oversubscribed(before.share(), "just before the run")):
-        print(f"warning: {warning}", flush=True)
+    if spin:  # the warning is about spinning threads: sample others' load only then
+        before = machine.OutsideCpu()
+        time.sleep(0.5)
+        if warning := oversubscribed(before.share(), "just before the run"):
+            print(f"warning: {warning}", flush=True)
     outside = machine.OutsideCpu()
 
     out_dir = Path(out_dir or RESULTS)
