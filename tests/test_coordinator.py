@@ -254,6 +254,43 @@ def test_stop_token(engine, prompts):
     assert last.usage.completion_tokens == 2
 
 
+class Recorded:
+    """A pipeline and a codec that log, in order, each step submitted and each text decode."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.log: list[str] = []
+        inner_submit, inner_decode = engine.pipeline.submit, engine.codec.decode
+
+        def submit(*a, **kw):
+            self.log.append("step")
+            return inner_submit(*a, **kw)
+
+        def decode(*a, **kw):
+            self.log.append("text")
+            return inner_decode(*a, **kw)
+
+        engine.pipeline = FullLogits(engine.pipeline)
+        engine.pipeline.submit = submit
+        engine.codec.decode = decode
+
+    def order(self) -> str:
+        """'step' and 'text' in the order they came, each run of repeats counted once."""
+        return " ".join(k for i, k in enumerate(self.log) if i == 0 or self.log[i - 1] != k)
+
+
+def test_the_next_step_goes_out_before_the_text_work_unless_stop_strings_decide(pipeline, artifacts, prompts):
+    """Without stop strings only the token decides whether a step follows, so it goes out before the token is
+    detokenized (that work overlaps with the stages); with stop strings the text decides, and the step that would
+    follow the stop string's last token is never sent."""
+    rec = Recorded(engine := Engine(pipeline, artifacts=artifacts))
+    _, ids, _ = run(engine, **greedy(prompts[0]["prompt"], 4))
+    assert rec.order() == "step text step text step text"  # the 4th token needs no step
+    rec.log.clear()
+    _, ids, last = run(engine, **greedy(prompts[0]["prompt"], 30, stop=["Pacific"]))
+    assert last.finish_reason == pb.STOP and len(ids) == 8
+    assert rec.order() == "text step " * 7 + "text"  # no step after " Pacific"
+
+
 def test_context_admission(engine, pipeline, artifacts, registry):
     prompt = pb.TokenIds(ids=[28314] * 1000)
     with pytest.raises(ServiceError) as e:

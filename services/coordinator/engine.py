@@ -227,6 +227,11 @@ class Engine:
                 token = sampler.sample(logits, history)
                 history.append(token)
                 now, generated = time.monotonic(), len(history) - n
+                stop_token = token in job.stop_ids
+                if not (stop_token or generated >= job.budget or job.stop):
+                    # Only the token decides whether a step follows: it goes out now, and the text work below
+                    # overlaps with it (with stop strings, the text decides, so the step waits for it).
+                    pending = self._next_step(sid, history, k, generated + 1 >= job.budget)
                 if m:
                     m.generated_tokens.inc()
                     if generated > 1:
@@ -237,7 +242,6 @@ class Engine:
                         m.ttft_seconds.observe(now - t0)
                 t_prev = now
 
-                stop_token = token in job.stop_ids
                 match = stopper.push("" if stop_token else decoder.push(token))
                 text, finish = match.text, pb.STOP if stop_token or match.stop is not None else None
                 if finish is None and generated >= job.budget:
@@ -261,8 +265,8 @@ class Engine:
                             m.tpot_seconds.observe(after / (generated - 1))
                     yield out
                     return
-                pending = self.pipeline.submit(sid, len(history) - 1, np.array([token], np.int32), k,
-                                               last=generated + 1 >= job.budget)
+                if pending is None:
+                    pending = self._next_step(sid, history, k, generated + 1 >= job.budget)
                 yield out
                 self._check(is_cancelled, time_remaining)
                 logits, pending = pending(), None
@@ -271,6 +275,10 @@ class Engine:
                 with suppress(ServiceError):
                     pending()
             after_call(lambda: self.pipeline.release(sid, then=self._free_slot))
+
+    def _next_step(self, sid: str, history: list[int], top_k: int, last: bool) -> Pending:
+        """The step that feeds the newest token of `history` to the stages."""
+        return self.pipeline.submit(sid, len(history) - 1, np.array(history[-1:], np.int32), top_k, last=last)
 
     # --- Tokenize, ModelInfo -----------------------------------------------------------------------------
 

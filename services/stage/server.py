@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
+from typing import NamedTuple
 
 import grpc
 import numpy as np
@@ -73,6 +74,16 @@ def put_logits(logits: np.ndarray, k: int, out: stage_pb2.EntryResult) -> None:
         to_proto(ids, out.token_ids)
 
 
+class _Figures(NamedTuple):
+    """What a step adds to the metrics."""
+
+    mode: str  # prompt or token
+    seconds: float  # the graph runs
+    entries: int  # that ran
+    received: int  # request bytes
+    sent: int  # onward or answer bytes
+
+
 class StageServicer(stage_pb2_grpc.StageServicer):
     """`runtime` is None while the graphs load: calls then fail with UNAVAILABLE."""
 
@@ -108,11 +119,11 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         return entries
 
     def _step(self, request: stage_pb2.ForwardRequest) -> tuple[stage_pb2.ForwardResponse | None,
-                                                                stage_pb2.ForwardRequest | None]:
-        """Run the entries. Returns (answer, onward): the answer holds the last stage's results and every entry
-        that failed here (None when there are neither); onward is the request for the next stage with the
-        entries that ran (None when none did). A bad request as a whole raises ServiceError."""
-        m = self.metrics
+                                                                stage_pb2.ForwardRequest | None, _Figures]:
+        """Run the entries. Returns (answer, onward, figures): the answer holds the last stage's results and every
+        entry that failed here (None when there are neither); onward is the request for the next stage with the
+        entries that ran (None when none did); figures go to the metrics once the step has been sent on
+        (_record: off the token's path). A bad request as a whole raises ServiceError."""
         decoded = self._decode(request)
         entries = [e for e in decoded if isinstance(e, Entry)]
         mode = "prompt" if any(e.data.shape[0] > 1 for e in entries) else "token"
@@ -120,18 +131,15 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         t0 = time.perf_counter()
         ran = iter(self.rt.forward_many(entries))
         outs = [e if isinstance(e, ServiceError) else next(ran) for e in decoded]
+        seconds = time.perf_counter() - t0
         trace.event(request.step_id, "ran")
-        if m:
-            m.forward_seconds[mode].observe(time.perf_counter() - t0)
-            m.batch_size[mode].observe(len(entries))
-            m.received_bytes.inc(request.ByteSize())
         answer = stage_pb2.ForwardResponse(step_id=request.step_id)
         nxt = None if self.rt.is_last else stage_pb2.ForwardRequest(
             route=request.route[1:], step_id=request.step_id, reply_to=request.reply_to)
         for pe, out in zip(request.entries, outs, strict=True):
             if isinstance(out, ServiceError):
-                if m:
-                    m.error(out.code)
+                if self.metrics:
+                    self.metrics.error(out.code)
                 answer.results.add(session_id=pe.session_id, code=out.code.value[0], message=out.message)
             elif nxt is None:
                 put_logits(out, pe.logits.top_k, answer.results.add(session_id=pe.session_id))
@@ -142,14 +150,22 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 to_proto(out, ne.input)
             if pe.release and not isinstance(out, ServiceError):  # its last step has run here
                 self.rt.release(pe.session_id)
-        if m:
-            m.sent_bytes.inc(answer.ByteSize() if nxt is None else nxt.ByteSize())
-        return (answer if answer.results else None), (nxt if nxt is not None and nxt.entries else None)
+        sent = answer.ByteSize() if nxt is None else nxt.ByteSize()
+        figures = _Figures(mode, seconds, len(entries), request.ByteSize(), sent)
+        return (answer if answer.results else None), (nxt if nxt is not None and nxt.entries else None), figures
+
+    def _record(self, f: _Figures) -> None:
+        if m := self.metrics:
+            m.forward_seconds[f.mode].observe(f.seconds)
+            m.batch_size[f.mode].observe(f.entries)
+            m.received_bytes.inc(f.received)
+            m.sent_bytes.inc(f.sent)
 
     def Forward(self, request: stage_pb2.ForwardRequest, context: grpc.ServicerContext) -> stage_pb2.ForwardResponse:
         """Unary form (tests, tools): runs here, then calls the next stage and returns its answer."""
         try:
-            answer, onward = self._step(request)
+            answer, onward, figures = self._step(request)
+            self._record(figures)
             answer = answer or stage_pb2.ForwardResponse()
             if onward is not None:
                 t1 = time.perf_counter()
@@ -178,12 +194,13 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             steps += 1
             trace.event(request.step_id, "received")
             try:
-                answer, onward = self._step(request)
+                answer, onward, figures = self._step(request)
                 if onward is not None:
                     self.downstream.stream(request.route[0], self.metrics).send(onward)
                 if answer is not None:
                     self.subscribers.push(request.reply_to, answer)
                 trace.event(request.step_id, "handed_off")
+                self._record(figures)
             except ServiceError as e:
                 if self.metrics:
                     self.metrics.error(e.code)
