@@ -18,7 +18,7 @@ from splitllm.protos import stage_pb2, stage_pb2_grpc
 from splitllm.services.common.errors import ServiceError
 from splitllm.services.common.grpc_util import CHANNEL_OPTIONS
 from splitllm.services.common.manifest import load_manifest
-from splitllm.services.common.streams import OutStream
+from splitllm.services.common.streams import OutStream, Subscribers
 from splitllm.services.coordinator import remote as remote_module
 from splitllm.services.coordinator.remote import RemotePipeline, _Pending
 from splitllm.services.stage.runtime import StageRuntime
@@ -255,6 +255,9 @@ def test_a_last_step_frees_its_session_on_every_stage_and_release_then_calls_non
     remote.prefill("first-token-only", prompt, 1, last=True)  # max_tokens 1: the prompt is the last step
     remote.prefill("decoded", prompt, 1)
     assert remote.submit("decoded", 3, np.array([4], np.int32), 1, last=True)().ids.shape == (1,)
+    deadline = time.monotonic() + 2  # a stage frees them once the step has gone on: just after it has sent it
+    while in_use() != [0, 0] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert in_use() == [0, 0]
     confirmed: list[str] = []
     for sid in ("first-token-only", "decoded"):
@@ -269,3 +272,28 @@ def test_a_last_step_frees_its_session_on_every_stage_and_release_then_calls_non
     done = threading.Event()
     remote.release("failed", then=done.set)
     assert done.wait(10) and released == ["failed", "failed"] and in_use() == [0, 0]
+
+
+def test_work_after_a_message_runs_once_it_is_sent_or_the_stream_ends():
+    """AFTER_SENT (streams.py): a stage's metrics and the freeing of finished sessions run in the sending thread
+    once gRPC asks for the next message (the previous one is sent), and still run when the stream ends first."""
+    ran: list[int] = []
+    subs = Subscribers()
+    results = subs.stream("coordinator", SimpleNamespace(is_active=lambda: True))
+    assert next(results).step_id == 0
+    for step in (1, 2):
+        subs.push("coordinator", stage_pb2.ForwardResponse(step_id=step), lambda step=step: ran.append(step))
+        assert next(results).step_id == step and ran == list(range(1, step))  # handed to gRPC, not yet sent
+    subs.push("coordinator", stage_pb2.ForwardResponse(step_id=3), lambda: ran.append(3))
+    results.close()  # the call ends: the message in flight and the one queued still run theirs
+    assert ran == [1, 2, 3]
+    assert not subs.push("gone", stage_pb2.ForwardResponse(step_id=4), lambda: ran.append(4)) and ran[-1] == 4
+
+    ran.clear()
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    requests = OutStream(None, "nowhere")._requests(q)
+    for step in (1, 2):
+        q.put((stage_pb2.ForwardRequest(step_id=step), time.perf_counter(), lambda step=step: ran.append(step)))
+        assert next(requests).step_id == step and ran == list(range(1, step))
+    requests.close()
+    assert ran == [1, 2]

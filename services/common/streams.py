@@ -18,6 +18,9 @@ from splitllm.protos import stage_pb2, stage_pb2_grpc
 from splitllm.services.common import trace
 
 log = logging.getLogger("splitllm.streams")
+# AFTER_SENT: work that a message leaves for after it has been sent (a stage's metrics, freeing a finished session's
+# KV) runs in the thread that sends it, once gRPC has sent it. Done by the thread that handed the message over, it
+# held the GIL while gRPC's sending thread waited for it (TTFT trace: the hand-off to gRPC 70 -> 350-430 us).
 _CLOSE = object()
 
 
@@ -35,12 +38,20 @@ class OutStream:
         self.reply_to: set[str] = set()  # of the requests sent on the current call
 
     def _requests(self, q: queue.SimpleQueue) -> Iterator[stage_pb2.ForwardRequest]:
-        while (item := q.get()) is not _CLOSE:
-            req, t = item
-            if self.on_sent:
-                self.on_sent(time.perf_counter() - t, req)
-            trace.event(req.step_id, "sent")
-            yield req
+        after = None
+        try:
+            while (item := q.get()) is not _CLOSE:
+                req, t, after = item
+                if self.on_sent:
+                    self.on_sent(time.perf_counter() - t, req)
+                trace.event(req.step_id, "sent")
+                yield req  # gRPC asks for the next request once this one is sent
+                if after is not None:
+                    after, run = None, after
+                    run()
+        finally:  # the call ended with a request in flight
+            if after is not None:
+                after()
 
     def _broken(self, call: grpc.Future) -> None:
         with self.lock:
@@ -55,7 +66,8 @@ class OutStream:
             if self.on_break:
                 self.on_break(self.address, reply_to)
 
-    def send(self, request: stage_pb2.ForwardRequest) -> None:
+    def send(self, request: stage_pb2.ForwardRequest, after: Callable[[], None] | None = None) -> None:
+        """Queue `request`; gRPC's sending thread runs `after` once it is sent (AFTER_SENT)."""
         with self.lock:
             new = self.call is None
             if new:
@@ -63,7 +75,7 @@ class OutStream:
                 self.call = self.stub.ForwardStream.future(self._requests(self.queue))
             call = self.call
             self.reply_to.add(request.reply_to)
-            self.queue.put((request, time.perf_counter()))
+            self.queue.put((request, time.perf_counter(), after))
         if new:  # outside the lock: a call that failed already runs _broken right here
             call.add_done_callback(self._broken)
 
@@ -92,26 +104,44 @@ class Subscribers:
         with self.lock:
             if self.queues.get(subscriber_id) is q:
                 del self.queues[subscriber_id]
+        while True:  # what was pushed and will not be sent still runs its `after`
+            try:
+                _, after = q.get_nowait()
+            except queue.Empty:
+                return
+            if after is not None:
+                after()
 
-    def push(self, subscriber_id: str, response: stage_pb2.ForwardResponse) -> bool:
+    def push(self, subscriber_id: str, response: stage_pb2.ForwardResponse,
+             after: Callable[[], None] | None = None) -> bool:
+        """Queue `response` on the subscriber's stream; its thread runs `after` once it is sent (AFTER_SENT), or
+        at once when there is no such subscriber."""
         q = self.queues.get(subscriber_id)
         if q is None:
             log.warning("no Results subscriber %r for step %d", subscriber_id, response.step_id)
+            if after is not None:
+                after()
             return False
-        q.put(response)
+        q.put((response, after))
         return True
 
     def stream(self, subscriber_id: str, context: grpc.ServicerContext) -> Iterator[stage_pb2.ForwardResponse]:
         """The body of a Results call: confirm (step_id 0), then forward pushed messages until the peer leaves."""
         q = self.open(subscriber_id)
+        after = None
         try:
             yield stage_pb2.ForwardResponse(step_id=0)
             while context.is_active():
                 try:
-                    response = q.get(timeout=0.5)
-                    trace.event(response.step_id, "answered")
-                    yield response
+                    response, after = q.get(timeout=0.5)
                 except queue.Empty:
                     continue
+                trace.event(response.step_id, "answered")
+                yield response  # gRPC asks for the next message once this one is sent
+                if after is not None:
+                    after, run = None, after
+                    run()
         finally:
+            if after is not None:
+                after()
             self.close(subscriber_id, q)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
+from functools import partial
 from typing import NamedTuple
 
 import grpc
@@ -75,7 +76,7 @@ def put_logits(logits: np.ndarray, k: int, out: stage_pb2.EntryResult) -> None:
 
 
 class _After(NamedTuple):
-    """What a step leaves for after it has been sent on (_after: off the token's path)."""
+    """What a step leaves for after it has been sent on (_after, run by the sending thread: AFTER_SENT)."""
 
     mode: str  # prompt or token, for the metrics
     seconds: float  # the graph runs
@@ -199,12 +200,12 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             trace.event(request.step_id, "received")
             try:
                 answer, onward, after = self._step(request)
+                done = partial(self._after, after)  # once the step is out (AFTER_SENT in streams.py)
                 if onward is not None:
-                    self.downstream.stream(request.route[0], self.metrics).send(onward)
+                    self.downstream.stream(request.route[0], self.metrics).send(onward, done)
                 if answer is not None:
-                    self.subscribers.push(request.reply_to, answer)
+                    self.subscribers.push(request.reply_to, answer, None if onward is not None else done)
                 trace.event(request.step_id, "handed_off")
-                self._after(after)
             except ServiceError as e:
                 if self.metrics:
                     self.metrics.error(e.code)
