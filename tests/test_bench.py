@@ -175,6 +175,27 @@ def test_hop_trace_lines_up_events_across_processes(tmp_path):
     assert result["median_step_interval_us"] == pytest.approx(1000)
 
 
+def test_hop_trace_lines_up_each_ttft_call_from_the_client():
+    from splitllm.bench.hop_trace import analyse_calls
+
+    coordinator, stage = 1, 2
+    steps, calls = {}, []
+    for s in range(1, 6):  # a call every 10 ms: 900 us to the step, 5 ms compute, 700 us back to the client
+        t = s * 10_000
+        steps[s] = [(t + 900, coordinator, "submitted"), (t + 950, coordinator, "sent"),
+                    (t + 1200, stage, "received"), (t + 1250, stage, "run"), (t + 6250, stage, "ran"),
+                    (t + 6400, stage, "handed_off"), (t + 6450, stage, "answered"),
+                    (t + 6700, coordinator, "answer_in"), (t + 6800, coordinator, "answer_taken")]
+        calls.append((t * 1000, (t + 7500) * 1000))
+    steps[99] = [(3_000_000, stage, "run")]  # outside every call: left out
+    steps = {s: [(ns * 1000, pid, name) for ns, pid, name in e] for s, e in steps.items()}
+    result = analyse_calls(steps, calls)
+    assert result["matched"] == result["calls"] == 5 and result["median_ttft_us"] == pytest.approx(7500)
+    assert result["by_kind_us"] == pytest.approx({"call": 900, "hand-off": 100, "transport": 500, "python": 200,
+                                                  "compute": 5000, "coordinator": 100, "reply": 700})
+    assert result["rows"][0]["from"] == "client:call" and result["rows"][-1]["to"] == "client:got"
+
+
 def test_machine_names_the_cpu_its_kernel_flags_and_versions(monkeypatch, tmp_path):
     from splitllm.bench import machine
 
