@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hop_trace.json"
@@ -53,27 +54,39 @@ def analyse(steps: dict[int, list[tuple[int, int, str]]]) -> dict:
         if pid not in names:
             names[pid] = f"stage {len(names)}"
     seqs = {s: [(ns, f"{names.get(pid, '?')}:{name}") for ns, pid, name in steps[s]] for s in ids}
-    shape = collections.Counter(tuple(label for _, label in seq) for seq in seqs.values()).most_common(1)[0][0]
-    gaps: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
-    for seq in seqs.values():
-        if tuple(label for _, label in seq) == shape:
-            for (a_ns, a), (b_ns, b) in zip(seq, seq[1:], strict=False):
-                gaps[(a, b)].append((b_ns - a_ns) / 1000)
+    rows, matched = line_up(list(seqs.values()))
     taken = {s: ns for s, seq in seqs.items() for ns, label in seq if label.endswith(":answer_taken")}
     submitted = {s: ns for s, seq in seqs.items() for ns, label in seq if label.endswith(":submitted")}
     between = [(submitted[s + 1] - taken[s]) / 1000 for s in ids if s in taken and s + 1 in submitted]
+    rows.append({"from": "coordinator:answer_taken", "to": "coordinator:submitted (next step)",
+                 "kind": "coordinator", "median_us": statistics.median(between)})
+    kinds = by_kind(rows)
+    steps_ns = sorted(submitted.values())
+    per_token = statistics.median(b - a for a, b in zip(steps_ns, steps_ns[1:], strict=False)) / 1000
+    return {"steps": len(ids), "matched": matched, "rows": rows, "by_kind_us": kinds,
+            "sum_of_medians_us": sum(kinds.values()), "median_step_interval_us": per_token}
+
+
+def line_up(seqs: list[list[tuple[int, str]]]) -> tuple[list[dict], int]:
+    """The median of every gap along the most common event order, over the sequences that follow it; rows in that
+    order, and how many sequences followed it."""
+    shape = collections.Counter(tuple(label for _, label in seq) for seq in seqs).most_common(1)[0][0]
+    gaps: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for seq in seqs:
+        if tuple(label for _, label in seq) == shape:
+            for (a_ns, a), (b_ns, b) in zip(seq, seq[1:], strict=False):
+                gaps[(a, b)].append((b_ns - a_ns) / 1000)
     rows = [{"from": a, "to": b, "kind": KIND.get((a.split(":")[1], b.split(":")[1]), "other"),
              "median_us": statistics.median(v)} for (a, b), v in gaps.items()]
     rows.sort(key=lambda r: shape.index(r["from"]))
-    rows.append({"from": "coordinator:answer_taken", "to": "coordinator:submitted (next step)",
-                 "kind": "coordinator", "median_us": statistics.median(between)})
+    return rows, len(next(iter(gaps.values())))
+
+
+def by_kind(rows: list[dict]) -> dict[str, float]:
     kinds: dict[str, float] = collections.defaultdict(float)
     for r in rows:
         kinds[r["kind"]] += r["median_us"]
-    steps_ns = sorted(submitted.values())
-    per_token = statistics.median(b - a for a, b in zip(steps_ns, steps_ns[1:], strict=False)) / 1000
-    return {"steps": len(ids), "matched": len(next(iter(gaps.values()))), "rows": rows, "by_kind_us": dict(kinds),
-            "sum_of_medians_us": sum(kinds.values()), "median_step_interval_us": per_token}
+    return dict(kinds)
 
 
 def analyse_calls(steps: dict[int, list[tuple[int, int, str]]], calls: list[tuple[int, int]]) -> dict:
@@ -88,19 +101,9 @@ def analyse_calls(steps: dict[int, list[tuple[int, int, str]]], calls: list[tupl
     for t0, t1 in calls:
         inside = [(ns, f"{names.get(pid, '?')}:{name}") for ns, pid, name in events if t0 <= ns <= t1]
         seqs.append([(t0, "client:call"), *inside, (t1, "client:got")])
-    shape = collections.Counter(tuple(label for _, label in seq) for seq in seqs).most_common(1)[0][0]
-    gaps: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
-    for seq in seqs:
-        if tuple(label for _, label in seq) == shape:
-            for (a_ns, a), (b_ns, b) in zip(seq, seq[1:], strict=False):
-                gaps[(a, b)].append((b_ns - a_ns) / 1000)
-    rows = [{"from": a, "to": b, "kind": KIND.get((a.split(":")[1], b.split(":")[1]), "other"),
-             "median_us": statistics.median(v)} for (a, b), v in gaps.items()]
-    rows.sort(key=lambda r: shape.index(r["from"]))
-    kinds: dict[str, float] = collections.defaultdict(float)
-    for r in rows:
-        kinds[r["kind"]] += r["median_us"]
-    return {"calls": len(calls), "matched": len(next(iter(gaps.values()))), "rows": rows, "by_kind_us": dict(kinds),
+    rows, matched = line_up(seqs)
+    kinds = by_kind(rows)
+    return {"calls": len(calls), "matched": matched, "rows": rows, "by_kind_us": kinds,
             "sum_of_medians_us": sum(kinds.values()),
             "median_ttft_us": statistics.median((t1 - t0) / 1000 for t0, t1 in calls)}
 
@@ -118,8 +121,6 @@ def ttft_prompt(artifacts: str, n: int) -> list[int]:
 
 def trace_ttft(client, calls: int, prompt: list[int], gap: float) -> list[tuple[int, int]]:
     """`calls` calls of max_tokens=1, `gap` s apart; each one's (start, first message) on CLOCK_MONOTONIC."""
-    import time
-
     out = []
     for _ in range(calls):
         time.sleep(gap)
