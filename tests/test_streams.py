@@ -18,7 +18,7 @@ from splitllm.protos import stage_pb2, stage_pb2_grpc
 from splitllm.services.common.errors import ServiceError
 from splitllm.services.common.grpc_util import CHANNEL_OPTIONS
 from splitllm.services.common.manifest import load_manifest
-from splitllm.services.common.streams import OutStream, Subscribers
+from splitllm.services.common.streams import OutStream, Subscribers, after_sent
 from splitllm.services.coordinator import remote as remote_module
 from splitllm.services.coordinator.remote import RemotePipeline, _Pending
 from splitllm.services.stage.runtime import StageRuntime
@@ -291,7 +291,7 @@ def test_work_after_a_message_runs_once_it_is_sent_or_the_stream_ends():
 
     ran.clear()
     q: queue.SimpleQueue = queue.SimpleQueue()
-    requests = OutStream(None, "nowhere")._requests(q)
+    requests = after_sent(OutStream(None, "nowhere")._requests(q))
     for step in (1, 2):
         q.put((stage_pb2.ForwardRequest(step_id=step), time.perf_counter(), lambda step=step: ran.append(step)))
         assert next(requests).step_id == step and ran == list(range(1, step))
