@@ -128,14 +128,15 @@ class Subscribers:
              after: Callable[[], None] | None = None) -> bool:
         """Queue `response` on the subscriber's stream; its thread runs `after` once it is sent (AFTER_SENT), or
         at once when there is no such subscriber."""
-        q = self.queues.get(subscriber_id)
-        if q is None:
-            log.warning("no Results subscriber %r for step %d", subscriber_id, response.step_id)
-            if after is not None:
-                after()
-            return False
-        q.put((response, after))
-        return True
+        with self.lock:  # else close() could drain the queue between this lookup and the put, and lose `after`
+            q = self.queues.get(subscriber_id)
+            if q is not None:
+                q.put((response, after))
+                return True
+        log.warning("no Results subscriber %r for step %d", subscriber_id, response.step_id)
+        if after is not None:
+            after()
+        return False
 
     def stream(self, subscriber_id: str, context: grpc.ServicerContext) -> Iterator[stage_pb2.ForwardResponse]:
         """The body of a Results call: confirm (step_id 0), then forward pushed messages until the peer leaves."""
