@@ -297,3 +297,27 @@ def test_work_after_a_message_runs_once_it_is_sent_or_the_stream_ends():
         assert next(requests).step_id == step and ran == list(range(1, step))
     requests.close()
     assert ran == [1, 2]
+
+
+def test_an_answer_pushed_while_its_stream_closes_still_runs_its_after_work():
+    """A stage pushes an answer while the coordinator's Results stream is closing: close() drains the stream's
+    queue, so the push must not put into it once drained. Here close() is started between push's lookup of the
+    stream and its put, and given 0.2 s: before the fix it drained the empty queue in that time, the answer
+    went into a queue nobody reads, and its after-work (freeing a finished session's KV) never ran."""
+
+    class Racing(dict):
+        def get(self, key, default=None):
+            q = super().get(key, default)
+            if q is not None and closing.ident is None:  # push's lookup (the first): start close()
+                closing.start()
+                closing.join(0.2)
+            return q
+
+    ran: list[str] = []
+    subs = Subscribers()
+    subs.queues = Racing()
+    q = subs.open("coordinator")
+    closing = threading.Thread(target=subs.close, args=("coordinator", q))
+    assert subs.push("coordinator", stage_pb2.ForwardResponse(step_id=7), lambda: ran.append("freed"))
+    closing.join(5)
+    assert ran == ["freed"] and "coordinator" not in subs.queues
