@@ -9,7 +9,7 @@ import grpc
 
 from splitllm.protos import coordinator_pb2 as pb
 from splitllm.protos import coordinator_pb2_grpc as pb_grpc
-from splitllm.services.common.grpc_util import CHANNEL_OPTIONS
+from splitllm.services.common.grpc_util import CHANNEL_OPTIONS, READ_STREAMS_IN_CALLER
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 
@@ -24,7 +24,7 @@ class Completion:
 
 class Client:
     def __init__(self, address: str = DEFAULT_COORDINATOR) -> None:
-        self.channel = grpc.insecure_channel(address, CHANNEL_OPTIONS)
+        self.channel = grpc.insecure_channel(address, CHANNEL_OPTIONS + READ_STREAMS_IN_CALLER)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
 
     def close(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc.experimental
+
 MAX_MESSAGE = 64 << 20  # a prompt chunk of an 8B model's hidden states is 2 MB; logits up to 0.5 MB
 
 CHANNEL_OPTIONS = [
@@ -17,6 +19,10 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+# Server-streaming calls (Generate at a client, Results at the coordinator) are read by the thread that iterates them,
+# waiting on the call itself; by default the channel's polling thread takes each message and wakes that thread.
+# Hop trace, 3 same-run pairs: a token's answer from stage 4 to the coordinator 420-525 -> 270-450 us.
+READ_STREAMS_IN_CALLER = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),

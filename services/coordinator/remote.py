@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from splitllm.protos import stage_pb2, stage_pb2_grpc
 from splitllm.services.common import trace
 from splitllm.services.common.errors import ServiceError, from_code, unavailable
-from splitllm.services.common.grpc_util import CHANNEL_OPTIONS
+from splitllm.services.common.grpc_util import CHANNEL_OPTIONS, READ_STREAMS_IN_CALLER
 from splitllm.services.common.manifest import Manifest
 from splitllm.services.common.streams import OutStream
 from splitllm.services.common.tensor import from_proto, to_proto
@@ -95,7 +95,7 @@ class RemotePipeline:
             raise ValueError(f"--stages names {len(addresses)} addresses; the artifact has {n} stages")
         self.manifest, self.manifest_sha256 = manifest, manifest_sha256
         self.route = list(addresses)
-        self.channels = [grpc.insecure_channel(a, CHANNEL_OPTIONS) for a in addresses]
+        self.channels = [grpc.insecure_channel(a, CHANNEL_OPTIONS + READ_STREAMS_IN_CALLER) for a in addresses]
         self.stubs = [stage_pb2_grpc.StageStub(c) for c in self.channels]
         self.health = [health_pb2_grpc.HealthStub(c) for c in self.channels]
         self.subscriber_id = f"coordinator-{uuid.uuid4().hex[:12]}"
