@@ -46,13 +46,19 @@ def load(trace_dir: Path) -> dict[int, list[tuple[int, int, str]]]:
     return {s: sorted(e) for s, e in steps.items() if s}
 
 
+def process_names(events: list[tuple[int, int, str]]) -> dict[int, str]:
+    """pid -> "coordinator" (it submits steps) or "stage k", k in the order the stages first run in `events`
+    (time-ordered)."""
+    names = {next(pid for _, pid, name in events if name == "submitted"): "coordinator"}
+    for _, pid, name in events:
+        if name == "run" and pid not in names:
+            names[pid] = f"stage {len(names)}"
+    return names
+
+
 def analyse(steps: dict[int, list[tuple[int, int, str]]]) -> dict:
     ids = sorted(steps)[2:-2]  # the edges: warm-up overlap and the final step
-    coordinator = next(pid for s in ids for _, pid, name in steps[s] if name == "submitted")
-    names: dict[int, str] = {coordinator: "coordinator"}
-    for _, pid, _ in steps[ids[len(ids) // 2]]:
-        if pid not in names:
-            names[pid] = f"stage {len(names)}"
+    names = process_names(steps[ids[len(ids) // 2]])
     seqs = {s: [(ns, f"{names.get(pid, '?')}:{name}") for ns, pid, name in steps[s]] for s in ids}
     rows, matched = line_up(list(seqs.values()))
     taken = {s: ns for s, seq in seqs.items() for ns, label in seq if label.endswith(":answer_taken")}
@@ -92,11 +98,7 @@ def by_kind(rows: list[dict]) -> dict[str, float]:
 def analyse_calls(steps: dict[int, list[tuple[int, int, str]]], calls: list[tuple[int, int]]) -> dict:
     """Every event inside each client call (t_call, t_got), lined up call by call: the gaps of a TTFT."""
     events = sorted(e for es in steps.values() for e in es)
-    coordinator = next(pid for _, pid, name in events if name == "submitted")
-    names: dict[int, str] = {coordinator: "coordinator"}
-    for _, pid, name in events:
-        if name == "run" and pid not in names:
-            names[pid] = f"stage {len(names)}"
+    names = process_names(events)
     seqs = []
     for t0, t1 in calls:
         inside = [(ns, f"{names.get(pid, '?')}:{name}") for ns, pid, name in events if t0 <= ns <= t1]
@@ -106,17 +108,6 @@ def analyse_calls(steps: dict[int, list[tuple[int, int, str]]], calls: list[tupl
     return {"calls": len(calls), "matched": matched, "rows": rows, "by_kind_us": kinds,
             "sum_of_medians_us": sum(kinds.values()),
             "median_ttft_us": statistics.median((t1 - t0) / 1000 for t0, t1 in calls)}
-
-
-def ttft_prompt(artifacts: str, n: int) -> list[int]:
-    """The bench's prompt of n tokens: the start of the reference perplexity text."""
-    from splitllm.bench.suite import REFERENCE
-    from splitllm.services.common.manifest import load_manifest
-    from splitllm.services.coordinator.text import TextCodec
-
-    m, _ = load_manifest(artifacts, verify=[])
-    codec = TextCodec((Path(artifacts) / m.tokenizer["file"]).read_text())
-    return codec.encode((REFERENCE / "ppl_text.txt").read_text())[:n]
 
 
 def trace_ttft(client, calls: int, prompt: list[int], gap: float) -> list[tuple[int, int]]:
@@ -160,7 +151,9 @@ def main() -> int:
         with Client(processes.coordinator.address) as client:
             prompt = list(range(100, 132))
             if a.ttft:
-                prompt = ttft_prompt(a.artifacts, a.prompt_tokens)
+                from splitllm.bench.suite import reference_tokens
+
+                prompt = reference_tokens(a.artifacts)[: a.prompt_tokens]  # the bench's prompt of that length
             for _ in range(3 if a.ttft else 1):  # warm-up
                 for _ in client.stream(token_ids=prompt, max_tokens=32):
                     pass

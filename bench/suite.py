@@ -162,14 +162,22 @@ def skip_llamacpp(gguf: str) -> str | None:
     return None if Path(gguf).is_file() else f"no GGUF file ({gguf!r}; pass --gguf)"
 
 
+def reference_tokens(artifacts: str | Path) -> list[int]:
+    """The reference perplexity text in the artifact's tokens: the bench's prompts and perplexity windows."""
+    from splitllm.services.common.manifest import load_manifest
+    from splitllm.services.coordinator.text import TextCodec
+
+    m, _ = load_manifest(artifacts, verify=[])
+    codec = TextCodec((Path(artifacts) / m.tokenizer["file"]).read_text())
+    return codec.encode((REFERENCE / "ppl_text.txt").read_text())
+
+
 def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str = "",
         runtimes: tuple[str, ...] | None = None, llamacpp_threads: int = 2,
         spin: bool | None = None, out_dir: str | Path | None = None) -> int:
     """`spin` None: as `splitllm serve` starts the stages. The chain's and llama.cpp's threads wait as the stages' do
     (the targets' llama.cpp); "llamacpp_other" is llama.cpp waiting the other way, a reference column that the
     full run has by default and --quick only when asked (it is never judged, and costs a quarter of the time)."""
-    from splitllm.services.common.manifest import load_manifest
-    from splitllm.services.coordinator.text import TextCodec
 
     t_start, loads = time.monotonic(), [os.getloadavg()[0]]
     elapsed = lambda: clock(time.monotonic() - t_start)  # noqa: E731
@@ -184,9 +192,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         raise ValueError(f"unknown runtimes {sorted(unknown)} (allowed: {allowed})")
     source = ensure_artifacts(artifacts)
     gguf = gguf or source
-    m, _ = load_manifest(artifacts, verify=[])
-    codec = TextCodec((Path(artifacts) / m.tokenizer["file"]).read_text())
-    ids = codec.encode((REFERENCE / "ppl_text.txt").read_text())
+    ids = reference_tokens(artifacts)
     prompts = {n: ids[:n] for n in PROMPT_LENGTHS}
     stream_prompts = [ids[32 * i : 32 * i + 32] for i in range(max(plan.streams))]
     ppl_tokens = ids[: 512 * plan.ppl_windows] if plan.ppl_windows else ids
