@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitllm.bench import machine, report
-from splitllm.services.client.launcher import STAGE_THREADS, spins_by_default
+from splitllm.services.client.launcher import STAGE_THREADS, spins_by_default, stage_env
 
 REFERENCE = Path(__file__).resolve().parents[1] / "../shared/reference/smollm2"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,8 +57,10 @@ class Child:
 
     def __init__(self, runtime: str, log: Path, *args: str) -> None:
         self.runtime, self.log = runtime, log
+        env = stage_env() if runtime == "chain" else None  # the chain runs the stage graphs as the stages do
         self.proc = subprocess.Popen([sys.executable, "-m", "splitllm.bench.runner", "--runtime", runtime, *args],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+                                     env=env)
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()

@@ -129,3 +129,9 @@ def test_metrics_served_over_http() -> None:
         in stage_text
     assert 'splitllm_stage_errors_total{code="NOT_FOUND",replica="r0",stage="2"} 1.0' in stage_text
     assert 'splitllm_requests_total{status="ok"} 1.0' in coord_text
+
+
+def test_image_gives_the_stages_the_launchers_huge_pages() -> None:
+    from splitllm.services.client.launcher import HUGE_PAGES
+
+    assert f"ENV GLIBC_TUNABLES={HUGE_PAGES}\n" in (DEPLOY / "Dockerfile").read_text()

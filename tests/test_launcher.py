@@ -18,3 +18,11 @@ def test_serve_spins_and_sends_one_batch_when_a_stage_takes_every_core(monkeypat
     args = " ".join(p.coordinator_args("127.0.0.1:1", ["127.0.0.1:2"]))
     assert ("--prompt-chunks full" in args) is alone and ("--prompt-chunks spread" in args) is not alone
     assert ("--batches-in-flight 1" in args) is alone
+
+
+def test_stage_env_adds_the_huge_page_tunable_and_keeps_the_callers():
+    assert launcher.stage_env({})["GLIBC_TUNABLES"] == launcher.HUGE_PAGES
+    env = launcher.stage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"})
+    assert env == {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{launcher.HUGE_PAGES}", "PATH": "/bin"}
+    off = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}  # the caller's own choice stands
+    assert launcher.stage_env(off) == off

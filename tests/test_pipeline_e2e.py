@@ -196,6 +196,24 @@ def test_coordinator_validation_errors(client, pipeline):
     assert wait_released(pipeline) == [0, 0, 0, 0]
 
 
+def thp_mode() -> str:
+    """The bracketed word of /sys/kernel/mm/transparent_hugepage/enabled ("never" when absent)."""
+    try:
+        words = open("/sys/kernel/mm/transparent_hugepage/enabled").read().split()
+    except OSError:
+        return "never"
+    return next((w[1:-1] for w in words if w.startswith("[")), "never")
+
+
+def test_stages_hold_their_weights_on_huge_pages(pipeline):
+    if thp_mode() == "never":
+        pytest.skip("transparent huge pages are off on this host")
+    for s in pipeline.stages:  # serve's stages: glibc's malloc madvises its big blocks (launcher.HUGE_PAGES)
+        rollup = open(f"/proc/{s.proc.pid}/smaps_rollup").read()
+        huge = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("AnonHugePages:"))
+        assert huge >= 2048, f"{s.name}: no anonymous memory on huge pages"
+
+
 def forward(stub, sid: str, position: int, data: np.ndarray, route: list[str], num_tokens: int = 0):
     req = stage_pb2.ForwardRequest(route=route)
     e = req.entries.add(session_id=sid, position=position, num_tokens=num_tokens or len(data))

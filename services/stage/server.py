@@ -304,6 +304,16 @@ def serve_stage(servicer: StageServicer, listen: str, health_servicer: health.He
     return server, port
 
 
+def huge_page_bytes() -> int:
+    """This process's anonymous memory on transparent huge pages: the weights, when glibc's malloc uses them
+    (launcher.HUGE_PAGES); 0 where /proc does not tell."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return next((int(line.split()[1]) << 10 for line in f if line.startswith("AnonHugePages:")), 0)
+    except OSError:
+        return 0
+
+
 def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capacity: int = 16,
         metrics_port: int | None = None, ttl: float = 600.0, threads: int | None = None,
         allow_cpu_fallback: bool = False, spin: bool = False) -> None:
@@ -331,7 +341,8 @@ def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capaci
     servicer.metrics, servicer.runtime = metrics, runtime
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("stage %d (layers %d..%d) serving on %s", stage + 1, runtime.first, runtime.last - 1, listen)
+    log.info("stage %d (layers %d..%d) serving on %s; %d MB on transparent huge pages", stage + 1, runtime.first,
+             runtime.last - 1, listen, huge_page_bytes() >> 20)
     if backend == "cpu" and not runtime.graph.batched:
         log.warning("the stage graph has no batch dimension (exported before decode batching): concurrent "
                     "sessions' token steps run one by one; export the artifact again to batch them")
