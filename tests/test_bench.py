@@ -1,8 +1,9 @@
-"""The pure parts of `splitllm bench`: statistics, targets, table (no timing here)."""
+"""`splitllm bench` and the bench tools: statistics, targets, table (no timing here), and the tools that run graphs."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -280,3 +281,20 @@ def test_offset_cost_variants_drop_the_q4_1_offset_term(smollm2_artifacts, tmp_p
     assert all(o.shape == (1, 5, cfg.hidden_size) for o in out.values())
     assert np.isfinite(out["no_offsets"]).all()
     assert not np.allclose(out["no_gemm"], out["exported"]) and not np.allclose(out["no_offsets"], out["exported"])
+
+
+def test_env_ab_runs_both_sides_in_turns(smollm2_artifacts, tmp_path, monkeypatch):
+    """bench/env_ab.py: two child processes, one environment each, a sample of every figure per round."""
+    from splitllm.bench import env_ab
+
+    monkeypatch.setattr(env_ab, "RESULTS", tmp_path / "env_ab.json")
+    monkeypatch.setattr(sys, "argv", ["env_ab", "--artifacts", str(smollm2_artifacts), "--stage", "2",
+                                      "--rounds", "2", "--b", "SPLITLLM_AB_SIDE=b"])
+    env_ab.main()
+    doc = json.loads((tmp_path / "env_ab.json").read_text())
+    assert doc["sides"]["B"] == ["SPLITLLM_AB_SIDE=b"] and doc["what"] == "stage 2"
+    for side in ("A", "B"):
+        assert len(doc["samples"][side]) == 2 and all(len(s) == 3 and min(s) > 0 for s in doc["samples"][side])
+    assert env_ab.environment(["A=1", "B=x=y"])["B"] == "x=y"
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        env_ab.environment(["no-equals-sign"])

@@ -33,9 +33,9 @@ COORDINATOR_METRICS, STAGE_METRICS = 9400, 9401  # stages: 9401, 9402, ...
 STAGE_THREADS = 2
 # glibc's malloc then backs its big blocks with transparent huge pages (THP set to "madvise" or "always"): ONNX
 # Runtime's prepacked weights, which a decode step streams through, take ~500x fewer TLB entries. Same-run A/B on
-# the Zen 3 host, two processes taking turns (14-16 rounds): stage 4's decode step (the 8-bit lm_head) -12 %, stages
-# 1-3 within the noise; the in-process chain's token -4.7 % (11 of 14 rounds), its prompts unchanged; +2-3 MB RSS a
-# stage. glibc reads it when a process starts, so it goes in the stage's environment.
+# the Zen 3 host (`python bench/env_ab.py`: two processes taking turns, 12-16 rounds): stage 4's decode step (the
+# 8-bit lm_head) -12 / -13 %, stages 1-3 within the noise; the in-process chain's token -4.7 / -4.9 %, its prompts
+# unchanged; +2-3 MB RSS a stage. glibc reads it when a process starts, so it goes in the stage's environment.
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
