@@ -5,12 +5,12 @@
     python bench/env_ab.py --b GLIBC_TUNABLES=glibc.malloc.arena_max=2 --stage 4 --rounds 20
 
 Settings that a process reads when it starts (glibc tunables, allocator and thread-pool variables) cannot be
-A/B'd inside one process. This starts one child per environment (--a, --b: NAME=VALUE, repeatable; an empty
-side keeps this process's environment), each loading the in-process chain of all stages (or one stage with
---stage K), and has them take turns: in each round each child runs a 32-token prompt, 50 decode steps and a
-512-token prompt (one stage: a 128-row chunk), the order alternating by round. On a noisy host the pairs
-share the noise; the table gives each side's median and in how many rounds B was the faster.
-Writes bench/results/env_ab.json. Figures, never pass/fail.
+A/B'd inside one process. This starts one child per environment (this process's, plus --a or --b NAME=VALUE,
+repeatable; by default A has huge pages off and B on), each loading the in-process chain of all stages (or one
+stage with --stage K), and has them take turns: in each round each child runs a 32-token prompt, 50 decode
+steps and a 512-token prompt (one stage: a 128-row chunk), the order alternating by round, and reports its
+peak RSS. On a noisy host the pairs share the noise; the table gives each side's median and in how many
+rounds B's figure was the lower. Writes bench/results/env_ab.json. Figures, never pass/fail.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ from pathlib import Path
 from splitllm.services.client.launcher import HUGE_PAGES
 
 RESULTS = Path(__file__).resolve().parent / "results" / "env_ab.json"
-FIGURES = ("prompt_32_ms", "decode_us", "prompt_long_ms")
+FIGURES = ("prompt_32_ms", "decode_us", "prompt_long_ms", "peak_rss_mb")
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def child(artifacts: str, stage: int) -> None:
@@ -81,7 +86,7 @@ def child(artifacts: str, stage: int) -> None:
         run(sid, 82, long)
         t3 = clock()
         release(sid)
-        print(json.dumps([(t1 - t0) * 1e3, statistics.median(steps) * 1e6, (t3 - t2) * 1e3]), flush=True)
+        print(json.dumps([(t1 - t0) * 1e3, statistics.median(steps) * 1e6, (t3 - t2) * 1e3, peak_rss_mb()]), flush=True)
 
 
 def environment(pairs: list[str]) -> dict[str, str]:
@@ -130,8 +135,8 @@ def main() -> None:
         xa, xb = [x[i] for x in samples["A"]], [x[i] for x in samples["B"]]
         ma, mb = statistics.median(xa), statistics.median(xb)
         wins = sum(vb < va for va, vb in zip(xa, xb, strict=True))
-        summary[name] = {"A": ma, "B": mb, "change": mb / ma - 1, "b_faster_rounds": wins}
-        print(f"  {name:15s} A {ma:9.1f}  B {mb:9.1f}  {mb / ma - 1:+6.1%}  (B faster in {wins}/{a.rounds} rounds)")
+        summary[name] = {"A": ma, "B": mb, "change": mb / ma - 1, "b_smaller_rounds": wins}
+        print(f"  {name:15s} A {ma:9.1f}  B {mb:9.1f}  {mb / ma - 1:+6.1%}  (B lower in {wins}/{a.rounds} rounds)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"what": what, "rounds": a.rounds, "sides": sides, "medians": summary,
                                    "samples": samples, "figures": FIGURES}, indent=1))

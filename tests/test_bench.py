@@ -294,7 +294,7 @@ def test_env_ab_runs_both_sides_in_turns(smollm2_artifacts, tmp_path, monkeypatc
     doc = json.loads((tmp_path / "env_ab.json").read_text())
     assert doc["sides"]["B"] == ["SPLITLLM_AB_SIDE=b"] and doc["what"] == "stage 2"
     for side in ("A", "B"):
-        assert len(doc["samples"][side]) == 2 and all(len(s) == 3 and min(s) > 0 for s in doc["samples"][side])
+        assert len(doc["samples"][side]) == 2 and all(len(s) == 4 and min(s) > 0 for s in doc["samples"][side])
     assert env_ab.environment(["A=1", "B=x=y"])["B"] == "x=y"
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         env_ab.environment(["no-equals-sign"])
