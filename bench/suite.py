@@ -55,10 +55,14 @@ def expected_minutes(plan: Plan) -> float:
 class Child:
     """A runner process and its line protocol."""
 
-    def __init__(self, runtime: str, log: Path, *args: str) -> None:
+    def __init__(self, runtime: str, log: Path, *args: str, python: str = sys.executable,
+                 env: dict[str, str] | None = None) -> None:
+        """`python`: the interpreter (another venv runs another checkout); `env`: the environment (default this
+        process's, for the chain as its stages get it)."""
         self.runtime, self.log = runtime, log
-        env = stage_env() if runtime == "chain" else None  # the chain runs the stage graphs as the stages do
-        self.proc = subprocess.Popen([sys.executable, "-m", "splitllm.bench.runner", "--runtime", runtime, *args],
+        if env is None and runtime == "chain":  # the chain runs the stage graphs as the stages do
+            env = stage_env()
+        self.proc = subprocess.Popen([python, "-m", "splitllm.bench.runner", "--runtime", runtime, *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
                                      env=env)
 

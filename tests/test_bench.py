@@ -298,3 +298,18 @@ def test_env_ab_runs_both_sides_in_turns(smollm2_artifacts, tmp_path, monkeypatc
     assert env_ab.environment(["A=1", "B=x=y"])["B"] == "x=y"
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         env_ab.environment(["no-equals-sign"])
+
+
+def test_pipeline_ab_runs_two_pipelines_in_turns(smollm2_artifacts, tmp_path, monkeypatch):
+    """bench/pipeline_ab.py: two bench runners with a pipeline each; a TTFT and a TPOT sample per side and round."""
+    from splitllm.bench import pipeline_ab
+
+    monkeypatch.setattr(pipeline_ab, "RESULTS", tmp_path / "pipeline_ab.json")
+    monkeypatch.setattr(sys, "argv", ["pipeline_ab", "--artifacts", str(smollm2_artifacts), "--rounds", "2",
+                                      "--tokens", "4", "--b", "SPLITLLM_AB_SIDE=b"])
+    pipeline_ab.main()
+    doc = json.loads((tmp_path / "pipeline_ab.json").read_text())
+    assert doc["sides"] == {"A": ["GLIBC_TUNABLES=glibc.malloc.hugetlb=0"], "B": ["SPLITLLM_AB_SIDE=b"]}
+    for side in ("A", "B"):
+        assert all(len(v) == 2 and min(v) > 0 for v in doc["samples"][side].values())
+        assert doc["peak_rss_mb"][side] > 100  # five processes

@@ -35,7 +35,8 @@ STAGE_THREADS = 2
 # Runtime's prepacked weights, which a decode step streams through, take ~500x fewer TLB entries. Same-run A/B on
 # the Zen 3 host (`python bench/env_ab.py`: two processes taking turns, 12-16 rounds): stage 4's decode step (the
 # 8-bit lm_head) -12 / -13 %, stages 1-3 within the noise; the in-process chain's token -4.7 / -4.9 %, its prompts
-# unchanged; +2-3 MB RSS a stage. glibc reads it when a process starts, so it goes in the stage's environment.
+# unchanged; +2-3 MB RSS a stage. Through the pipeline (`python bench/pipeline_ab.py`, 20-24 rounds) TPOT -1.2 /
+# -2.9 %, where an A/A run differs by 1.6 %. glibc reads it when a process starts: it goes in the stage's environment.
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
