@@ -129,7 +129,7 @@ def main() -> None:
     res["greedy_vs_llamacpp"] = greedy
 
     if a.ppl_windows:
-        codec = TextCodec((root / m.tokenizer["file"]).read_text())
+        codec = TextCodec.from_file(root / m.tokenizer["file"])
         tokens = codec.encode((REFERENCE / "ppl_text.txt").read_text())[: 512 * a.ppl_windows]
         want = json.loads((REFERENCE / "llamacpp_perplexity.json").read_text())
         ppl = {"llamacpp_second_half": want["ppl_llama_perplexity_style_second_half"], "windows": a.ppl_windows}

@@ -107,7 +107,7 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
 
 def measure(artifacts: Path, text: Path) -> dict:
     chain = LocalChain(artifacts)
-    codec = TextCodec((artifacts / chain.manifest.tokenizer["file"]).read_text())
+    codec = TextCodec.from_file(artifacts / chain.manifest.tokenizer["file"])
     p = perplexity(chain, codec.encode(text.read_text()), ctx=512)
     return {
         "second_half": round(p.second_half, 4),

@@ -174,7 +174,7 @@ def reference_tokens(artifacts: str | Path) -> list[int]:
     from splitllm.services.coordinator.text import TextCodec
 
     m, _ = load_manifest(artifacts, verify=[])
-    codec = TextCodec((Path(artifacts) / m.tokenizer["file"]).read_text())
+    codec = TextCodec.from_file(Path(artifacts) / m.tokenizer["file"])
     return codec.encode((REFERENCE / "ppl_text.txt").read_text())
 
 

@@ -28,7 +28,7 @@ def llama3_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def codec(llama3_dir) -> TextCodec:
-    return TextCodec((llama3_dir / "tokenizer.json").read_text(), bos_token_id=0)
+    return TextCodec.from_file(llama3_dir / "tokenizer.json", bos_token_id=0)
 
 
 # --- the embedded default against llama.cpp -------------------------------------------------------------
@@ -44,7 +44,7 @@ def test_gguf_bundle_fields(smollm):
 def test_gguf_template_and_prompt_ids_match_llamacpp(smollm):
     bundle, ref = smollm
     template = ChatTemplate(bundle.chat_template, bundle.bos_token, bundle.eos_token)
-    codec = TextCodec(bundle.tokenizer_json, bundle.bos_token_id)
+    codec = TextCodec.from_json(bundle.tokenizer_json, bundle.bos_token_id)
     for case in ref["prompts"]:
         rendered = template.render([{"role": "user", "content": case["prompt"]}])
         assert rendered == case["rendered_prompt"]
@@ -53,7 +53,7 @@ def test_gguf_template_and_prompt_ids_match_llamacpp(smollm):
 
 def test_gguf_greedy_ids_decode_to_greedy_text(smollm):
     bundle, ref = smollm
-    codec = TextCodec(bundle.tokenizer_json)
+    codec = TextCodec.from_json(bundle.tokenizer_json)
     for case in ref["prompts"]:
         ids = [i for i in case["greedy_token_ids"] if i not in bundle.stop_token_ids]
         assert codec.decode(ids) == case["greedy_text"]
@@ -63,7 +63,7 @@ def test_gguf_greedy_ids_decode_to_greedy_text(smollm):
 
 
 def test_gguf_multibyte_roundtrip(smollm):
-    codec = TextCodec(smollm[0].tokenizer_json)
+    codec = TextCodec.from_json(smollm[0].tokenizer_json)
     _assert_streams_cleanly(codec, MULTIBYTE)
 
 
@@ -94,7 +94,7 @@ def test_gguf_llama_bpe_encodes_like_the_hf_tokenizer(tmp_path, llama3_dir):
     assert (bundle.bos_token, bundle.eos_token, bundle.add_bos) == ("<|begin_of_text|>", "<|eot_id|>", True)
     assert bundle.stop_token_ids == [4, 1]
     text = f"<|start_header_id|>user<|end_header_id|>\n\nWhere is   California?? 12345\n{MULTIBYTE}<|eot_id|>"
-    assert TextCodec(bundle.tokenizer_json).encode(text) == hf.encode(text, add_special_tokens=False).ids
+    assert TextCodec.from_json(bundle.tokenizer_json).encode(text) == hf.encode(text, add_special_tokens=False).ids
 
 
 @pytest.mark.parametrize(("model", "pre"), [("llama", "default"), ("gpt2", "qwen2")])
@@ -202,7 +202,7 @@ def test_incremental_decoder_window_stays_small(codec):
             sizes.append(len(ids))
             return super().decode(ids, skip_special)
 
-    recording = Recording(codec.tokenizer.to_str())
+    recording = Recording.from_json(codec.tokenizer.to_str())
     ids = codec.encode(MULTIBYTE * 20)
     decoder = IncrementalDecoder(recording)
     assert "".join(decoder.push(i) for i in ids) + decoder.flush() == MULTIBYTE * 20

@@ -46,7 +46,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from splitllm.services.stage.chain import LocalChain
 
     chain = LocalChain(a.artifacts, backend=a.backend)
-    codec = TextCodec((Path(a.artifacts) / chain.manifest.tokenizer["file"]).read_text())
+    codec = TextCodec.from_file(Path(a.artifacts) / chain.manifest.tokenizer["file"])
     tokens = codec.encode(Path(a.text).read_text())
     p = perplexity(chain, tokens, a.ctx)
     print(

@@ -61,7 +61,7 @@ class Engine:
         tok = pipeline.manifest.tokenizer
         self.manifest, self.manifest_sha256 = load_manifest(artifacts, verify=[tok["file"]])
         self.pipeline, self.metrics, self.truncate = pipeline, metrics, truncate_to_context
-        self.codec = TextCodec((Path(artifacts) / tok["file"]).read_text(), tok.get("bos_token_id"))
+        self.codec = TextCodec.from_file(Path(artifacts) / tok["file"], tok.get("bos_token_id"))
         template = tok.get("chat_template")
         self.template = ChatTemplate(template, tok.get("bos_token", ""), tok.get("eos_token", "")) if template \
             else None
