@@ -31,12 +31,13 @@ COORDINATOR_METRICS, STAGE_METRICS = 9400, 9401  # stages: 9401, 9402, ...
 # Zen 5 host 1 sleeping thread was ahead (3 A/Bs: TPOT -4 to -16 %, TTFT and streams within +-8 %), and 2 spinning
 # threads with one batch in flight ahead of both.
 STAGE_THREADS = 2
-# glibc's malloc then backs its big blocks with transparent huge pages (THP set to "madvise" or "always"): ONNX
-# Runtime's prepacked weights, which a decode step streams through, take ~500x fewer TLB entries. Same-run A/B on
-# the Zen 3 host (`python bench/env_ab.py`: two processes taking turns, 12-16 rounds): stage 4's decode step (the
-# 8-bit lm_head) -12 / -13 %, stages 1-3 within the noise; the in-process chain's token -4.7 / -4.9 %, its prompts
-# unchanged; +2-3 MB RSS a stage. Through the pipeline (`python bench/pipeline_ab.py`, 20-24 rounds) TPOT -1.2 /
-# -2.9 %, where an A/A run differs by 1.6 %. glibc reads it when a process starts: it goes in the stage's environment.
+# With this in a stage's GLIBC_TUNABLES, glibc's malloc backs big blocks with transparent huge pages (THP "madvise"
+# or "always"): ONNX Runtime's prepacked weights, which a decode step streams through, take ~500x fewer TLB entries.
+# Same-run A/B on the Zen 3 host (`python bench/env_ab.py`: two processes taking turns, 12-16 rounds): stage 4's
+# decode step (the 8-bit lm_head) -12 / -13 %, stages 1-3 within the noise; the in-process chain's token -4.7 /
+# -4.9 %, its prompts unchanged; +2-3 MB RSS a stage. Through the pipeline (`python bench/pipeline_ab.py`, 20-24
+# rounds) TPOT -1.2 / -2.9 %, where an A/A run differs by 1.6 %. glibc reads it when a process starts, so it goes in
+# the stage's environment.
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
