@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
+SYS = Path("/sys")  # where the kernel says how idle CPUs wait and whether memory may use huge pages
 # /proc/cpuinfo flags that decide which int8 / 4-bit kernels run
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -44,6 +45,24 @@ def _cache_sizes() -> dict[str, str]:
     return sizes
 
 
+def _sys(rel: str) -> str | None:
+    try:
+        return (SYS / rel).read_text().strip()
+    except OSError:
+        return None
+
+
+def waits_and_pages() -> dict:
+    """The host settings that moved the pipeline's figures on the project's VM (README, the Zen 3 host): the THP
+    mode (the stages' weights on huge pages need madvise or always), the cpuidle driver and, for haltpoll, how long
+    an idle vCPU polls before it halts (0: every wake-up of an idle vCPU goes through the hypervisor)."""
+    thp = _sys("kernel/mm/transparent_hugepage/enabled") or ""
+    poll = _sys("module/haltpoll/parameters/guest_halt_poll_ns")
+    return {"thp": next((w[1:-1] for w in thp.split() if w.startswith("[")), None),
+            "cpuidle": _sys("devices/system/cpu/cpuidle/current_driver"),
+            "guest_halt_poll_ns": int(poll) if poll and poll.isdigit() else None}
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -65,6 +84,7 @@ def describe() -> dict:
         "python": platform.python_version(),
         "onnxruntime": _version("onnxruntime"),
         "llama_cpp_python": _version("llama_cpp_python"),
+        **waits_and_pages(),
     }
 
 
@@ -73,8 +93,12 @@ def summary(m: dict) -> str:
     isa = " ".join(m["isa"]) or "no AVX2"
     l3 = f", L3 {m['caches']['L3']}" if "L3" in m["caches"] else ""
     llama = f", llama-cpp-python {m['llama_cpp_python']}" if m["llama_cpp_python"] else ""
+    host = [f"THP {m['thp']}"] if m.get("thp") else []
+    if m.get("cpuidle"):
+        poll = m.get("guest_halt_poll_ns")
+        host.append(f"cpuidle {m['cpuidle']}" + (f" (halt poll {poll} ns)" if poll is not None else ""))
     return (f"{m['cpu']}, {m['cores']} cores ({isa}{l3}), {m['memory_gib']} GiB; "
-            f"onnxruntime {m['onnxruntime']}{llama}")
+            f"onnxruntime {m['onnxruntime']}{llama}" + (f"; {', '.join(host)}" if host else ""))
 
 
 def busy_cpu_seconds() -> float:

@@ -213,6 +213,20 @@ def test_machine_names_the_cpu_its_kernel_flags_and_versions(monkeypatch, tmp_pa
     json.dumps(m)  # goes into bench.json as it is
 
 
+def test_machine_names_the_thp_mode_and_how_idle_cpus_wait(monkeypatch, tmp_path):
+    from splitllm.bench import machine
+
+    monkeypatch.setattr(machine, "SYS", tmp_path)
+    assert machine.waits_and_pages() == {"thp": None, "cpuidle": None, "guest_halt_poll_ns": None}  # not Linux
+    for rel, text in (("kernel/mm/transparent_hugepage/enabled", "always [madvise] never\n"),
+                      ("devices/system/cpu/cpuidle/current_driver", "haltpoll\n"),
+                      ("module/haltpoll/parameters/guest_halt_poll_ns", "0\n")):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert machine.waits_and_pages() == {"thp": "madvise", "cpuidle": "haltpoll", "guest_halt_poll_ns": 0}
+    assert machine.summary(machine.describe()).endswith("; THP madvise, cpuidle haltpoll (halt poll 0 ns)")
+
+
 def test_llamacpp_models_load_without_extra_buffer_types_when_patched():
     from types import SimpleNamespace
 
