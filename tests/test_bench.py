@@ -297,15 +297,19 @@ def test_offset_cost_variants_drop_the_q4_1_offset_term(smollm2_artifacts, tmp_p
     assert not np.allclose(out["no_gemm"], out["exported"]) and not np.allclose(out["no_offsets"], out["exported"])
 
 
+def run_ab_tool(tool, tmp_path, monkeypatch, *args: str) -> dict:
+    """Run a bench A/B tool's main() with `args`, its JSON going to tmp_path; returns that JSON."""
+    monkeypatch.setattr(tool, "RESULTS", tmp_path / "ab.json")
+    monkeypatch.setattr(sys, "argv", ["ab", *args, "--rounds", "2", "--b", "SPLITLLM_AB_SIDE=b"])
+    tool.main()
+    return json.loads((tmp_path / "ab.json").read_text())
+
+
 def test_env_ab_runs_both_sides_in_turns(smollm2_artifacts, tmp_path, monkeypatch):
     """bench/env_ab.py: two child processes, one environment each, a sample of every figure per round."""
     from splitllm.bench import env_ab
 
-    monkeypatch.setattr(env_ab, "RESULTS", tmp_path / "env_ab.json")
-    monkeypatch.setattr(sys, "argv", ["env_ab", "--artifacts", str(smollm2_artifacts), "--stage", "2",
-                                      "--rounds", "2", "--b", "SPLITLLM_AB_SIDE=b"])
-    env_ab.main()
-    doc = json.loads((tmp_path / "env_ab.json").read_text())
+    doc = run_ab_tool(env_ab, tmp_path, monkeypatch, "--artifacts", str(smollm2_artifacts), "--stage", "2")
     assert doc["sides"]["B"] == ["SPLITLLM_AB_SIDE=b"] and doc["what"] == "stage 2"
     for side in ("A", "B"):
         assert len(doc["samples"][side]) == 2 and all(len(s) == 4 and min(s) > 0 for s in doc["samples"][side])
@@ -318,11 +322,7 @@ def test_pipeline_ab_runs_two_pipelines_in_turns(smollm2_artifacts, tmp_path, mo
     """bench/pipeline_ab.py: two bench runners with a pipeline each; a TTFT and a TPOT sample per side and round."""
     from splitllm.bench import pipeline_ab
 
-    monkeypatch.setattr(pipeline_ab, "RESULTS", tmp_path / "pipeline_ab.json")
-    monkeypatch.setattr(sys, "argv", ["pipeline_ab", "--artifacts", str(smollm2_artifacts), "--rounds", "2",
-                                      "--tokens", "4", "--b", "SPLITLLM_AB_SIDE=b"])
-    pipeline_ab.main()
-    doc = json.loads((tmp_path / "pipeline_ab.json").read_text())
+    doc = run_ab_tool(pipeline_ab, tmp_path, monkeypatch, "--artifacts", str(smollm2_artifacts), "--tokens", "4")
     assert doc["sides"] == {"A": ["GLIBC_TUNABLES=glibc.malloc.hugetlb=0"], "B": ["SPLITLLM_AB_SIDE=b"]}
     for side in ("A", "B"):
         assert all(len(v) == 2 and min(v) > 0 for v in doc["samples"][side].values())
