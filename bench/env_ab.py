@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from splitllm.services.client.launcher import HUGE_PAGES
@@ -71,7 +72,7 @@ def child(artifacts: str, stage: int) -> None:
 
         release = chain.release
     print("ready", flush=True)
-    clock = __import__("time").perf_counter
+    clock = time.perf_counter
     for n, _ in enumerate(sys.stdin):
         sid = f"s{n}"
         t0 = clock()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitllm.bench.machine import waits_and_pages
 from splitllm.bench.runtimes import free_port_block
 from splitllm.protos import stage_pb2, stage_pb2_grpc, tensor_pb2
 from splitllm.services.client.client import Client
@@ -19,6 +20,7 @@ from splitllm.services.client.launcher import Pipeline, Service, cli, wait_servi
 from splitllm.services.common.tensor import to_proto
 from splitllm.services.coordinator.remote import prefill_chunk
 from splitllm.services.stage.chain import LocalChain
+from splitllm.services.stage.server import huge_page_bytes
 
 KV_CAPACITY = 4
 
@@ -196,22 +198,11 @@ def test_coordinator_validation_errors(client, pipeline):
     assert wait_released(pipeline) == [0, 0, 0, 0]
 
 
-def thp_mode() -> str:
-    """The bracketed word of /sys/kernel/mm/transparent_hugepage/enabled ("never" when absent)."""
-    try:
-        words = open("/sys/kernel/mm/transparent_hugepage/enabled").read().split()
-    except OSError:
-        return "never"
-    return next((w[1:-1] for w in words if w.startswith("[")), "never")
-
-
 def test_stages_hold_their_weights_on_huge_pages(pipeline):
-    if thp_mode() == "never":
+    if waits_and_pages()["thp"] in (None, "never"):
         pytest.skip("transparent huge pages are off on this host")
     for s in pipeline.stages:  # serve's stages: glibc's malloc madvises its big blocks (launcher.HUGE_PAGES)
-        rollup = open(f"/proc/{s.proc.pid}/smaps_rollup").read()
-        huge = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("AnonHugePages:"))
-        assert huge >= 2048, f"{s.name}: no anonymous memory on huge pages"
+        assert huge_page_bytes(s.proc.pid) >= 2 << 20, f"{s.name}: no anonymous memory on huge pages"
 
 
 def forward(stub, sid: str, position: int, data: np.ndarray, route: list[str], num_tokens: int = 0):

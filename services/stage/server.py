@@ -304,11 +304,11 @@ def serve_stage(servicer: StageServicer, listen: str, health_servicer: health.He
     return server, port
 
 
-def huge_page_bytes() -> int:
-    """This process's anonymous memory on transparent huge pages: the weights, when glibc's malloc uses them
+def huge_page_bytes(pid: int | str = "self") -> int:
+    """A process's anonymous memory on transparent huge pages: a stage's weights, when glibc's malloc uses them
     (launcher.HUGE_PAGES); 0 where /proc does not tell."""
     try:
-        with open("/proc/self/smaps_rollup") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             return next((int(line.split()[1]) << 10 for line in f if line.startswith("AnonHugePages:")), 0)
     except OSError:
         return 0
