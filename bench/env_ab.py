@@ -24,15 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+from splitllm.bench.runtimes import peak_rss
 from splitllm.services.client.launcher import HUGE_PAGES
 
 RESULTS = Path(__file__).resolve().parent / "results" / "env_ab.json"
 FIGURES = ("prompt_32_ms", "decode_us", "prompt_long_ms", "peak_rss_mb")
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def child(artifacts: str, stage: int) -> None:
@@ -87,7 +83,17 @@ def child(artifacts: str, stage: int) -> None:
         run(sid, 82, long)
         t3 = clock()
         release(sid)
-        print(json.dumps([(t1 - t0) * 1e3, statistics.median(steps) * 1e6, (t3 - t2) * 1e3, peak_rss_mb()]), flush=True)
+        figures = [(t1 - t0) * 1e3, statistics.median(steps) * 1e6, (t3 - t2) * 1e3, peak_rss() / 2**20]
+        print(json.dumps(figures), flush=True)
+
+
+def compare(name: str, xa: list[float], xb: list[float]) -> dict:
+    """Side A's and B's medians of one figure, sampled in the same rounds, and in how many rounds B's was the lower;
+    prints them as a line of the table."""
+    ma, mb = statistics.median(xa), statistics.median(xb)
+    wins = sum(vb < va for va, vb in zip(xa, xb, strict=True))
+    print(f"  {name:15s} A {ma:9.2f}  B {mb:9.2f}  {mb / ma - 1:+6.1%}  (B lower in {wins}/{len(xa)} rounds)")
+    return {"A": ma, "B": mb, "change": mb / ma - 1, "b_lower_rounds": wins}
 
 
 def environment(pairs: list[str]) -> dict[str, str]:
@@ -131,13 +137,8 @@ def main() -> None:
             k.wait()
     what = f"stage {a.stage}" if a.stage else "chain"
     print(f"{what}, {a.rounds} rounds; A: {' '.join(sides['A'])}; B: {' '.join(sides['B'])}")
-    summary = {}
-    for i, name in enumerate(FIGURES):
-        xa, xb = [x[i] for x in samples["A"]], [x[i] for x in samples["B"]]
-        ma, mb = statistics.median(xa), statistics.median(xb)
-        wins = sum(vb < va for va, vb in zip(xa, xb, strict=True))
-        summary[name] = {"A": ma, "B": mb, "change": mb / ma - 1, "b_smaller_rounds": wins}
-        print(f"  {name:15s} A {ma:9.1f}  B {mb:9.1f}  {mb / ma - 1:+6.1%}  (B lower in {wins}/{a.rounds} rounds)")
+    summary = {name: compare(name, [x[i] for x in samples["A"]], [x[i] for x in samples["B"]])
+               for i, name in enumerate(FIGURES)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"what": what, "rounds": a.rounds, "sides": sides, "medians": summary,
                                    "samples": samples, "figures": FIGURES}, indent=1))

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
-from splitllm.bench.env_ab import environment
+from splitllm.bench.env_ab import compare, environment
 from splitllm.bench.suite import Child, reference_tokens
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_ab.json"
@@ -66,13 +65,7 @@ def main() -> None:
             k.close()
     print(f"{a.rounds} rounds; A: {' '.join(sides['A']) or '-'} ({python['A']}); "
           f"B: {' '.join(sides['B']) or '-'} ({python['B']})")
-    medians = {}
-    for name in ("ttft_ms", "tpot_ms"):
-        xa, xb = samples["A"][name], samples["B"][name]
-        ma, mb = statistics.median(xa), statistics.median(xb)
-        wins = sum(vb < va for va, vb in zip(xa, xb, strict=True))
-        medians[name] = {"A": ma, "B": mb, "change": mb / ma - 1, "b_lower_rounds": wins}
-        print(f"  {name:8s} A {ma:8.2f}  B {mb:8.2f}  {mb / ma - 1:+6.1%}  (B lower in {wins}/{a.rounds} rounds)")
+    medians = {name: compare(name, samples["A"][name], samples["B"][name]) for name in ("ttft_ms", "tpot_ms")}
     print(f"  peak RSS A {rss['A']:.0f} MB, B {rss['B']:.0f} MB")
     RESULTS.write_text(json.dumps({"rounds": a.rounds, "tokens": a.tokens, "sides": sides, "python": python,
                                    "medians": medians, "samples": samples, "peak_rss_mb": rss}, indent=1))
