@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from splitllm.protos import coordinator_pb2 as pb
 from splitllm.protos import coordinator_pb2_grpc as pb_grpc
 from splitllm.services.common.errors import ServiceError
+from splitllm.services.common.manifest import ManifestError
 from splitllm.services.common.metrics import CoordinatorMetrics
 from splitllm.services.coordinator.engine import Engine
 from splitllm.services.coordinator.pipeline import LocalPipeline, Logits, top_k_logits
@@ -80,6 +81,18 @@ def test_greedy_matches_llamacpp(engine, pipeline, prompts, registry):
     assert status_count(registry, "ok") == 3
     assert registry.get_sample_value("splitllm_generated_tokens_total") == 68
     assert registry.get_sample_value("splitllm_finish_reason_total", {"reason": "stop"}) == 1
+
+
+def test_engine_refuses_a_corrupt_tokenizer(pipeline, artifacts, tmp_path):
+    """The coordinator's process reads the manifest unverified for its stage checks; its Engine is what checks
+    the tokenizer file against the manifest's sha256, before it serves."""
+    copy = tmp_path / "artifacts"
+    copy.mkdir()
+    (copy / "manifest.json").write_bytes((artifacts / "manifest.json").read_bytes())
+    tokenizer = pipeline.manifest.tokenizer["file"]
+    (copy / tokenizer).write_bytes((artifacts / tokenizer).read_bytes()[:-2] + b"  ")
+    with pytest.raises(ManifestError, match=f"{tokenizer} is corrupt"):
+        Engine(pipeline, artifacts=copy)
 
 
 def test_chat_and_token_ids_inputs(engine, prompts):

@@ -120,8 +120,7 @@ def run(artifacts: str, stages: list[str], listen: str, metrics_port: int | None
     from splitllm.services.common.metrics import CoordinatorMetrics, serve_metrics, set_build_info
     from splitllm.services.coordinator.remote import RemotePipeline
 
-    manifest, _ = load_manifest(artifacts, verify=[])
-    manifest, sha = load_manifest(artifacts, verify=[manifest.tokenizer["file"]])
+    manifest, sha = load_manifest(artifacts, verify=[])  # the Engine checks the tokenizer file as it reads it
     pipeline = RemotePipeline(manifest, sha, stages, spread_prompts, batches_in_flight, prompt_window)
     pipeline.check(timeout=wait_stages)  # refuses to start on a mismatch, naming it
     registry = CollectorRegistry()
