@@ -53,9 +53,10 @@ def _sys(rel: str) -> str | None:
 
 
 def waits_and_pages() -> dict:
-    """The host settings that moved the pipeline's figures on the project's VM (README, the Zen 3 host): the THP
-    mode (the stages' weights on huge pages need madvise or always), the cpuidle driver and, for haltpoll, how long
-    an idle vCPU polls before it halts (0: every wake-up of an idle vCPU goes through the hypervisor)."""
+    """The host settings that moved the pipeline's figures on the project's VM (bench/PERFORMANCE.md, the Zen 3
+    host): the THP mode (the stages' weights on huge pages need madvise or always), the cpuidle driver and, for
+    haltpoll, how long an idle vCPU polls before it halts (0: every wake-up of an idle vCPU goes through the
+    hypervisor)."""
     thp = _sys("kernel/mm/transparent_hugepage/enabled") or ""
     poll = _sys("module/haltpoll/parameters/guest_halt_poll_ns")
     return {"thp": next((w[1:-1] for w in thp.split() if w.startswith("[")), None),
