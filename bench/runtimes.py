@@ -14,21 +14,21 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
 from splitllm.bench.machine import cpu_flags
+from splitllm.services.common.heap import proc_bytes
 
 _ids = itertools.count()
 
 
 def _proc_bytes(path: str, key: str) -> int:
-    """A "Key:   N kB" figure of a /proc file, in bytes."""
-    for line in Path(path).read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in {path}")
+    """A "Key:   N kB" figure of a /proc file, in bytes; RuntimeError where there is none."""
+    value = proc_bytes(path, key)
+    if value is None:
+        raise RuntimeError(f"no {key} in {path}")
+    return value
 
 
 def peak_rss(pid: int | str = "self") -> int:

@@ -26,6 +26,7 @@ from splitllm.protos import stage_pb2, stage_pb2_grpc
 from splitllm.services.common import trace
 from splitllm.services.common.errors import ServiceError, from_code, invalid, unavailable
 from splitllm.services.common.grpc_util import CHANNEL_OPTIONS, SERVER_OPTIONS, listen_host
+from splitllm.services.common.heap import proc_bytes
 from splitllm.services.common.metrics import StageMetrics
 from splitllm.services.common.streams import OutStream, Subscribers
 from splitllm.services.common.tensor import from_proto, to_proto
@@ -307,11 +308,7 @@ def serve_stage(servicer: StageServicer, listen: str, health_servicer: health.He
 def huge_page_bytes(pid: int | str = "self") -> int:
     """A process's anonymous memory on transparent huge pages: a stage's weights, when glibc's malloc uses them
     (launcher.HUGE_PAGES); 0 where /proc does not tell."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return next((int(line.split()[1]) << 10 for line in f if line.startswith("AnonHugePages:")), 0)
-    except OSError:
-        return 0
+    return proc_bytes(f"/proc/{pid}/smaps_rollup", "AnonHugePages") or 0
 
 
 def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capacity: int = 16,
