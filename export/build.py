@@ -118,7 +118,7 @@ class WeightSource:
             info = {
                 "bits": w.bits,
                 "block_size": w.block_size,
-                "format": "MatMulNBits",
+                "format": "Q4_1 (d * code + m)" if w.block_offsets is not None else "MatMulNBits",
                 "zero_points": w.zero_points is not None,
                 "block_offsets": w.block_offsets is not None,
             }

@@ -1,12 +1,13 @@
-"""The CPU stage graph: a slice of decoder layers with ONNX Runtime contrib operators.
+"""The CPU stage graph: a slice of decoder layers with ONNX Runtime contrib operators and our own MatMulQ4_1.
 
 One graph serves prompt processing and token generation (the sequence length is dynamic), so a
 stage holds one copy of its weights. Activations are 2-D [S, H] inside the graph (Gemm wants 2-D, and
 every node counts: a decode step runs ~20 nodes per layer at a few microseconds each). Per layer:
 
     h, x = SkipSimplifiedLayerNorm(delta, x)          residual add fused into the norm
-    qkv  = MatMulNBits(h, Wqkv)                        fused Q/K/V; for GGUF Q4_1 also the block sums of h
-           [Gemm(blocksum(h), Oqkv, qkv)]              the exact Q4_1 minimum term
+    qkv  = MatMulQ4_1(h, Wqkv)                         fused Q/K/V: GGUF Q4_1 blocks as they are, int8 activations
+           or MatMulNBits(h, Wqkv)                     other weights, and every weight at accuracy level 0 (float);
+           [Gemm(blocksum(h), Oqkv, qkv)]              then for Q4_1 also the exact minimum term (block sums of h)
     a    = GroupQueryAttention(qkv, past KV, rotary)   KV written in place (past and present share a buffer)
     ...  o projection, SwiGLU MLP with fused gate/up
 
@@ -26,11 +27,20 @@ from collections.abc import Callable
 import numpy as np
 
 from splitllm.export.onnx_writer import GraphBuilder
-from splitllm.export.quantize import NBitsWeight, RowQuantized, block_sum_rows, concat, concat_rows, split_rows
+from splitllm.export.quantize import (
+    NBitsWeight,
+    RowQuantized,
+    block_sum_rows,
+    concat,
+    concat_rows,
+    q4_1_blocks,
+    split_rows,
+)
 from splitllm.services.common.manifest import ModelConfig, TensorSpec
 from splitllm.services.common.rope import cos_sin
 
 MS = "com.microsoft"
+SPLITLLM = "ai.splitllm"  # our own CPU kernels (services/stage/cpu_kernels.c)
 # ONNX Runtime prepacks a MatMulNBits weight into the heap while its file-mapped original is resident, so at
 # load a weight costs twice its size. Bigger weights go in row pieces of at most this size (SmolLM2's
 # 8-bit lm_head: 4 pieces; stage 4's peak while loading 124 -> 102 MB; the same logits and decode time).
@@ -60,6 +70,10 @@ class CpuStageGraph:
         b = self.b
         n, k = w.shape
         blocks = k // w.block_size
+        q4_1 = q4_1_blocks(w) if self.accuracy_level == 4 else None  # its math is level 4's: int8 activations
+        if q4_1 is not None:
+            inputs = [x] + [b.weight(f"{name}.{f}", getattr(q4_1, f)) for f in ("qs", "d", "m")]
+            return b.op("MatMulQ4_1", inputs, domain=SPLITLLM, K=k, N=n)
         offsets = w.block_offsets
         if offsets is not None:  # the same op also sums x over each block: extra output rows of ones
             w = concat([dataclasses.replace(w, block_offsets=None), block_sum_rows(k, w.block_size)])

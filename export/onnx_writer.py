@@ -111,7 +111,7 @@ class GraphBuilder:
         graph = helper.make_graph(
             self.nodes, self.name, self.inputs, self.outputs, list(self.initializers.values())
         )
-        model = helper.make_model(
-            graph, opset_imports=OPSETS, ir_version=IR_VERSION, producer_name="splitllm"
-        )
+        domains = {n.domain for n in self.nodes} - {o.domain for o in OPSETS}
+        opsets = OPSETS + [helper.make_opsetid(d, 1) for d in sorted(domains)]
+        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="splitllm")
         path.write_bytes(model.SerializeToString())

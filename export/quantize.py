@@ -1,4 +1,5 @@
-"""Weights in ONNX Runtime MatMulNBits form (linear layers) and row-quantized form (embedding).
+"""Weights in ONNX Runtime MatMulNBits form (linear layers), row-quantized form (embedding), and GGUF Q4_1 blocks
+for our own MatMulQ4_1 op (q4_1_blocks: the default CPU graphs run Q4_1 layers that way).
 
 A linear layer y = x @ W.T with W [N, K] becomes com.microsoft MatMulNBits:
     W[n, k] = scales[n, b] * (code[n, k] - zero_point[n, b]) (+ block_offsets[b, n]),  b = k // block_size
@@ -134,6 +135,36 @@ def block_sum_rows(k: int, block_size: int) -> NBitsWeight:
     codes = np.full((blocks, blocks, block_size), 8, np.uint8)  # 8: the op's default zero point, value 0
     codes[np.arange(blocks), np.arange(blocks)] = 9  # value 1
     return NBitsWeight(4, block_size, _pack(codes, 4), np.ones((blocks, blocks), np.float32))
+
+
+@dataclass(frozen=True)
+class Q4_1Blocks:
+    """A [N, K] weight in the layout of splitllm's MatMulQ4_1 op (services/stage/cpu_kernels.c), GGUF's Q4_1:
+    W[n, 32b + j] = d[n, b] * code + m[n, b], code j < 16 in the low nibble of qs[n, 16b + j], j >= 16 in the high
+    nibble of qs[n, 16b + j - 16]; d and m float16, zero-padded to a multiple of 8 blocks."""
+
+    qs: np.ndarray  # uint8 [N, K/2]
+    d: np.ndarray  # float16 [N, nbp]
+    m: np.ndarray  # float16 [N, nbp]
+
+
+def q4_1_blocks(w: NBitsWeight) -> Q4_1Blocks | None:
+    """A 4-bit, block-32 weight with block offsets as exact Q4_1 blocks; None when it is not one (other formats, or
+    scales and minimums that float16 does not hold exactly: GGUF's Q4_1 always does)."""
+    if w.bits != 4 or w.block_size != 32 or w.zero_points is not None or w.block_offsets is None:
+        return None
+    n, k = w.shape
+    nb = k // 32
+    d = w.scales.astype(np.float32)
+    m = w.block_offsets.T - 8 * d  # the offsets are m + 8d (from_gguf)
+    d16, m16 = d.astype(np.float16), m.astype(np.float16)
+    if not (np.array_equal(d16.astype(np.float32), d) and np.array_equal(m16.astype(np.float32), m)):
+        return None
+    codes = _unpack(w.packed, 4).reshape(n, nb, 32)
+    qs = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8).reshape(n, k // 2)
+    nbp = -(-nb // 8) * 8
+    pad = ((0, 0), (0, nbp - nb))
+    return Q4_1Blocks(qs, np.pad(d16, pad), np.pad(m16, pad))
 
 
 def concat_rows(ws: list[NBitsWeight]) -> NBitsWeight | None:

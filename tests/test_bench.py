@@ -259,44 +259,6 @@ def test_amx_probe_runs_only_on_amx_cpus_and_reads_sigill(monkeypatch):
     assert runtimes.amx_kernels_crash("m.gguf") is False  # AMX works there: llama.cpp keeps it
 
 
-def test_offset_cost_variants_drop_the_q4_1_offset_term(smollm2_artifacts, tmp_path):
-    """bench/offset_cost.py: `no_gemm` drops every offset Gemm, `no_offsets` also the block-sum columns and their
-    Splits; both still run, and their outputs differ from the exported graph's (the term is real)."""
-    import numpy as np
-    import onnx
-
-    from splitllm.bench.offset_cost import build
-    from splitllm.services.common.manifest import load_manifest
-    from splitllm.services.stage.kv import KVPool
-    from splitllm.services.stage.runtime import CpuGraph
-
-    paths = build(smollm2_artifacts, 1, tmp_path)
-    nodes = {v: onnx.load(str(p), load_external_data=False).graph.node for v, p in paths.items()}
-    offsets = {v: sum(n.op_type == "Gemm" and n.input[1].endswith("block_offsets") for n in ns)
-               for v, ns in nodes.items()}
-    splits = {v: sum(n.op_type == "Split" for n in ns) for v, ns in nodes.items()}
-    m, _ = load_manifest(smollm2_artifacts, verify=[])
-    plan, cfg = m.stages[1], m.model
-    layers = plan.last_layer - plan.first_layer
-    assert offsets == {"exported": 4 * layers, "no_gemm": 0, "no_offsets": 0}
-    assert splits["no_gemm"] == splits["exported"] and splits["no_offsets"] == splits["exported"] - 4 * layers
-    widths = {v: sorted(a.i for n in ns if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "N")
-              for v, ns in nodes.items()}
-    assert widths["no_gemm"] == widths["exported"]
-    block_sums = (3 * cfg.hidden_size + cfg.intermediate_size) // 32  # a K/32 column each: qkv, o, gate_up; down
-    assert sum(widths["exported"]) - sum(widths["no_offsets"]) == layers * block_sums
-
-    x = np.random.default_rng(0).standard_normal((5, cfg.hidden_size)).astype(np.float32)
-    out = {}
-    for v, p in paths.items():
-        kv = KVPool(range(plan.first_layer, plan.last_layer), cfg.num_kv_heads, m.context_length, cfg.head_dim, 1)
-        s = kv.create("s")
-        out[v] = CpuGraph(p, 1, "hidden_out").run(kv, s.slot, x, np.array([4], np.int32))
-    assert all(o.shape == (1, 5, cfg.hidden_size) for o in out.values())
-    assert np.isfinite(out["no_offsets"]).all()
-    assert not np.allclose(out["no_gemm"], out["exported"]) and not np.allclose(out["no_offsets"], out["exported"])
-
-
 def run_ab_tool(tool, tmp_path, monkeypatch, *args: str) -> dict:
     """Run a bench A/B tool's main() with `args`, its JSON going to tmp_path; returns that JSON."""
     monkeypatch.setattr(tool, "RESULTS", tmp_path / "ab.json")

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from splitllm.services.common.errors import ServiceError, invalid
 from splitllm.services.common.manifest import load_manifest, stage_files
+from splitllm.services.stage import cpu_kernels
 from splitllm.services.stage.kv import KVPool, Session
 
 BACKENDS = ("cpu", "qnn")
@@ -56,7 +57,7 @@ def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
         so.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.add_session_config_entry("session.force_spinning_stop", "1")
-    return so
+    return cpu_kernels.register(so)
 
 
 class CpuGraph:

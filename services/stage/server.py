@@ -31,6 +31,7 @@ from splitllm.services.common.metrics import StageMetrics
 from splitllm.services.common.streams import OutStream, Subscribers
 from splitllm.services.common.tensor import from_proto, to_proto
 from splitllm.services.common.topk import top_k
+from splitllm.services.stage import cpu_kernels
 from splitllm.services.stage.runtime import Entry, StageRuntime
 
 log = logging.getLogger("splitllm.stage")
@@ -338,8 +339,8 @@ def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capaci
     servicer.metrics, servicer.runtime = metrics, runtime
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("stage %d (layers %d..%d) serving on %s; %d MB on transparent huge pages", stage + 1, runtime.first,
-             runtime.last - 1, listen, huge_page_bytes() >> 20)
+    log.info("stage %d (layers %d..%d) serving on %s; %d MB on transparent huge pages; %s CPU kernels", stage + 1,
+             runtime.first, runtime.last - 1, listen, huge_page_bytes() >> 20, cpu_kernels.kernels())
     if backend == "cpu" and not runtime.graph.batched:
         log.warning("the stage graph has no batch dimension (exported before decode batching): concurrent "
                     "sessions' token steps run one by one; export the artifact again to batch them")

@@ -1,0 +1,492 @@
+/* splitllm's CPU kernels, an ONNX Runtime custom op library (SessionOptions.register_custom_ops_library).
+ *
+ * ai.splitllm MatMulQ4_1(A float [..., K], qs uint8 [N, K/2], d float16 [N, nbp], m float16 [N, nbp]) -> Y [..., N]
+ *     Y = A @ W.T with W[n, 32b + j] = d[n, b] * code[n, b, j] + m[n, b]     (GGUF's Q4_1, exactly)
+ *     qs holds block b of row n in bytes [16b, 16b + 16): code j < 16 in the low nibble of byte j, code j + 16
+ *     in its high nibble (GGUF's order). d and m are zero-padded from K/32 to nbp = a multiple of 8 blocks.
+ *
+ * Why a kernel of our own: ONNX Runtime's MatMulNBits cannot express Q4_1's minimum (not an integer number of
+ * steps), so the graph added it as a second Gemm over the input's block sums; that term cost a third of a
+ * decode step. Here it is one FMA per 8 blocks. A is quantized per block of 32 to int8 (as MatMulNBits does
+ * at accuracy level 4); each block's dot product is exact in int32, scaled by d * dA, plus m * sum(A block),
+ * with the block sums taken in float from A itself.
+ *
+ * The ONNX Runtime C API is used through the few entries below, declared here by their place in OrtApi
+ * (the API is append-only: a place never changes, and ORT_API_VERSION_USED asks for a table that has them).
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define HAVE_X86 1
+#endif
+
+/* ---------------------------------------------------------------- the ONNX Runtime C API, as far as used */
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtValue OrtValue;
+typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef void OrtApi; /* a table of function pointers, read by place */
+
+typedef struct OrtApiBase {
+  const OrtApi* (*GetApi)(uint32_t version);
+  const char* (*GetVersionString)(void);
+} OrtApiBase;
+
+enum { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_FLOAT16 = 10 };
+
+struct OrtCustomOp;
+typedef struct OrtCustomOp {
+  uint32_t version;
+  void* (*CreateKernel)(const struct OrtCustomOp*, const OrtApi*, const OrtKernelInfo*);
+  const char* (*GetName)(const struct OrtCustomOp*);
+  const char* (*GetExecutionProviderType)(const struct OrtCustomOp*);
+  int (*GetInputType)(const struct OrtCustomOp*, size_t);
+  size_t (*GetInputTypeCount)(const struct OrtCustomOp*);
+  int (*GetOutputType)(const struct OrtCustomOp*, size_t);
+  size_t (*GetOutputTypeCount)(const struct OrtCustomOp*);
+  void (*KernelCompute)(void*, OrtKernelContext*);
+  void (*KernelDestroy)(void*);
+  int (*GetInputCharacteristic)(const struct OrtCustomOp*, size_t);
+  int (*GetOutputCharacteristic)(const struct OrtCustomOp*, size_t);
+  int (*GetInputMemoryType)(const struct OrtCustomOp*, size_t);
+  int (*GetVariadicInputMinArity)(const struct OrtCustomOp*);
+  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp*);
+  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp*);
+  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp*);
+  OrtStatus* (*CreateKernelV2)(const struct OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void**);
+  OrtStatus* (*KernelComputeV2)(void*, OrtKernelContext*);
+} OrtCustomOp;
+#define CUSTOM_OP_VERSION 16 /* the first OrtCustomOp with CreateKernelV2 and KernelComputeV2: nothing after them is read */
+
+#define ORT_API_VERSION_USED 17 /* ONNX Runtime 1.17: the first with KernelContext_ParallelFor */
+/* Places in OrtApi (onnxruntime_c_api.h), checked by offsetof against that header */
+#define API_CreateStatus 0
+#define API_CreateCustomOpDomain 26
+#define API_CustomOpDomain_Add 27
+#define API_AddCustomOpDomain 28
+#define API_GetTensorMutableData 51
+#define API_GetDimensionsCount 61
+#define API_GetDimensions 62
+#define API_GetTensorTypeAndShape 65
+#define API_KernelInfoGetAttribute_int64 86
+#define API_KernelContext_GetInput 90
+#define API_KernelContext_GetOutput 91
+#define API_ReleaseTensorTypeAndShapeInfo 99
+#define API_KernelContext_ParallelFor 274
+
+static const OrtApi* g_api;
+#define API(name) (((void* const*)g_api)[API_##name])
+
+typedef OrtStatus* (*CreateStatus_t)(int, const char*);
+typedef OrtStatus* (*CreateCustomOpDomain_t)(const char*, OrtCustomOpDomain**);
+typedef OrtStatus* (*CustomOpDomain_Add_t)(OrtCustomOpDomain*, const OrtCustomOp*);
+typedef OrtStatus* (*AddCustomOpDomain_t)(OrtSessionOptions*, OrtCustomOpDomain*);
+typedef OrtStatus* (*KernelInfoGetAttribute_int64_t)(const OrtKernelInfo*, const char*, int64_t*);
+typedef OrtStatus* (*KernelContext_GetInput_t)(const OrtKernelContext*, size_t, const OrtValue**);
+typedef OrtStatus* (*KernelContext_GetOutput_t)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+typedef OrtStatus* (*GetTensorMutableData_t)(OrtValue*, void**);
+typedef OrtStatus* (*GetTensorTypeAndShape_t)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
+typedef OrtStatus* (*GetDimensionsCount_t)(const OrtTensorTypeAndShapeInfo*, size_t*);
+typedef OrtStatus* (*GetDimensions_t)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
+typedef void (*ReleaseTensorTypeAndShapeInfo_t)(OrtTensorTypeAndShapeInfo*);
+typedef OrtStatus* (*KernelContext_ParallelFor_t)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t,
+                                                  void*);
+
+#define CHECK(call)                       \
+  do {                                    \
+    OrtStatus* status_ = (call);          \
+    if (status_) return status_;          \
+  } while (0)
+
+static OrtStatus* error(int code, const char* msg) { return ((CreateStatus_t)API(CreateStatus))(code, msg); }
+
+/* ---------------------------------------------------------------- the math */
+
+/* One row of A, quantized: for each pair of blocks p, 32 int8 of the first halves of blocks 2p and 2p+1, then 32 of
+ * their second halves (the order the weights' low and high nibbles come in); then dA [nbp] and dA * sum(q) [nbp]. */
+typedef struct {
+  int K, nb, nbp, pairs;
+  size_t stride; /* bytes per quantized row */
+} Layout;
+
+static Layout layout(int K) {
+  Layout l;
+  l.K = K;
+  l.nb = K / 32;
+  l.nbp = (l.nb + 7) & ~7;
+  l.pairs = (l.nb + 1) / 2;
+  l.stride = (size_t)l.pairs * 64 + (size_t)l.nbp * 8;
+  return l;
+}
+
+static inline float* row_scales(uint8_t* row, const Layout* l) { return (float*)(row + (size_t)l->pairs * 64); }
+
+static float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else { /* subnormal: renormalize */
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) {
+        man <<= 1;
+        exp--;
+      }
+      bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000 | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static void quantize_row_scalar(const float* a, const Layout* l, uint8_t* out) {
+  int8_t* q = (int8_t*)out;
+  float *dA = row_scales(out, l), *sA = dA + l->nbp;
+  memset(out, 0, l->stride);
+  for (int b = 0; b < l->nb; b++) {
+    const float* v = a + 32 * b;
+    float amax = 0;
+    for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(v[j]));
+    float inv = amax > 0 ? 127.f / amax : 0.f;
+    int8_t* pair = q + (b / 2) * 64 + (b & 1) * 16;
+    int sum = 0;
+    for (int j = 0; j < 16; j++) {
+      pair[j] = (int8_t)nearbyintf(v[j] * inv);
+      pair[32 + j] = (int8_t)nearbyintf(v[16 + j] * inv);
+      sum += pair[j] + pair[32 + j];
+    }
+    dA[b] = amax / 127.f;
+    sA[b] = dA[b] * (float)sum;
+  }
+}
+
+/* rows [n0, n1) of W against `count` quantized rows of A (consecutive, `l->stride` apart); Y row r at y + r*ldy */
+static void rows_scalar(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1, const uint8_t* aq,
+                        int count, const Layout* l, float* y, size_t ldy) {
+  for (int r = 0; r < count; r++) {
+    const uint8_t* row = aq + (size_t)r * l->stride;
+    const int8_t* q = (const int8_t*)row;
+    const float *dA = row_scales((uint8_t*)row, l), *sA = dA + l->nbp;
+    for (int n = n0; n < n1; n++) {
+      const uint8_t* wq = qs + (size_t)n * l->nb * 16;
+      float acc = 0;
+      for (int b = 0; b < l->nb; b++) {
+        const int8_t* pair = q + (b / 2) * 64 + (b & 1) * 16;
+        int32_t dot = 0;
+        for (int j = 0; j < 16; j++) {
+          dot += (wq[16 * b + j] & 0x0F) * pair[j] + (wq[16 * b + j] >> 4) * pair[32 + j];
+        }
+        acc += half_to_float(d[(size_t)n * l->nbp + b]) * dA[b] * (float)dot +
+               half_to_float(m[(size_t)n * l->nbp + b]) * sA[b];
+      }
+      y[(size_t)r * ldy + n] = acc;
+    }
+  }
+}
+
+#ifdef HAVE_X86
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static void quantize_row_avx2(const float* a, const Layout* l, uint8_t* out) {
+  int8_t* q = (int8_t*)out;
+  float *dA = row_scales(out, l), *sA = dA + l->nbp;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  if (l->nb & 1) memset(q + (size_t)(l->nb / 2) * 64, 0, 64);
+  for (int b = l->nb; b < l->nbp; b++) dA[b] = sA[b] = 0;
+  for (int b = 0; b < l->nb; b++) {
+    const float* v = a + 32 * b;
+    __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+           v3 = _mm256_loadu_ps(v + 24);
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                              _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float amax = _mm_cvtss_f32(h);
+    dA[b] = amax / 127.f;
+    __m256 inv = _mm256_set1_ps(amax > 0 ? 127.f / amax : 0.f);
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+    __m256i isum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+    s = _mm_hadd_epi32(s, s);
+    s = _mm_hadd_epi32(s, s);
+    sA[b] = dA[b] * (float)_mm_cvtsi128_si32(s);
+    __m256i packed = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)), order);
+    int8_t* pair = q + (b / 2) * 64 + (b & 1) * 16;
+    _mm_storeu_si128((__m128i*)pair, _mm256_castsi256_si128(packed));
+    _mm_storeu_si128((__m128i*)(pair + 32), _mm256_extracti128_si256(packed, 1));
+  }
+}
+
+static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
+    {0, 0, 0, 0, 1, 1, 1, 1}, {2, 2, 2, 2, 3, 3, 3, 3}, {4, 4, 4, 4, 5, 5, 5, 5}, {6, 6, 6, 6, 7, 7, 7, 7}};
+
+/* R rows of A at once (1 to 4), each weight pair unpacked once for all of them. Per pair of blocks: the two blocks'
+ * 32 low and 32 high nibbles against A's matching halves (maddubs, int16 sums of at most 4 * 15 * 127), summed to 8
+ * int32 lanes, lanes 0-3 block 2p and 4-7 block 2p+1; each lane scaled by its block's d * dA. All lanes are summed at
+ * the end, so the m * dA * sum(q) term goes into an accumulator too. Two accumulators per row (even and odd pairs), so
+ * that the FMAs' latency does not bound the loop. A row's arithmetic is the same whatever R, so a row's result does
+ * not depend on how many rows run with it (a session decodes the same alone and in a batch). */
+#define PAIR(P, ACC)                                                                                                  \
+  do {                                                                                                                \
+    const int pr = g / 2 + (P);                                                                                       \
+    __m256i w = 2 * pr + 1 == nb /* odd K / 32: the last pair has one block */                                        \
+                    ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(wq + pr * 32)))                         \
+                    : _mm256_loadu_si256((const __m256i*)(wq + pr * 32));                                             \
+    __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);                     \
+    __m256i lanes = _mm256_load_si256((const __m256i*)PAIR_LANES[P]);                                                 \
+    for (int r = 0; r < ROWS; r++) {                                                                                  \
+      const int8_t* a = q[r] + pr * 64;                                                                               \
+      __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)a)),                 \
+                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(a + 32))));         \
+      ACC[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(S[r], lanes), _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), \
+                               ACC[r]);                                                                               \
+    }                                                                                                                 \
+  } while (0)
+
+#define DEFINE_ROWS(R)                                                                                                \
+  AVX2 static void rows##R(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,                   \
+                           const uint8_t* aq, const Layout* l, float* y, size_t ldy) {                                \
+    enum { ROWS = R };                                                                                                \
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                                         \
+    const int nb = l->nb, nbp = l->nbp;                                                                               \
+    const int8_t* q[R];                                                                                               \
+    const float *dA[R], *sA[R];                                                                                       \
+    for (int r = 0; r < R; r++) {                                                                                     \
+      const uint8_t* row = aq + (size_t)r * l->stride;                                                                \
+      q[r] = (const int8_t*)row;                                                                                      \
+      dA[r] = row_scales((uint8_t*)row, l);                                                                           \
+      sA[r] = dA[r] + nbp;                                                                                            \
+    }                                                                                                                 \
+    for (int n = n0; n < n1; n++) {                                                                                   \
+      const uint8_t* wq = qs + (size_t)n * nb * 16;                                                                   \
+      const uint16_t *wd = d + (size_t)n * nbp, *wm = m + (size_t)n * nbp;                                            \
+      __m256 even[R], odd[R], S[R];                                                                                   \
+      for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();                                            \
+      for (int g = 0; g < nb; g += 8) {                                                                               \
+        __m256 D = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + g)));                                        \
+        __m256 M = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wm + g)));                                        \
+        for (int r = 0; r < R; r++) {                                                                                 \
+          S[r] = _mm256_mul_ps(D, _mm256_loadu_ps(dA[r] + g));                                                        \
+          odd[r] = _mm256_fmadd_ps(M, _mm256_loadu_ps(sA[r] + g), odd[r]);                                            \
+        }                                                                                                             \
+        if (nb - g >= 8) {                                                                                            \
+          PAIR(0, even);                                                                                              \
+          PAIR(1, odd);                                                                                               \
+          PAIR(2, even);                                                                                              \
+          PAIR(3, odd);                                                                                               \
+        } else {                                                                                                      \
+          const int pairs = (nb - g + 1) / 2;                                                                         \
+          PAIR(0, even);                                                                                              \
+          if (pairs > 1) PAIR(1, odd);                                                                                \
+          if (pairs > 2) PAIR(2, even);                                                                               \
+          if (pairs > 3) PAIR(3, odd);                                                                                \
+        }                                                                                                             \
+      }                                                                                                               \
+      for (int r = 0; r < R; r++) {                                                                                   \
+        __m256 acc = _mm256_add_ps(even[r], odd[r]);                                                                  \
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));                            \
+        s = _mm_hadd_ps(s, s);                                                                                        \
+        s = _mm_hadd_ps(s, s);                                                                                        \
+        y[(size_t)r * ldy + n] = _mm_cvtss_f32(s);                                                                    \
+      }                                                                                                               \
+    }                                                                                                                 \
+  }
+DEFINE_ROWS(1)
+DEFINE_ROWS(2)
+DEFINE_ROWS(3)
+DEFINE_ROWS(4)
+
+static void rows_avx2(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1, const uint8_t* aq,
+                      int count, const Layout* l, float* y, size_t ldy) {
+  for (; count >= 4; count -= 4, aq += 4 * l->stride, y += 4 * ldy) rows4(qs, d, m, n0, n1, aq, l, y, ldy);
+  if (count == 3) rows3(qs, d, m, n0, n1, aq, l, y, ldy);
+  if (count == 2) rows2(qs, d, m, n0, n1, aq, l, y, ldy);
+  if (count == 1) rows1(qs, d, m, n0, n1, aq, l, y, ldy);
+}
+#endif
+
+typedef void (*QuantizeRow)(const float*, const Layout*, uint8_t*);
+typedef void (*Rows)(const uint8_t*, const uint16_t*, const uint16_t*, int, int, const uint8_t*, int, const Layout*,
+                     float*, size_t);
+static QuantizeRow quantize_row = quantize_row_scalar;
+static Rows rows = rows_scalar;
+static const char* kernels = "scalar";
+
+/* Once per process: AVX2 (with FMA and F16C) where the CPU has it, else the portable C above.
+ * SPLITLLM_CPU_KERNELS=scalar forces the portable path (tests run it on AVX2 machines). */
+static void pick_kernels(void) {
+  static int picked;
+  if (picked) return;
+  picked = 1;
+  const char* force = getenv("SPLITLLM_CPU_KERNELS");
+  if (force && strcmp(force, "scalar") == 0) return;
+#ifdef HAVE_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    quantize_row = quantize_row_avx2;
+    rows = rows_avx2;
+    kernels = "avx2";
+  }
+#endif
+}
+
+/* Which kernels this process runs ("avx2" or "scalar"), for the stage's log (cpu_kernels.py). */
+__attribute__((visibility("default"))) const char* splitllm_kernels(void) {
+  pick_kernels();
+  return kernels;
+}
+
+/* ---------------------------------------------------------------- the op */
+
+typedef struct {
+  int64_t K, N;
+} Kernel;
+
+enum { TILE_ROWS = 64, A_TILE = 64 }; /* weight rows per task (~23 KB at K = 576); rows of A per task */
+
+typedef struct {
+  const float* a;
+  const uint8_t* qs;
+  const uint16_t *d, *m;
+  uint8_t* aq;
+  float* y;
+  Layout l;
+  int M, N, n_tiles;
+} Job;
+
+static void quantize_task(void* p, size_t i) {
+  Job* j = (Job*)p;
+  int r1 = (int)(i + 1) * A_TILE < j->M ? (int)(i + 1) * A_TILE : j->M;
+  for (int r = (int)i * A_TILE; r < r1; r++) quantize_row(j->a + (size_t)r * j->l.K, &j->l, j->aq + r * j->l.stride);
+}
+
+/* task i: weight rows tile i % n_tiles against A rows block i / n_tiles */
+static void matmul_task(void* p, size_t i) {
+  Job* j = (Job*)p;
+  int t = (int)(i % (size_t)j->n_tiles), blk = (int)(i / (size_t)j->n_tiles);
+  int n0 = t * TILE_ROWS, n1 = n0 + TILE_ROWS < j->N ? n0 + TILE_ROWS : j->N;
+  int r0 = blk * A_TILE, r1 = r0 + A_TILE < j->M ? r0 + A_TILE : j->M;
+  rows(j->qs, j->d, j->m, n0, n1, j->aq + (size_t)r0 * j->l.stride, r1 - r0, &j->l, j->y + (size_t)r0 * j->N,
+       (size_t)j->N);
+}
+
+static OrtStatus* tensor(const OrtKernelContext* ctx, size_t index, const OrtValue** v, int64_t* dims, size_t* rank) {
+  OrtTensorTypeAndShapeInfo* info;
+  CHECK(((KernelContext_GetInput_t)API(KernelContext_GetInput))(ctx, index, v));
+  CHECK(((GetTensorTypeAndShape_t)API(GetTensorTypeAndShape))(*v, &info));
+  OrtStatus* s = ((GetDimensionsCount_t)API(GetDimensionsCount))(info, rank);
+  if (!s && *rank > 8) s = error(ORT_INVALID_ARGUMENT, "MatMulQ4_1: an input has more than 8 dimensions");
+  if (!s) s = ((GetDimensions_t)API(GetDimensions))(info, dims, *rank);
+  ((ReleaseTensorTypeAndShapeInfo_t)API(ReleaseTensorTypeAndShapeInfo))(info);
+  return s;
+}
+
+static void* data(const OrtValue* v) {
+  void* p = NULL;
+  OrtStatus* s = ((GetTensorMutableData_t)API(GetTensorMutableData))((OrtValue*)v, &p);
+  return s ? NULL : p; /* a tensor input always has data; NULL only for an empty one */
+}
+
+static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
+  const Kernel* k = (const Kernel*)kernel;
+  const OrtValue *a, *w[3];
+  int64_t dims[8], wdims[8];
+  size_t rank, wrank;
+  CHECK(tensor(ctx, 0, &a, dims, &rank));
+  if (rank < 1 || dims[rank - 1] != k->K) return error(ORT_INVALID_ARGUMENT, "MatMulQ4_1: A's last dimension is not K");
+  const Layout l = layout((int)k->K);
+  const int64_t expect[3][2] = {{k->N, k->K / 2}, {k->N, l.nbp}, {k->N, l.nbp}};
+  for (int i = 0; i < 3; i++) {
+    CHECK(tensor(ctx, 1 + i, &w[i], wdims, &wrank));
+    if (wrank != 2 || wdims[0] != expect[i][0] || wdims[1] != expect[i][1])
+      return error(ORT_INVALID_ARGUMENT, "MatMulQ4_1: a weight input's shape does not match K and N");
+  }
+  int64_t M = 1;
+  for (size_t i = 0; i + 1 < rank; i++) M *= dims[i];
+  dims[rank - 1] = k->N;
+  OrtValue* out;
+  CHECK(((KernelContext_GetOutput_t)API(KernelContext_GetOutput))(ctx, 0, dims, rank, &out));
+  if (M == 0) return NULL;
+  Job j = {(const float*)data(a), (const uint8_t*)data(w[0]), (const uint16_t*)data(w[1]), (const uint16_t*)data(w[2]),
+           NULL, (float*)data(out), l, (int)M, (int)k->N, (int)((k->N + TILE_ROWS - 1) / TILE_ROWS)};
+  uint8_t stack[4096] __attribute__((aligned(64)));
+  j.aq = (size_t)M * l.stride <= sizeof stack ? stack : (uint8_t*)malloc((size_t)M * l.stride);
+  if (!j.aq) return error(ORT_FAIL, "MatMulQ4_1: out of memory for the quantized input");
+  KernelContext_ParallelFor_t parallel_for = (KernelContext_ParallelFor_t)API(KernelContext_ParallelFor);
+  size_t a_blocks = (size_t)((M + A_TILE - 1) / A_TILE);
+  OrtStatus* s = NULL;
+  if (M == 1) {
+    quantize_task(&j, 0);
+  } else {
+    s = parallel_for(ctx, quantize_task, a_blocks, 0, &j);
+  }
+  if (!s) s = parallel_for(ctx, matmul_task, a_blocks * (size_t)j.n_tiles, 0, &j);
+  if (j.aq != stack) free(j.aq);
+  return s;
+}
+
+static OrtStatus* create(const struct OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
+  (void)op;
+  (void)api;
+  Kernel k;
+  KernelInfoGetAttribute_int64_t get = (KernelInfoGetAttribute_int64_t)API(KernelInfoGetAttribute_int64);
+  CHECK(get(info, "K", &k.K));
+  CHECK(get(info, "N", &k.N));
+  if (k.K <= 0 || k.K % 32 || k.N <= 0)
+    return error(ORT_INVALID_ARGUMENT, "MatMulQ4_1: K must be a positive multiple of 32 and N positive");
+  Kernel* p = (Kernel*)malloc(sizeof *p);
+  if (!p) return error(ORT_FAIL, "MatMulQ4_1: out of memory");
+  *p = k;
+  *out = p;
+  return NULL;
+}
+
+static const char* name(const struct OrtCustomOp* op) { (void)op; return "MatMulQ4_1"; }
+static const char* provider(const struct OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const struct OrtCustomOp* op, size_t i) {
+  (void)op;
+  static const int types[4] = {TYPE_FLOAT, TYPE_UINT8, TYPE_FLOAT16, TYPE_FLOAT16};
+  return i < 4 ? types[i] : 0;
+}
+static size_t input_count(const struct OrtCustomOp* op) { (void)op; return 4; }
+static int output_type(const struct OrtCustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static size_t output_count(const struct OrtCustomOp* op) { (void)op; return 1; }
+static void destroy(void* kernel) { free(kernel); }
+static int required(const struct OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+static int memory_default(const struct OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+static int arity_one(const struct OrtCustomOp* op) { (void)op; return 1; }
+
+static const OrtCustomOp matmul_q4_1 = {
+    CUSTOM_OP_VERSION, NULL, name, provider, input_type, input_count, output_type, output_count, NULL, destroy,
+    required, required, memory_default, arity_one, arity_one, arity_one, arity_one, create, compute,
+};
+
+__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                    const OrtApiBase* base) {
+  g_api = base->GetApi(ORT_API_VERSION_USED);
+  if (!g_api) return NULL; /* cannot even make a status: ONNX Runtime older than the table this needs */
+  pick_kernels();
+  static OrtCustomOpDomain* domain; /* lives as long as the process: sessions keep pointers into it */
+  if (!domain) CHECK(((CreateCustomOpDomain_t)API(CreateCustomOpDomain))("ai.splitllm", &domain));
+  else return ((AddCustomOpDomain_t)API(AddCustomOpDomain))(options, domain);
+  CHECK(((CustomOpDomain_Add_t)API(CustomOpDomain_Add))(domain, &matmul_q4_1));
+  return ((AddCustomOpDomain_t)API(AddCustomOpDomain))(options, domain);
+}

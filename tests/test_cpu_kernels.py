@@ -1,0 +1,139 @@
+"""services/stage/cpu_kernels.c: MatMulQ4_1 through ONNX Runtime against the math its header states, in numpy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from splitllm.export.quantize import NBitsWeight, _pack, q4_1_blocks
+from splitllm.services.stage.runtime import session_options
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def q4_1_weight(rng: np.random.Generator, n: int, k: int) -> NBitsWeight:
+    """A GGUF-like Q4_1 weight as from_gguf makes it: float16 d and m, offsets m + 8d."""
+    nb = k // 32
+    d = rng.uniform(0.001, 0.02, (n, nb)).astype(np.float16).astype(np.float32)
+    m = (-8 * d + rng.normal(0, 0.003, (n, nb))).astype(np.float16).astype(np.float32)
+    codes = rng.integers(0, 16, (n, nb, 32), dtype=np.uint8)
+    return NBitsWeight(4, 32, _pack(codes, 4), d, None, np.ascontiguousarray((m + 8 * d).T))
+
+
+def session(w: NBitsWeight, threads: int = 2) -> ort.InferenceSession:
+    n, k = w.shape
+    blocks = q4_1_blocks(w)
+    assert blocks is not None
+    inits = [numpy_helper.from_array(getattr(blocks, f), f) for f in ("qs", "d", "m")]
+    node = helper.make_node("MatMulQ4_1", ["a", "qs", "d", "m"], ["y"], domain="ai.splitllm", K=k, N=n)
+    graph = helper.make_graph(
+        [node], "q4_1", [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.splitllm", 1)], ir_version=10
+    )
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads, spin=True),
+                                providers=["CPUExecutionProvider"])
+
+
+def reference(w: NBitsWeight, a: np.ndarray) -> np.ndarray:
+    """The op's math: A rounded per block of 32 to int8 (float32 scale amax / 127, half to even), against W exactly."""
+    k = a.shape[-1]
+    blocks = a.reshape(-1, k // 32, 32).astype(np.float32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0))
+    rounded = np.rint(blocks * inv).astype(np.float64) * (amax / np.float32(127))
+    return (rounded.reshape(-1, k) @ w.dequantize().astype(np.float64).T).reshape(*a.shape[:-1], -1)
+
+
+def test_q4_1_blocks_hold_the_weight_exactly():
+    w = q4_1_weight(np.random.default_rng(0), 5, 96)
+    b = q4_1_blocks(w)
+    assert b is not None and b.qs.shape == (5, 48) and b.d.shape == b.m.shape == (5, 8)
+    codes = np.concatenate([b.qs.reshape(5, 3, 16) & 15, b.qs.reshape(5, 3, 16) >> 4], axis=-1)
+    dense = codes * b.d[:, :3, None].astype(np.float32) + b.m[:, :3, None].astype(np.float32)
+    assert np.array_equal(dense.reshape(5, 96), w.dequantize())
+    assert not b.d[:, 3:].any() and not b.m[:, 3:].any()
+
+
+def test_q4_1_blocks_refuse_what_they_cannot_hold():
+    w = q4_1_weight(np.random.default_rng(0), 4, 64)
+    assert q4_1_blocks(NBitsWeight(w.bits, w.block_size, w.packed, w.scales)) is None  # no offsets: not Q4_1
+    inexact = NBitsWeight(4, 32, w.packed, w.scales * np.float32(1 + 2**-20), None, w.block_offsets)
+    assert q4_1_blocks(inexact) is None  # scales that float16 rounds
+
+
+def check_against_reference(n: int, k: int) -> None:
+    rng = np.random.default_rng(n + k)
+    w = q4_1_weight(rng, n, k)
+    s = session(w)
+    for rows in (1, 2, 3, 4, 5, 64, 65, 130):
+        a = rng.normal(0, 1, (rows, k)).astype(np.float32)
+        a[:, 3] *= 40  # an outlier channel, as hidden states have
+        y = s.run(None, {"a": a})[0]
+        want = reference(w, a)
+        assert y.shape == (rows, n) and y.dtype == np.float32
+        assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max(), rows
+
+
+SHAPES = [(7, 64), (65, 96), (200, 576)]  # K / 32 of 2, 3 (odd: a pair of one block) and 18 blocks
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_matmul_q4_1_matches_its_math(n, k):
+    check_against_reference(n, k)
+
+
+def test_the_portable_kernels_match_it_too():
+    """The scalar path (CPUs without AVX2). The library picks its kernels once per process, so in a process of its
+    own; it reports which it picked."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from test_cpu_kernels import SHAPES, check_against_reference\n"
+        "from splitllm.services.stage.cpu_kernels import kernels\n"
+        "for n, k in SHAPES: check_against_reference(n, k)\n"
+        "print(kernels())"
+    )
+    env = {**os.environ, "SPLITLLM_CPU_KERNELS": "scalar"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["scalar"]
+
+
+def test_matmul_q4_1_leading_dims_zero_rows_and_a_zero_block():
+    rng = np.random.default_rng(1)
+    w = q4_1_weight(rng, 33, 128)
+    s = session(w)
+    a = rng.normal(0, 1, (2, 3, 128)).astype(np.float32)
+    a[0, 1, 32:64] = 0  # amax 0: the block scales to 0, no division by zero
+    y = s.run(None, {"a": a})[0]
+    assert y.shape == (2, 3, 33)
+    assert np.abs(y - reference(w, a)).max() <= 1e-5 * np.abs(y).max()
+    assert s.run(None, {"a": np.zeros((0, 128), np.float32)})[0].shape == (0, 33)
+
+
+def test_a_row_gives_the_same_bits_alone_and_in_a_batch():
+    """Decode batching and prompt chunking never change a session's results: each row's arithmetic is the same."""
+    rng = np.random.default_rng(2)
+    w = q4_1_weight(rng, 300, 576)
+    s = session(w)
+    a = rng.normal(0, 1, (133, 576)).astype(np.float32)
+    whole = s.run(None, {"a": a})[0]
+    alone = np.concatenate([s.run(None, {"a": a[i : i + 1]})[0] for i in range(len(a))])
+    threes = np.concatenate([s.run(None, {"a": a[i : i + 3]})[0] for i in range(0, len(a), 3)])
+    assert np.array_equal(whole, alone) and np.array_equal(whole, threes)
+
+
+def test_matmul_q4_1_refuses_an_input_of_the_wrong_width():
+    s = session(q4_1_weight(np.random.default_rng(3), 16, 64))
+    with pytest.raises(Exception, match="MatMulQ4_1: A's last dimension is not K"):
+        s.run(None, {"a": np.zeros((1, 96), np.float32)})
+    assert s.run(None, {"a": np.ones((1, 64), np.float32)})[0].shape == (1, 16)  # the session still serves
