@@ -101,3 +101,19 @@ def test_interleaved_groups_settle_after_one_move(tiny_artifacts):
                 [Entry(sid, position, inputs(rt, rng, 1)) for sid in group]))
             counts.append(len(moves))
     assert counts[0] == 1 and counts[-1] == 1
+
+
+def test_a_stage_says_when_its_artifact_should_be_exported_again(smollm2_artifacts):
+    import dataclasses
+
+    from splitllm.services.common.manifest import load_manifest
+    from splitllm.services.stage.server import export_again
+
+    m, _ = load_manifest(smollm2_artifacts, verify=[])
+    assert export_again(m, batched=True) == []
+    groups = {k: {**g, "format": "MatMulNBits"} for k, g in m.quantization["groups"].items()}
+    old = dataclasses.replace(m, quantization={**m.quantization, "groups": groups})
+    assert [r.split(" (")[0] for r in export_again(old, batched=False)] == [
+        "the artifact runs its Q4_1 layers as MatMulNBits and an offset Gemm",
+        "the stage graph has no batch dimension",
+    ]
