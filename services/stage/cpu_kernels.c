@@ -112,7 +112,8 @@ static OrtStatus* error(int code, const char* msg) { return ((CreateStatus_t)API
 /* ---------------------------------------------------------------- the math */
 
 /* One row of A, quantized: for each pair of blocks p, 32 int8 of the first halves of blocks 2p and 2p+1, then 32 of
- * their second halves (the order the weights' low and high nibbles come in); then dA [nbp] and dA * sum(q) [nbp]. */
+ * their second halves (the order the weights' low and high nibbles come in); then dA [nbp] and dA * sum(q) [nbp];
+ * then per pair dA of block 2p four times and of 2p+1 four times, the lanes a pair's int32 sums come in. */
 typedef struct {
   int K, nb, nbp, pairs;
   size_t stride; /* bytes per quantized row */
@@ -124,11 +125,17 @@ static Layout layout(int K) {
   l.nb = K / 32;
   l.nbp = (l.nb + 7) & ~7;
   l.pairs = (l.nb + 1) / 2;
-  l.stride = (size_t)l.pairs * 64 + (size_t)l.nbp * 8;
+  l.stride = (size_t)l.pairs * 64 + (size_t)l.nbp * 8 + (size_t)l.pairs * 32;
   return l;
 }
 
 static inline float* row_scales(uint8_t* row, const Layout* l) { return (float*)(row + (size_t)l->pairs * 64); }
+
+static void expand_scales(float* dA, const Layout* l) { /* dA [nbp] is zero past nb: an odd K / 32's last lanes */
+  float* lanes = dA + 2 * l->nbp;
+  for (int p = 0; p < l->pairs; p++)
+    for (int j = 0; j < 8; j++) lanes[8 * p + j] = dA[2 * p + j / 4];
+}
 
 static float half_to_float(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
@@ -172,6 +179,7 @@ static void quantize_row_scalar(const float* a, const Layout* l, uint8_t* out) {
     dA[b] = amax / 127.f;
     sA[b] = dA[b] * (float)sum;
   }
+  expand_scales(dA, l);
 }
 
 /* rows [n0, n1) of W against `count` quantized rows of A (consecutive, `l->stride` apart); Y row r at y + r*ldy */
@@ -233,6 +241,7 @@ AVX2 static void quantize_row_avx2(const float* a, const Layout* l, uint8_t* out
     _mm_storeu_si128((__m128i*)pair, _mm256_castsi256_si128(packed));
     _mm_storeu_si128((__m128i*)(pair + 32), _mm256_extracti128_si256(packed, 1));
   }
+  expand_scales(dA, l);
 }
 
 static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
@@ -240,7 +249,8 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
 
 /* R rows of A at once (1 to 4), each weight pair unpacked once for all of them. Per pair of blocks: the two blocks'
  * 32 low and 32 high nibbles against A's matching halves (maddubs, int16 sums of at most 4 * 15 * 127), summed to 8
- * int32 lanes, lanes 0-3 block 2p and 4-7 block 2p+1; each lane scaled by its block's d * dA. All lanes are summed at
+ * int32 lanes, lanes 0-3 block 2p and 4-7 block 2p+1; each lane scaled by its block's d * dA (d spread to the lanes
+ * once per pair for every row, dA spread already in A's layout). All lanes are summed at
  * the end, so the m * dA * sum(q) term goes into an accumulator too. Two accumulators per row (even and odd pairs), so
  * that the FMAs' latency does not bound the loop. A row's arithmetic is the same whatever R, so a row's result does
  * not depend on how many rows run with it (a session decodes the same alone and in a batch). */
@@ -251,13 +261,13 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
                     ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(wq + pr * 32)))                         \
                     : _mm256_loadu_si256((const __m256i*)(wq + pr * 32));                                             \
     __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);                     \
-    __m256i lanes = _mm256_load_si256((const __m256i*)PAIR_LANES[P]);                                                 \
+    const __m256 Dp = _mm256_permutevar8x32_ps(D, _mm256_load_si256((const __m256i*)PAIR_LANES[P]));                  \
     for (int r = 0; r < ROWS; r++) {                                                                                  \
       const int8_t* a = q[r] + pr * 64;                                                                               \
       __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)a)),                 \
                                      _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(a + 32))));         \
-      ACC[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(S[r], lanes), _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), \
-                               ACC[r]);                                                                               \
+      ACC[r] = _mm256_fmadd_ps(_mm256_mul_ps(Dp, _mm256_loadu_ps(dAx[r] + pr * 8)),                                   \
+                               _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), ACC[r]);                             \
     }                                                                                                                 \
   } while (0)
 
@@ -268,25 +278,22 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                                         \
     const int nb = l->nb, nbp = l->nbp;                                                                               \
     const int8_t* q[R];                                                                                               \
-    const float *dA[R], *sA[R];                                                                                       \
+    const float *sA[R], *dAx[R];                                                                                      \
     for (int r = 0; r < R; r++) {                                                                                     \
       const uint8_t* row = aq + (size_t)r * l->stride;                                                                \
       q[r] = (const int8_t*)row;                                                                                      \
-      dA[r] = row_scales((uint8_t*)row, l);                                                                           \
-      sA[r] = dA[r] + nbp;                                                                                            \
+      sA[r] = row_scales((uint8_t*)row, l) + nbp;                                                                     \
+      dAx[r] = sA[r] + nbp;                                                                                           \
     }                                                                                                                 \
     for (int n = n0; n < n1; n++) {                                                                                   \
       const uint8_t* wq = qs + (size_t)n * nb * 16;                                                                   \
       const uint16_t *wd = d + (size_t)n * nbp, *wm = m + (size_t)n * nbp;                                            \
-      __m256 even[R], odd[R], S[R];                                                                                   \
+      __m256 even[R], odd[R];                                                                                         \
       for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();                                            \
       for (int g = 0; g < nb; g += 8) {                                                                               \
         __m256 D = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + g)));                                        \
         __m256 M = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wm + g)));                                        \
-        for (int r = 0; r < R; r++) {                                                                                 \
-          S[r] = _mm256_mul_ps(D, _mm256_loadu_ps(dA[r] + g));                                                        \
-          odd[r] = _mm256_fmadd_ps(M, _mm256_loadu_ps(sA[r] + g), odd[r]);                                            \
-        }                                                                                                             \
+        for (int r = 0; r < R; r++) odd[r] = _mm256_fmadd_ps(M, _mm256_loadu_ps(sA[r] + g), odd[r]);                  \
         if (nb - g >= 8) {                                                                                            \
           PAIR(0, even);                                                                                              \
           PAIR(1, odd);                                                                                               \
