@@ -19,7 +19,7 @@ from splitllm.export.calibrate import ActivationStats
 from splitllm.export.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from splitllm.export.graph_cpu import CpuStageGraph
 from splitllm.export.onnx_writer import GraphBuilder, WeightsFile
-from splitllm.export.quantize import NBitsWeight, RowQuantized, concat, quantize, quantize_rows
+from splitllm.export.quantize import NBitsWeight, RowQuantized, concat, is_q8_0, quantize, quantize_rows
 from splitllm.export.tokenizer import compact_merges
 from splitllm.services.common.manifest import (
     MANIFEST_FILE,
@@ -118,7 +118,8 @@ class WeightSource:
             info = {
                 "bits": w.bits,
                 "block_size": w.block_size,
-                "format": "Q4_1 (d * code + m)" if w.block_offsets is not None else "MatMulNBits",
+                "format": "Q4_1 (d * code + m)" if w.block_offsets is not None
+                else "Q8_0 (d * q)" if is_q8_0(w) else "MatMulNBits",
                 "zero_points": w.zero_points is not None,
                 "block_offsets": w.block_offsets is not None,
             }

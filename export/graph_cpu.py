@@ -34,6 +34,7 @@ from splitllm.export.quantize import (
     concat,
     concat_rows,
     q4_1_blocks,
+    q8_0_blocks,
     split_rows,
 )
 from splitllm.services.common.manifest import ModelConfig, TensorSpec
@@ -60,6 +61,15 @@ class CpuStageGraph:
         return self.b.op("Reshape", [x, self.batch_shapes[n]])
 
     def linear(self, x: str, w: NBitsWeight, name: str) -> str:
+        if self.accuracy_level == 4:  # our ops' math is level 4's: int8 activations
+            if (q4_1 := q4_1_blocks(w)) is not None:
+                n, k = w.shape
+                inputs = [x] + [self.b.weight(f"{name}.{f}", getattr(q4_1, f)) for f in ("qs", "d", "m")]
+                return self.b.op("MatMulQ4_1", inputs, domain=SPLITLLM, K=k, N=n)
+            if (q8_0 := q8_0_blocks(w)) is not None:  # read in place: no row pieces needed
+                n, k = w.shape
+                inputs = [x] + [self.b.weight(f"{name}.{f}", getattr(q8_0, f)) for f in ("qs", "d")]
+                return self.b.op("MatMulQ8_0", inputs, domain=SPLITLLM, K=k, N=n)
         parts = -(-w.nbytes // PIECE_BYTES)
         if parts == 1:
             return self._linear(x, w, name)
@@ -70,10 +80,6 @@ class CpuStageGraph:
         b = self.b
         n, k = w.shape
         blocks = k // w.block_size
-        q4_1 = q4_1_blocks(w) if self.accuracy_level == 4 else None  # its math is level 4's: int8 activations
-        if q4_1 is not None:
-            inputs = [x] + [b.weight(f"{name}.{f}", getattr(q4_1, f)) for f in ("qs", "d", "m")]
-            return b.op("MatMulQ4_1", inputs, domain=SPLITLLM, K=k, N=n)
         offsets = w.block_offsets
         if offsets is not None:  # the same op also sums x over each block: extra output rows of ones
             w = concat([dataclasses.replace(w, block_offsets=None), block_sum_rows(k, w.block_size)])

@@ -167,6 +167,39 @@ def q4_1_blocks(w: NBitsWeight) -> Q4_1Blocks | None:
     return Q4_1Blocks(qs, np.pad(d16, pad), np.pad(m16, pad))
 
 
+@dataclass(frozen=True)
+class Q8_0Blocks:
+    """A [N, K] weight in the layout of splitllm's MatMulQ8_0 op, GGUF's Q8_0: W[n, 32b + j] = d[n, b] * q[n, b, j].
+    q int8 in pairs of blocks: the first halves of blocks 2p and 2p+1, then their second halves (an odd count of
+    blocks ends with a zero block); d float16, zero-padded to a multiple of 8 blocks."""
+
+    qs: np.ndarray  # int8 [N, 64 * ceil(K/64)]
+    d: np.ndarray  # float16 [N, nbp]
+
+
+def is_q8_0(w: NBitsWeight) -> bool:
+    """8-bit, block 32, the default zero point and float16 scales: GGUF's Q8_0 (export's own 8-bit is too)."""
+    return (
+        w.bits == 8 and w.block_size == 32 and w.zero_points is None and w.block_offsets is None
+        and np.array_equal(w.scales.astype(np.float16).astype(np.float32), w.scales)
+    )
+
+
+def q8_0_blocks(w: NBitsWeight) -> Q8_0Blocks | None:
+    """An 8-bit, block-32 weight with the default zero point as exact Q8_0 blocks (GGUF's Q8_0 is one); else None."""
+    if not is_q8_0(w):
+        return None
+    n, k = w.shape
+    nb = k // 32
+    q = (w.packed.reshape(n, nb, 32) ^ np.uint8(0x80)).view(np.int8)  # codes are q + 128
+    if nb % 2:
+        q = np.concatenate([q, np.zeros((n, 1, 32), np.int8)], axis=1)
+    pairs = q.reshape(n, -1, 2, 2, 16)  # [n, pair, block in pair, half, 16]
+    qs = np.ascontiguousarray(pairs.transpose(0, 1, 3, 2, 4)).reshape(n, -1)
+    nbp = -(-nb // 8) * 8
+    return Q8_0Blocks(qs, np.pad(w.scales.astype(np.float16), ((0, 0), (0, nbp - nb))))
+
+
 def concat_rows(ws: list[NBitsWeight]) -> NBitsWeight | None:
     """Stack weights along N (fused QKV, gate/up); None when their formats differ."""
     first = ws[0]
@@ -333,7 +366,7 @@ def quantize(
     4-bit: asymmetric, uint8 zero points (the fast kernel path), scale and zero point searched per block
     for the least squared error, weighted by `importance` [K] when given (the mean square of each input
     channel's activation, see calibrate.py); search=False: plain round-to-nearest, for comparison. 8-bit: symmetric
-    absmax/127 with the op's default zero point 128, the Q8_0 layout: its error is already ~1/15 of
+    absmax/127 (rounded to float16) with the op's default zero point 128, GGUF's Q8_0: its error is already ~1/15 of
     4-bit's, a zero point would buy little, and the graph keeps one 8-bit form.
     """
     if bits not in (4, 8):
@@ -351,8 +384,8 @@ def quantize(
     step = max(1, (1 << 17) // k)  # rows per chunk: ~512 KiB of float32, cache-sized temporaries
     for r in range(0, n, step):
         xr = x[r : r + step]
-        if bits == 8:
-            s = np.abs(xr).max(axis=-1, keepdims=True) / 127
+        if bits == 8:  # float16 scales, as GGUF's Q8_0: our MatMulQ8_0 runs it (q8_0_blocks)
+            s = (np.abs(xr).max(axis=-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
             s[s == 0] = 1
             z = np.float32(128)
         else:

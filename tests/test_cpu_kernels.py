@@ -1,4 +1,5 @@
-"""services/stage/cpu_kernels.c: MatMulQ4_1 through ONNX Runtime against the math its header states, in numpy."""
+"""services/stage/cpu_kernels.c: MatMulQ4_1 and MatMulQ8_0 through ONNX Runtime against the math its header states,
+in numpy."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from splitllm.export.quantize import NBitsWeight, _pack, q4_1_blocks
+from splitllm.export.quantize import NBitsWeight, _pack, q4_1_blocks, q8_0_blocks
 from splitllm.services.stage.runtime import session_options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,14 +28,23 @@ def q4_1_weight(rng: np.random.Generator, n: int, k: int) -> NBitsWeight:
     return NBitsWeight(4, 32, _pack(codes, 4), d, None, np.ascontiguousarray((m + 8 * d).T))
 
 
+def q8_0_weight(rng: np.random.Generator, n: int, k: int) -> NBitsWeight:
+    """A GGUF-like Q8_0 weight as from_gguf makes it: float16 d, codes q + 128."""
+    d = rng.uniform(0.001, 0.02, (n, k // 32)).astype(np.float16).astype(np.float32)
+    q = rng.integers(-128, 128, (n, k // 32, 32)).astype(np.int8)
+    return NBitsWeight(8, 32, q.view(np.uint8) ^ np.uint8(0x80), d)
+
+
 def session(w: NBitsWeight, threads: int = 2) -> ort.InferenceSession:
     n, k = w.shape
-    blocks = q4_1_blocks(w)
+    blocks = q4_1_blocks(w) if w.bits == 4 else q8_0_blocks(w)
     assert blocks is not None
-    inits = [numpy_helper.from_array(getattr(blocks, f), f) for f in ("qs", "d", "m")]
-    node = helper.make_node("MatMulQ4_1", ["a", "qs", "d", "m"], ["y"], domain="ai.splitllm", K=k, N=n)
+    names = ("qs", "d", "m") if w.bits == 4 else ("qs", "d")
+    inits = [numpy_helper.from_array(getattr(blocks, f), f) for f in names]
+    op = "MatMulQ4_1" if w.bits == 4 else "MatMulQ8_0"
+    node = helper.make_node(op, ["a", *names], ["y"], domain="ai.splitllm", K=k, N=n)
     graph = helper.make_graph(
-        [node], "q4_1", [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)],
+        [node], op, [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
     )
     model = helper.make_model(
@@ -65,6 +75,16 @@ def test_q4_1_blocks_hold_the_weight_exactly():
     assert not b.d[:, 3:].any() and not b.m[:, 3:].any()
 
 
+def test_q8_0_blocks_hold_the_weight_exactly_in_pair_order():
+    w = q8_0_weight(np.random.default_rng(0), 3, 96)  # 3 blocks: the last pair is padded with a zero block
+    b = q8_0_blocks(w)
+    assert b is not None and b.qs.shape == (3, 128) and b.qs.dtype == np.int8 and b.d.shape == (3, 8)
+    halves = b.qs.reshape(3, 2, 2, 2, 16).transpose(0, 1, 3, 2, 4).reshape(3, 4, 32)  # back to block order
+    assert np.array_equal((halves[:, :3] * b.d[:, :3, None].astype(np.float32)).reshape(3, 96), w.dequantize())
+    assert not halves[:, 3].any()
+    assert q8_0_blocks(q4_1_weight(np.random.default_rng(0), 3, 96)) is None
+
+
 def test_q4_1_blocks_refuse_what_they_cannot_hold():
     w = q4_1_weight(np.random.default_rng(0), 4, 64)
     assert q4_1_blocks(NBitsWeight(w.bits, w.block_size, w.packed, w.scales)) is None  # no offsets: not Q4_1
@@ -74,15 +94,15 @@ def test_q4_1_blocks_refuse_what_they_cannot_hold():
 
 def check_against_reference(n: int, k: int) -> None:
     rng = np.random.default_rng(n + k)
-    w = q4_1_weight(rng, n, k)
-    s = session(w)
-    for rows in (1, 2, 3, 4, 5, 64, 65, 130):
-        a = rng.normal(0, 1, (rows, k)).astype(np.float32)
-        a[:, 3] *= 40  # an outlier channel, as hidden states have
-        y = s.run(None, {"a": a})[0]
-        want = reference(w, a)
-        assert y.shape == (rows, n) and y.dtype == np.float32
-        assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max(), rows
+    for w in (q4_1_weight(rng, n, k), q8_0_weight(rng, n, k)):
+        s = session(w)
+        for rows in (1, 2, 3, 4, 5, 64, 65, 130):
+            a = rng.normal(0, 1, (rows, k)).astype(np.float32)
+            a[:, 3] *= 40  # an outlier channel, as hidden states have
+            y = s.run(None, {"a": a})[0]
+            want = reference(w, a)
+            assert y.shape == (rows, n) and y.dtype == np.float32
+            assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max(), (w.bits, rows)
 
 
 SHAPES = [(7, 64), (65, 96), (200, 576)]  # K / 32 of 2, 3 (odd: a pair of one block) and 18 blocks
@@ -134,6 +154,6 @@ def test_a_row_gives_the_same_bits_alone_and_in_a_batch():
 
 def test_matmul_q4_1_refuses_an_input_of_the_wrong_width():
     s = session(q4_1_weight(np.random.default_rng(3), 16, 64))
-    with pytest.raises(Exception, match="MatMulQ4_1: A's last dimension is not K"):
+    with pytest.raises(Exception, match="MatMulQ4_1: A's last dimension is 96; the weights take K = 64"):
         s.run(None, {"a": np.zeros((1, 96), np.float32)})
     assert s.run(None, {"a": np.ones((1, 64), np.float32)})[0].shape == (1, 16)  # the session still serves

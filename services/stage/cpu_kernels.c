@@ -5,6 +5,12 @@
  *     qs holds block b of row n in bytes [16b, 16b + 16): code j < 16 in the low nibble of byte j, code j + 16
  *     in its high nibble (GGUF's order). d and m are zero-padded from K/32 to nbp = a multiple of 8 blocks.
  *
+ * ai.splitllm MatMulQ8_0(A float [..., K], qs int8 [N, 64 * pairs], d float16 [N, nbp]) -> Y [..., N]
+ *     W[n, 32b + j] = d[n, b] * q[n, b, j]                                   (GGUF's Q8_0, exactly)
+ *     qs in A's pair order (below): per pair of blocks, the first halves of both blocks, then their second halves;
+ *     an odd K / 32 pads the last pair with a zero block. (SmolLM2's tied lm_head: read in place, where MatMulNBits
+ *     kept a prepacked copy of its 30 MB on the heap.)
+ *
  * Why a kernel of our own: ONNX Runtime's MatMulNBits cannot express Q4_1's minimum (not an integer number of
  * steps), so the graph added it as a second Gemm over the input's block sums; that term cost a third of a
  * decode step. Here it is one FMA per 8 blocks. A is quantized per block of 32 to int8 (as MatMulNBits does
@@ -19,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <stdio.h>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define HAVE_X86 1
@@ -41,7 +48,7 @@ typedef struct OrtApiBase {
 } OrtApiBase;
 
 enum { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
-enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_FLOAT16 = 10 };
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_INT8 = 3, TYPE_FLOAT16 = 10 };
 
 struct OrtCustomOp;
 typedef struct OrtCustomOp {
@@ -206,6 +213,27 @@ static void rows_scalar(const uint8_t* qs, const uint16_t* d, const uint16_t* m,
   }
 }
 
+static void rows8_scalar(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1, const uint8_t* aq,
+                         int count, const Layout* l, float* y, size_t ldy) {
+  (void)m;
+  for (int r = 0; r < count; r++) {
+    const uint8_t* row = aq + (size_t)r * l->stride;
+    const int8_t* q = (const int8_t*)row;
+    const float* dA = row_scales((uint8_t*)row, l);
+    for (int n = n0; n < n1; n++) {
+      const int8_t* wq = (const int8_t*)qs + (size_t)n * l->pairs * 64;
+      float acc = 0;
+      for (int b = 0; b < l->nb; b++) {
+        const int at = (b / 2) * 64 + (b & 1) * 16;
+        int32_t dot = 0;
+        for (int j = 0; j < 16; j++) dot += wq[at + j] * q[at + j] + wq[at + 32 + j] * q[at + 32 + j];
+        acc += half_to_float(d[(size_t)n * l->nbp + b]) * dA[b] * (float)dot;
+      }
+      y[(size_t)r * ldy + n] = acc;
+    }
+  }
+}
+
 #ifdef HAVE_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -321,6 +349,75 @@ DEFINE_ROWS(2)
 DEFINE_ROWS(3)
 DEFINE_ROWS(4)
 
+/* The same for Q8_0 weights: signed by signed bytes, as maddubs(|w|, a * sign(w)) (pairs of at most 2 * 128 * 127, so
+ * each half is widened to int32 before the two are added); no minimum term. */
+#define PAIR8(P, ACC)                                                                                                 \
+  do {                                                                                                                \
+    const int pr = g / 2 + (P);                                                                                       \
+    const __m256i w0 = _mm256_loadu_si256((const __m256i*)(wq + pr * 64));                                            \
+    const __m256i w1 = _mm256_loadu_si256((const __m256i*)(wq + pr * 64 + 32));                                       \
+    const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);                                                 \
+    const __m256 Dp = _mm256_permutevar8x32_ps(D, _mm256_load_si256((const __m256i*)PAIR_LANES[P]));                  \
+    for (int r = 0; r < ROWS; r++) {                                                                                  \
+      const int8_t* a = q[r] + pr * 64;                                                                               \
+      __m256i s0 = _mm256_madd_epi16(                                                                                 \
+          _mm256_maddubs_epi16(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)a), w0)), ones);               \
+      __m256i s1 = _mm256_madd_epi16(                                                                                 \
+          _mm256_maddubs_epi16(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(a + 32)), w1)), ones);        \
+      ACC[r] = _mm256_fmadd_ps(_mm256_mul_ps(Dp, _mm256_loadu_ps(dAx[r] + pr * 8)),                                   \
+                               _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), ACC[r]);                                 \
+    }                                                                                                                 \
+  } while (0)
+
+#define DEFINE_ROWS8(R)                                                                                               \
+  AVX2 static void rows8_##R(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,                 \
+                             const uint8_t* aq, const Layout* l, float* y, size_t ldy) {                              \
+    enum { ROWS = R };                                                                                                \
+    (void)m;                                                                                                          \
+    const __m256i ones = _mm256_set1_epi16(1);                                                                        \
+    const int nb = l->nb, nbp = l->nbp;                                                                               \
+    const int8_t* q[R];                                                                                               \
+    const float* dAx[R];                                                                                              \
+    for (int r = 0; r < R; r++) {                                                                                     \
+      const uint8_t* row = aq + (size_t)r * l->stride;                                                                \
+      q[r] = (const int8_t*)row;                                                                                      \
+      dAx[r] = row_scales((uint8_t*)row, l) + 2 * nbp;                                                                \
+    }                                                                                                                 \
+    for (int n = n0; n < n1; n++) {                                                                                   \
+      const uint8_t* wq = qs + (size_t)n * l->pairs * 64;                                                             \
+      const uint16_t* wd = d + (size_t)n * nbp;                                                                       \
+      __m256 even[R], odd[R];                                                                                         \
+      for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();                                            \
+      for (int g = 0; g < nb; g += 8) {                                                                               \
+        __m256 D = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + g)));                                        \
+        const int pairs = nb - g >= 8 ? 4 : (nb - g + 1) / 2;                                                         \
+        PAIR8(0, even);                                                                                               \
+        if (pairs > 1) PAIR8(1, odd);                                                                                 \
+        if (pairs > 2) PAIR8(2, even);                                                                                \
+        if (pairs > 3) PAIR8(3, odd);                                                                                 \
+      }                                                                                                               \
+      for (int r = 0; r < R; r++) {                                                                                   \
+        __m256 acc = _mm256_add_ps(even[r], odd[r]);                                                                  \
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));                            \
+        s = _mm_hadd_ps(s, s);                                                                                        \
+        s = _mm_hadd_ps(s, s);                                                                                        \
+        y[(size_t)r * ldy + n] = _mm_cvtss_f32(s);                                                                    \
+      }                                                                                                               \
+    }                                                                                                                 \
+  }
+DEFINE_ROWS8(1)
+DEFINE_ROWS8(2)
+DEFINE_ROWS8(3)
+DEFINE_ROWS8(4)
+
+static void rows8_avx2(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1, const uint8_t* aq,
+                       int count, const Layout* l, float* y, size_t ldy) {
+  for (; count >= 4; count -= 4, aq += 4 * l->stride, y += 4 * ldy) rows8_4(qs, d, m, n0, n1, aq, l, y, ldy);
+  if (count == 3) rows8_3(qs, d, m, n0, n1, aq, l, y, ldy);
+  if (count == 2) rows8_2(qs, d, m, n0, n1, aq, l, y, ldy);
+  if (count == 1) rows8_1(qs, d, m, n0, n1, aq, l, y, ldy);
+}
+
 static void rows_avx2(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1, const uint8_t* aq,
                       int count, const Layout* l, float* y, size_t ldy) {
   for (; count >= 4; count -= 4, aq += 4 * l->stride, y += 4 * ldy) rows4(qs, d, m, n0, n1, aq, l, y, ldy);
@@ -334,7 +431,7 @@ typedef void (*QuantizeRow)(const float*, const Layout*, uint8_t*);
 typedef void (*Rows)(const uint8_t*, const uint16_t*, const uint16_t*, int, int, const uint8_t*, int, const Layout*,
                      float*, size_t);
 static QuantizeRow quantize_row = quantize_row_scalar;
-static Rows rows = rows_scalar;
+static Rows rows = rows_scalar, rows8 = rows8_scalar;
 static const char* kernels = "scalar";
 
 /* Once per process: AVX2 (with FMA and F16C) where the CPU has it, else the portable C above.
@@ -350,6 +447,7 @@ static void pick_kernels(void) {
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
     quantize_row = quantize_row_avx2;
     rows = rows_avx2;
+    rows8 = rows8_avx2;
     kernels = "avx2";
   }
 #endif
@@ -361,13 +459,15 @@ __attribute__((visibility("default"))) const char* splitllm_kernels(void) {
   return kernels;
 }
 
-/* ---------------------------------------------------------------- the op */
+/* ---------------------------------------------------------------- the ops */
 
 typedef struct {
+  const char* name;
+  int q8; /* MatMulQ8_0, else MatMulQ4_1 */
   int64_t K, N;
 } Kernel;
 
-enum { TILE_ROWS = 64, A_TILE = 64 }; /* weight rows per task (~23 KB at K = 576); rows of A per task */
+enum { TILE_ROWS = 64, A_TILE = 64 }; /* weight rows per task (~18 KB of Q4_1 at K = 576); rows of A per task */
 
 typedef struct {
   const float* a;
@@ -376,6 +476,7 @@ typedef struct {
   uint8_t* aq;
   float* y;
   Layout l;
+  Rows rows;
   int M, N, n_tiles;
 } Job;
 
@@ -391,8 +492,8 @@ static void matmul_task(void* p, size_t i) {
   int t = (int)(i % (size_t)j->n_tiles), blk = (int)(i / (size_t)j->n_tiles);
   int n0 = t * TILE_ROWS, n1 = n0 + TILE_ROWS < j->N ? n0 + TILE_ROWS : j->N;
   int r0 = blk * A_TILE, r1 = r0 + A_TILE < j->M ? r0 + A_TILE : j->M;
-  rows(j->qs, j->d, j->m, n0, n1, j->aq + (size_t)r0 * j->l.stride, r1 - r0, &j->l, j->y + (size_t)r0 * j->N,
-       (size_t)j->N);
+  j->rows(j->qs, j->d, j->m, n0, n1, j->aq + (size_t)r0 * j->l.stride, r1 - r0, &j->l, j->y + (size_t)r0 * j->N,
+          (size_t)j->N);
 }
 
 static OrtStatus* tensor(const OrtKernelContext* ctx, size_t index, const OrtValue** v, int64_t* dims, size_t* rank) {
@@ -400,7 +501,7 @@ static OrtStatus* tensor(const OrtKernelContext* ctx, size_t index, const OrtVal
   CHECK(((KernelContext_GetInput_t)API(KernelContext_GetInput))(ctx, index, v));
   CHECK(((GetTensorTypeAndShape_t)API(GetTensorTypeAndShape))(*v, &info));
   OrtStatus* s = ((GetDimensionsCount_t)API(GetDimensionsCount))(info, rank);
-  if (!s && *rank > 8) s = error(ORT_INVALID_ARGUMENT, "MatMulQ4_1: an input has more than 8 dimensions");
+  if (!s && *rank > 8) s = error(ORT_INVALID_ARGUMENT, "MatMulQ4_1 / MatMulQ8_0: an input has more than 8 dimensions");
   if (!s) s = ((GetDimensions_t)API(GetDimensions))(info, dims, *rank);
   ((ReleaseTensorTypeAndShapeInfo_t)API(ReleaseTensorTypeAndShapeInfo))(info);
   return s;
@@ -414,17 +515,25 @@ static void* data(const OrtValue* v) {
 
 static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   const Kernel* k = (const Kernel*)kernel;
-  const OrtValue *a, *w[3];
+  const OrtValue *a, *w[3] = {NULL, NULL, NULL};
   int64_t dims[8], wdims[8];
   size_t rank, wrank;
+  char msg[160];
   CHECK(tensor(ctx, 0, &a, dims, &rank));
-  if (rank < 1 || dims[rank - 1] != k->K) return error(ORT_INVALID_ARGUMENT, "MatMulQ4_1: A's last dimension is not K");
+  if (rank < 1 || dims[rank - 1] != k->K) {
+    snprintf(msg, sizeof msg, "%s: A's last dimension is %lld; the weights take K = %lld", k->name,
+             rank ? (long long)dims[rank - 1] : 0LL, (long long)k->K);
+    return error(ORT_INVALID_ARGUMENT, msg);
+  }
   const Layout l = layout((int)k->K);
-  const int64_t expect[3][2] = {{k->N, k->K / 2}, {k->N, l.nbp}, {k->N, l.nbp}};
-  for (int i = 0; i < 3; i++) {
+  const int64_t expect[3][2] = {{k->N, k->q8 ? 64 * l.pairs : k->K / 2}, {k->N, l.nbp}, {k->N, l.nbp}};
+  for (int i = 0; i < (k->q8 ? 2 : 3); i++) {
     CHECK(tensor(ctx, 1 + i, &w[i], wdims, &wrank));
-    if (wrank != 2 || wdims[0] != expect[i][0] || wdims[1] != expect[i][1])
-      return error(ORT_INVALID_ARGUMENT, "MatMulQ4_1: a weight input's shape does not match K and N");
+    if (wrank != 2 || wdims[0] != expect[i][0] || wdims[1] != expect[i][1]) {
+      snprintf(msg, sizeof msg, "%s: weight input %d is not [%lld, %lld] (K = %lld, N = %lld)", k->name, i + 1,
+               (long long)expect[i][0], (long long)expect[i][1], (long long)k->K, (long long)k->N);
+      return error(ORT_INVALID_ARGUMENT, msg);
+    }
   }
   int64_t M = 1;
   for (size_t i = 0; i + 1 < rank; i++) M *= dims[i];
@@ -432,11 +541,12 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   OrtValue* out;
   CHECK(((KernelContext_GetOutput_t)API(KernelContext_GetOutput))(ctx, 0, dims, rank, &out));
   if (M == 0) return NULL;
-  Job j = {(const float*)data(a), (const uint8_t*)data(w[0]), (const uint16_t*)data(w[1]), (const uint16_t*)data(w[2]),
-           NULL, (float*)data(out), l, (int)M, (int)k->N, (int)((k->N + TILE_ROWS - 1) / TILE_ROWS)};
+  Job j = {(const float*)data(a), (const uint8_t*)data(w[0]), (const uint16_t*)data(w[1]),
+           w[2] ? (const uint16_t*)data(w[2]) : NULL, NULL, (float*)data(out), l, k->q8 ? rows8 : rows, (int)M,
+           (int)k->N, (int)((k->N + TILE_ROWS - 1) / TILE_ROWS)};
   uint8_t stack[4096] __attribute__((aligned(64)));
   j.aq = (size_t)M * l.stride <= sizeof stack ? stack : (uint8_t*)malloc((size_t)M * l.stride);
-  if (!j.aq) return error(ORT_FAIL, "MatMulQ4_1: out of memory for the quantized input");
+  if (!j.aq) return error(ORT_FAIL, "MatMulQ4_1 / MatMulQ8_0: out of memory for the quantized input");
   KernelContext_ParallelFor_t parallel_for = (KernelContext_ParallelFor_t)API(KernelContext_ParallelFor);
   size_t a_blocks = (size_t)((M + A_TILE - 1) / A_TILE);
   OrtStatus* s = NULL;
@@ -450,30 +560,42 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   return s;
 }
 
+static const OrtCustomOp matmul_q8_0;
+
 static OrtStatus* create(const struct OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
-  (void)op;
   (void)api;
-  Kernel k;
+  Kernel k = {op->GetName(op), op == &matmul_q8_0, 0, 0};
   KernelInfoGetAttribute_int64_t get = (KernelInfoGetAttribute_int64_t)API(KernelInfoGetAttribute_int64);
   CHECK(get(info, "K", &k.K));
   CHECK(get(info, "N", &k.N));
-  if (k.K <= 0 || k.K % 32 || k.N <= 0)
-    return error(ORT_INVALID_ARGUMENT, "MatMulQ4_1: K must be a positive multiple of 32 and N positive");
+  if (k.K <= 0 || k.K % 32 || k.K > (1 << 24) || k.N <= 0 || k.N > (1 << 24)) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s: K = %lld and N = %lld; K must be a positive multiple of 32, both at most 2^24",
+             k.name, (long long)k.K, (long long)k.N);
+    return error(ORT_INVALID_ARGUMENT, msg);
+  }
   Kernel* p = (Kernel*)malloc(sizeof *p);
-  if (!p) return error(ORT_FAIL, "MatMulQ4_1: out of memory");
+  if (!p) return error(ORT_FAIL, "MatMulQ4_1 / MatMulQ8_0: out of memory");
   *p = k;
   *out = p;
   return NULL;
 }
 
-static const char* name(const struct OrtCustomOp* op) { (void)op; return "MatMulQ4_1"; }
+static const char* name_q4_1(const struct OrtCustomOp* op) { (void)op; return "MatMulQ4_1"; }
+static const char* name_q8_0(const struct OrtCustomOp* op) { (void)op; return "MatMulQ8_0"; }
 static const char* provider(const struct OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
-static int input_type(const struct OrtCustomOp* op, size_t i) {
+static int input_type_q4_1(const struct OrtCustomOp* op, size_t i) {
   (void)op;
   static const int types[4] = {TYPE_FLOAT, TYPE_UINT8, TYPE_FLOAT16, TYPE_FLOAT16};
   return i < 4 ? types[i] : 0;
 }
-static size_t input_count(const struct OrtCustomOp* op) { (void)op; return 4; }
+static int input_type_q8_0(const struct OrtCustomOp* op, size_t i) {
+  (void)op;
+  static const int types[3] = {TYPE_FLOAT, TYPE_INT8, TYPE_FLOAT16};
+  return i < 3 ? types[i] : 0;
+}
+static size_t input_count_q4_1(const struct OrtCustomOp* op) { (void)op; return 4; }
+static size_t input_count_q8_0(const struct OrtCustomOp* op) { (void)op; return 3; }
 static int output_type(const struct OrtCustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static size_t output_count(const struct OrtCustomOp* op) { (void)op; return 1; }
 static void destroy(void* kernel) { free(kernel); }
@@ -482,8 +604,12 @@ static int memory_default(const struct OrtCustomOp* op, size_t i) { (void)op; (v
 static int arity_one(const struct OrtCustomOp* op) { (void)op; return 1; }
 
 static const OrtCustomOp matmul_q4_1 = {
-    CUSTOM_OP_VERSION, NULL, name, provider, input_type, input_count, output_type, output_count, NULL, destroy,
-    required, required, memory_default, arity_one, arity_one, arity_one, arity_one, create, compute,
+    CUSTOM_OP_VERSION, NULL, name_q4_1, provider, input_type_q4_1, input_count_q4_1, output_type, output_count, NULL,
+    destroy, required, required, memory_default, arity_one, arity_one, arity_one, arity_one, create, compute,
+};
+static const OrtCustomOp matmul_q8_0 = {
+    CUSTOM_OP_VERSION, NULL, name_q8_0, provider, input_type_q8_0, input_count_q8_0, output_type, output_count, NULL,
+    destroy, required, required, memory_default, arity_one, arity_one, arity_one, arity_one, create, compute,
 };
 
 __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
@@ -492,8 +618,10 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   if (!g_api) return NULL; /* cannot even make a status: ONNX Runtime older than the table this needs */
   pick_kernels();
   static OrtCustomOpDomain* domain; /* lives as long as the process: sessions keep pointers into it */
-  if (!domain) CHECK(((CreateCustomOpDomain_t)API(CreateCustomOpDomain))("ai.splitllm", &domain));
-  else return ((AddCustomOpDomain_t)API(AddCustomOpDomain))(options, domain);
-  CHECK(((CustomOpDomain_Add_t)API(CustomOpDomain_Add))(domain, &matmul_q4_1));
+  if (!domain) {
+    CHECK(((CreateCustomOpDomain_t)API(CreateCustomOpDomain))("ai.splitllm", &domain));
+    CHECK(((CustomOpDomain_Add_t)API(CustomOpDomain_Add))(domain, &matmul_q4_1));
+    CHECK(((CustomOpDomain_Add_t)API(CustomOpDomain_Add))(domain, &matmul_q8_0));
+  }
   return ((AddCustomOpDomain_t)API(AddCustomOpDomain))(options, domain);
 }
