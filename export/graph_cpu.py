@@ -9,7 +9,7 @@ every node counts: a decode step runs ~20 nodes per layer at a few microseconds 
            or MatMulNBits(h, Wqkv)                     other weights, and every weight at accuracy level 0 (float);
            [Gemm(blocksum(h), Oqkv, qkv)]              then for Q4_1 also the exact minimum term (block sums of h)
     a    = GroupQueryAttention(qkv, past KV, rotary)   KV written in place (past and present share a buffer)
-    ...  o projection, SwiGLU MLP with fused gate/up
+    ...  o projection, SwiGLU MLP with fused gate/up (and with the activation inside MatMulQ4_1)
 
 Inputs: input_ids int32 [B, S] (first stage) or hidden_in float32 [B, S, H]; seqlens_k int32 [B]
 (= position + S - 1 per sequence); total_sequence_length int32 [] (the largest); past_key.{i}/past_value.{i}
@@ -60,12 +60,19 @@ class CpuStageGraph:
             self.batch_shapes[n] = b.op("Concat", [b.op("Shape", ["seqlens_k"]), b.const([-1, n], "rows")], axis=0)
         return self.b.op("Reshape", [x, self.batch_shapes[n]])
 
+    def own_q4_1(self, x: str, w: NBitsWeight, name: str, swiglu: bool = False) -> str | None:
+        """Our MatMulQ4_1 for an exact Q4_1 weight at accuracy level 4 (the op's math: int8 activations), else None.
+        swiglu: w stacks gate and up rows, and the op returns silu(gate) * up."""
+        if self.accuracy_level != 4 or (q4_1 := q4_1_blocks(w)) is None:
+            return None
+        n, k = w.shape
+        inputs = [x] + [self.b.weight(f"{name}.{f}", getattr(q4_1, f)) for f in ("qs", "d", "m")]
+        return self.b.op("MatMulQ4_1", inputs, domain=SPLITLLM, K=k, N=n, **({"swiglu": 1} if swiglu else {}))
+
     def linear(self, x: str, w: NBitsWeight, name: str) -> str:
-        if self.accuracy_level == 4:  # our ops' math is level 4's: int8 activations
-            if (q4_1 := q4_1_blocks(w)) is not None:
-                n, k = w.shape
-                inputs = [x] + [self.b.weight(f"{name}.{f}", getattr(q4_1, f)) for f in ("qs", "d", "m")]
-                return self.b.op("MatMulQ4_1", inputs, domain=SPLITLLM, K=k, N=n)
+        if (y := self.own_q4_1(x, w, name)) is not None:
+            return y
+        if self.accuracy_level == 4:
             if (q8_0 := q8_0_blocks(w)) is not None:  # read in place: no row pieces needed
                 n, k = w.shape
                 inputs = [x] + [self.b.weight(f"{name}.{f}", getattr(q8_0, f)) for f in ("qs", "d")]
@@ -177,6 +184,8 @@ class CpuStageGraph:
         h, x = self.skip_norm(o, x, weight(p + "ffn_norm"), p + "ffn_norm")
         gate_w, up_w = weight(p + "gate"), weight(p + "up")
         gu_w = concat_rows([gate_w, up_w])
+        if gu_w is not None and (act := self.own_q4_1(h, gu_w, p + "gate_up", swiglu=True)) is not None:
+            return x, self.linear(act, weight(p + "down"), p + "down")
         if gu_w is not None:
             gate, up = b.op(
                 "Split",

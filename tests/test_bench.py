@@ -289,3 +289,19 @@ def test_pipeline_ab_runs_two_pipelines_in_turns(smollm2_artifacts, tmp_path, mo
     for side in ("A", "B"):
         assert all(len(v) == 2 and min(v) > 0 for v in doc["samples"][side].values())
         assert doc["peak_rss_mb"][side] > 100  # five processes
+
+
+def test_kernel_ab_builds_the_other_side_and_times_both(tmp_path, monkeypatch):
+    """bench/kernel_ab.py: side B compiled from the C source, registered beside the package's build; both agree."""
+    from pathlib import Path
+
+    from splitllm.bench import kernel_ab
+    from splitllm.services.stage import cpu_kernels
+
+    source = str(Path(cpu_kernels.__file__).with_suffix(".c"))
+    monkeypatch.setattr(kernel_ab, "RESULTS", tmp_path / "ab.json")
+    monkeypatch.setattr(sys, "argv", ["ab", "--b", source, "--rows", "1,5", "--layers", "1", "--rounds", "2"])
+    kernel_ab.main()
+    doc = json.loads((tmp_path / "ab.json").read_text())
+    assert set(doc["rows"]) == {"1", "5"}
+    assert all(r["a_ms"] > 0 and r["b_ms"] > 0 and 0 <= r["b_faster_rounds"] <= 2 for r in doc["rows"].values())

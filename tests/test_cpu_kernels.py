@@ -35,14 +35,15 @@ def q8_0_weight(rng: np.random.Generator, n: int, k: int) -> NBitsWeight:
     return NBitsWeight(8, 32, q.view(np.uint8) ^ np.uint8(0x80), d)
 
 
-def session(w: NBitsWeight, threads: int = 2) -> ort.InferenceSession:
+def session(w: NBitsWeight, threads: int = 2, swiglu: bool = False) -> ort.InferenceSession:
     n, k = w.shape
     blocks = q4_1_blocks(w) if w.bits == 4 else q8_0_blocks(w)
     assert blocks is not None
     names = ("qs", "d", "m") if w.bits == 4 else ("qs", "d")
     inits = [numpy_helper.from_array(getattr(blocks, f), f) for f in names]
     op = "MatMulQ4_1" if w.bits == 4 else "MatMulQ8_0"
-    node = helper.make_node(op, ["a", *names], ["y"], domain="ai.splitllm", K=k, N=n)
+    attrs = {"K": k, "N": n, **({"swiglu": 1} if swiglu else {})}
+    node = helper.make_node(op, ["a", *names], ["y"], domain="ai.splitllm", **attrs)
     graph = helper.make_graph(
         [node], op, [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
@@ -126,6 +127,27 @@ def test_the_portable_kernels_match_it_too():
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["scalar"]
+
+
+def test_swiglu_returns_silu_of_the_gate_rows_times_the_up_rows():
+    rng = np.random.default_rng(4)
+    w = q4_1_weight(rng, 2 * 150, 576)  # rows 0..149 the gate, 150..299 the up projection
+    s = session(w, swiglu=True)
+    for rows in (1, 3, 70):
+        a = rng.normal(0, 1, (rows, 576)).astype(np.float32)
+        y = s.run(None, {"a": a})[0]
+        full = reference(w, a)
+        gate, up = full[:, :150], full[:, 150:]
+        want = gate / (1 + np.exp(-gate)) * up
+        assert y.shape == (rows, 150)
+        assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max(), rows
+    alone = np.concatenate([s.run(None, {"a": a[i : i + 1]})[0] for i in range(len(a))])
+    assert np.array_equal(alone, s.run(None, {"a": a})[0])
+
+
+def test_swiglu_needs_q4_1_and_an_even_n():
+    with pytest.raises(Exception, match="swiglu = 1 needs MatMulQ4_1 and an even N"):
+        session(q4_1_weight(np.random.default_rng(5), 33, 64), swiglu=True)
 
 
 def test_matmul_q4_1_leading_dims_zero_rows_and_a_zero_block():

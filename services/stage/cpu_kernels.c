@@ -4,6 +4,8 @@
  *     Y = A @ W.T with W[n, 32b + j] = d[n, b] * code[n, b, j] + m[n, b]     (GGUF's Q4_1, exactly)
  *     qs holds block b of row n in bytes [16b, 16b + 16): code j < 16 in the low nibble of byte j, code j + 16
  *     in its high nibble (GGUF's order). d and m are zero-padded from K/32 to nbp = a multiple of 8 blocks.
+ *     Attribute swiglu = 1: W stacks a gate and an up projection (N/2 rows each) and Y [..., N/2] = silu(gate) * up,
+ *     the MLP's activation in the same pass (three graph nodes fewer a layer).
  *
  * ai.splitllm MatMulQ8_0(A float [..., K], qs int8 [N, 64 * pairs], d float16 [N, nbp]) -> Y [..., N]
  *     W[n, 32b + j] = d[n, b] * q[n, b, j]                                   (GGUF's Q8_0, exactly)
@@ -87,6 +89,7 @@ typedef struct OrtCustomOp {
 #define API_KernelInfoGetAttribute_int64 86
 #define API_KernelContext_GetInput 90
 #define API_KernelContext_GetOutput 91
+#define API_ReleaseStatus 93
 #define API_ReleaseTensorTypeAndShapeInfo 99
 #define API_KernelContext_ParallelFor 274
 
@@ -105,6 +108,7 @@ typedef OrtStatus* (*GetTensorTypeAndShape_t)(const OrtValue*, OrtTensorTypeAndS
 typedef OrtStatus* (*GetDimensionsCount_t)(const OrtTensorTypeAndShapeInfo*, size_t*);
 typedef OrtStatus* (*GetDimensions_t)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
 typedef void (*ReleaseTensorTypeAndShapeInfo_t)(OrtTensorTypeAndShapeInfo*);
+typedef void (*ReleaseStatus_t)(OrtStatus*);
 typedef OrtStatus* (*KernelContext_ParallelFor_t)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t,
                                                   void*);
 
@@ -232,6 +236,11 @@ static void rows8_scalar(const uint8_t* qs, const uint16_t* d, const uint16_t* m
       y[(size_t)r * ldy + n] = acc;
     }
   }
+}
+
+/* y[i] = silu(g[i]) * u[i] */
+static void swiglu_scalar(const float* g, const float* u, float* y, int n) {
+  for (int i = 0; i < n; i++) y[i] = g[i] / (1.f + expf(-g[i])) * u[i];
 }
 
 #ifdef HAVE_X86
@@ -418,6 +427,34 @@ static void rows8_avx2(const uint8_t* qs, const uint16_t* d, const uint16_t* m, 
   if (count == 1) rows8_1(qs, d, m, n0, n1, aq, l, y, ldy);
 }
 
+/* exp(x) to ~1 ulp: 2^n * p(r), x = n ln 2 + r (Cephes' expf, the polynomial every SIMD math library uses) */
+AVX2 static inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365f)), _mm256_set1_ps(88.3762f));
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+AVX2 static void swiglu_avx2(const float* g, const float* u, float* y, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 x = _mm256_loadu_ps(g + i);
+    __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                                          _mm256_loadu_ps(u + i)));
+  }
+  swiglu_scalar(g + i, u + i, y + i, n - i);
+}
+
 static void rows_avx2(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1, const uint8_t* aq,
                       int count, const Layout* l, float* y, size_t ldy) {
   for (; count >= 4; count -= 4, aq += 4 * l->stride, y += 4 * ldy) rows4(qs, d, m, n0, n1, aq, l, y, ldy);
@@ -431,7 +468,9 @@ typedef void (*QuantizeRow)(const float*, const Layout*, uint8_t*);
 typedef void (*Rows)(const uint8_t*, const uint16_t*, const uint16_t*, int, int, const uint8_t*, int, const Layout*,
                      float*, size_t);
 static QuantizeRow quantize_row = quantize_row_scalar;
+typedef void (*Swiglu)(const float*, const float*, float*, int);
 static Rows rows = rows_scalar, rows8 = rows8_scalar;
+static Swiglu swiglu = swiglu_scalar;
 static const char* kernels = "scalar";
 
 /* Once per process: AVX2 (with FMA and F16C) where the CPU has it, else the portable C above.
@@ -448,6 +487,7 @@ static void pick_kernels(void) {
     quantize_row = quantize_row_avx2;
     rows = rows_avx2;
     rows8 = rows8_avx2;
+    swiglu = swiglu_avx2;
     kernels = "avx2";
   }
 #endif
@@ -464,7 +504,7 @@ __attribute__((visibility("default"))) const char* splitllm_kernels(void) {
 typedef struct {
   const char* name;
   int q8; /* MatMulQ8_0, else MatMulQ4_1 */
-  int64_t K, N;
+  int64_t K, N, swiglu;
 } Kernel;
 
 enum { TILE_ROWS = 64, A_TILE = 64 }; /* weight rows per task (~18 KB of Q4_1 at K = 576); rows of A per task */
@@ -477,7 +517,7 @@ typedef struct {
   float* y;
   Layout l;
   Rows rows;
-  int M, N, n_tiles;
+  int M, N, n_tiles, swiglu; /* swiglu: Y has N / 2 columns, and the tiles cover them */
 } Job;
 
 static void quantize_task(void* p, size_t i) {
@@ -489,11 +529,25 @@ static void quantize_task(void* p, size_t i) {
 /* task i: weight rows tile i % n_tiles against A rows block i / n_tiles */
 static void matmul_task(void* p, size_t i) {
   Job* j = (Job*)p;
+  const int width = j->swiglu ? j->N / 2 : j->N;
   int t = (int)(i % (size_t)j->n_tiles), blk = (int)(i / (size_t)j->n_tiles);
-  int n0 = t * TILE_ROWS, n1 = n0 + TILE_ROWS < j->N ? n0 + TILE_ROWS : j->N;
+  int n0 = t * TILE_ROWS, n1 = n0 + TILE_ROWS < width ? n0 + TILE_ROWS : width;
   int r0 = blk * A_TILE, r1 = r0 + A_TILE < j->M ? r0 + A_TILE : j->M;
-  j->rows(j->qs, j->d, j->m, n0, n1, j->aq + (size_t)r0 * j->l.stride, r1 - r0, &j->l, j->y + (size_t)r0 * j->N,
-          (size_t)j->N);
+  const uint8_t* aq = j->aq + (size_t)r0 * j->l.stride;
+  if (!j->swiglu) {
+    j->rows(j->qs, j->d, j->m, n0, n1, aq, r1 - r0, &j->l, j->y + (size_t)r0 * width, (size_t)width);
+    return;
+  }
+  /* the gate's rows n0..n1 and the up projection's (N/2 further on) into two tiles, then silu(gate) * up */
+  float gate[A_TILE * TILE_ROWS], up[A_TILE * TILE_ROWS];
+  const size_t row_bytes = (size_t)j->l.nb * 16, half = (size_t)width;
+  for (int k = 0; k < 2; k++) {
+    const size_t at = n0 + k * half;
+    j->rows(j->qs + at * row_bytes, j->d + at * j->l.nbp, j->m + at * j->l.nbp, 0, n1 - n0, aq, r1 - r0, &j->l,
+            k ? up : gate, TILE_ROWS);
+  }
+  for (int r = 0; r < r1 - r0; r++)
+    swiglu(gate + r * TILE_ROWS, up + r * TILE_ROWS, j->y + (size_t)(r0 + r) * width + n0, n1 - n0);
 }
 
 static OrtStatus* tensor(const OrtKernelContext* ctx, size_t index, const OrtValue** v, int64_t* dims, size_t* rank) {
@@ -537,13 +591,13 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   }
   int64_t M = 1;
   for (size_t i = 0; i + 1 < rank; i++) M *= dims[i];
-  dims[rank - 1] = k->N;
+  dims[rank - 1] = k->swiglu ? k->N / 2 : k->N;
   OrtValue* out;
   CHECK(((KernelContext_GetOutput_t)API(KernelContext_GetOutput))(ctx, 0, dims, rank, &out));
   if (M == 0) return NULL;
   Job j = {(const float*)data(a), (const uint8_t*)data(w[0]), (const uint16_t*)data(w[1]),
            w[2] ? (const uint16_t*)data(w[2]) : NULL, NULL, (float*)data(out), l, k->q8 ? rows8 : rows, (int)M,
-           (int)k->N, (int)((k->N + TILE_ROWS - 1) / TILE_ROWS)};
+           (int)k->N, (int)((dims[rank - 1] + TILE_ROWS - 1) / TILE_ROWS), (int)k->swiglu};
   uint8_t stack[4096] __attribute__((aligned(64)));
   j.aq = (size_t)M * l.stride <= sizeof stack ? stack : (uint8_t*)malloc((size_t)M * l.stride);
   if (!j.aq) return error(ORT_FAIL, "MatMulQ4_1 / MatMulQ8_0: out of memory for the quantized input");
@@ -564,10 +618,21 @@ static const OrtCustomOp matmul_q8_0;
 
 static OrtStatus* create(const struct OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
   (void)api;
-  Kernel k = {op->GetName(op), op == &matmul_q8_0, 0, 0};
+  Kernel k = {op->GetName(op), op == &matmul_q8_0, 0, 0, 0};
   KernelInfoGetAttribute_int64_t get = (KernelInfoGetAttribute_int64_t)API(KernelInfoGetAttribute_int64);
   CHECK(get(info, "K", &k.K));
   CHECK(get(info, "N", &k.N));
+  OrtStatus* absent = get(info, "swiglu", &k.swiglu); /* optional, default 0 */
+  if (absent) {
+    ((ReleaseStatus_t)API(ReleaseStatus))(absent);
+    k.swiglu = 0;
+  }
+  if (k.swiglu && (k.q8 || k.N % 2)) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s: swiglu = 1 needs MatMulQ4_1 and an even N (gate and up rows), got N = %lld", k.name,
+             (long long)k.N);
+    return error(ORT_INVALID_ARGUMENT, msg);
+  }
   if (k.K <= 0 || k.K % 32 || k.K > (1 << 24) || k.N <= 0 || k.N > (1 << 24)) {
     char msg[160];
     snprintf(msg, sizeof msg, "%s: K = %lld and N = %lld; K must be a positive multiple of 32, both at most 2^24",

@@ -1,7 +1,8 @@
-"""splitllm's own ONNX Runtime CPU kernels (cpu_kernels.c, built into the package by pip) and their registration.
+"""Where splitllm's own ONNX Runtime CPU kernels are (cpu_kernels.c, built into the package by pip), and which of
+them this CPU runs.
 
-The CPU stage graphs run GGUF Q4_1 layers as ai.splitllm MatMulQ4_1; every session that may load one registers
-the library first (runtime.session_options does).
+The CPU stage graphs run GGUF Q4_1 and Q8_0 weights as ai.splitllm MatMulQ4_1 and MatMulQ8_0; every session that
+may load one registers the library first (runtime.session_options does).
 """
 
 from __future__ import annotations
@@ -10,10 +11,6 @@ import ctypes
 import importlib.machinery
 from functools import cache
 from pathlib import Path
-
-import onnxruntime as ort
-
-DOMAIN = "ai.splitllm"
 
 
 @cache
@@ -28,11 +25,6 @@ def library_path() -> str:
         f"{', '.join(importlib.machinery.EXTENSION_SUFFIXES)}): reinstall the package (pip install -e .), "
         "which compiles services/stage/cpu_kernels.c"
     )
-
-
-def register(so: ort.SessionOptions) -> ort.SessionOptions:
-    so.register_custom_ops_library(library_path())
-    return so
 
 
 @cache

@@ -38,7 +38,7 @@ class Entry:
 SPIN_US = 50  # how long an idle intra-op thread spins before it sleeps (ONNX Runtime's own default spins longer)
 
 
-def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
+def session_options(threads: int, spin: bool = False, kernels: str | None = None) -> ort.SessionOptions:
     """`spin`: between the nodes of a run, an idle intra-op thread spins for up to SPIN_US before it sleeps, and
     stops when the run returns (force_spinning_stop). A decode step is ~20 small nodes per layer: waking sleeping
     workers at each one costs what the second thread saves (2 sleeping threads decode no faster than 1). Nodes
@@ -47,7 +47,8 @@ def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
     default: 1024-token prompt 488 -> 628 tok/s, 16 streams 71 -> 88 tok/s, TTFT and decode unchanged (before
     decode batching). Against 1-thread sleeping stages, with decode batching: TTFT at 32 tokens 88 -> 56 ms, decode
     18.0 -> 14.1 ms per token, 16 streams 250 -> 201 tok/s. Off by default for a stage started alone (1 thread: stages
-    share the cores); `splitllm serve` turns it on when one stage computes at a time (launcher.spins_by_default)."""
+    share the cores); `splitllm serve` turns it on when one stage computes at a time (launcher.spins_by_default).
+    `kernels`: another build of our CPU kernel library than the package's (bench/kernel_ab.py)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -57,7 +58,8 @@ def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
         so.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.add_session_config_entry("session.force_spinning_stop", "1")
-    return cpu_kernels.register(so)
+    so.register_custom_ops_library(kernels or cpu_kernels.library_path())
+    return so
 
 
 class CpuGraph:
