@@ -284,14 +284,17 @@ AVX2 static void quantize_row_avx2(const float* a, const Layout* l, uint8_t* out
 static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     {0, 0, 0, 0, 1, 1, 1, 1}, {2, 2, 2, 2, 3, 3, 3, 3}, {4, 4, 4, 4, 5, 5, 5, 5}, {6, 6, 6, 6, 7, 7, 7, 7}};
 
-/* R rows of A at once (1 to 4), each weight pair unpacked once for all of them. Per pair of blocks: the two blocks'
- * 32 low and 32 high nibbles against A's matching halves (maddubs, int16 sums of at most 4 * 15 * 127), summed to 8
- * int32 lanes, lanes 0-3 block 2p and 4-7 block 2p+1; each lane scaled by its block's d * dA (d spread to the lanes
- * once per pair for every row, dA spread already in A's layout). All lanes are summed at
- * the end, so the m * dA * sum(q) term goes into an accumulator too. Two accumulators per row (even and odd pairs), so
- * that the FMAs' latency does not bound the loop. A row's arithmetic is the same whatever R, so a row's result does
- * not depend on how many rows run with it (a session decodes the same alone and in a batch). */
-#define PAIR(P, ACC)                                                                                                  \
+/* R rows of A at once (1 to 4), each pair of weight blocks loaded (and unpacked) once for all of them. Per pair:
+ * Q4_1: the two blocks' 32 low and 32 high nibbles against A's matching halves (maddubs, int16 sums of at most
+ *       4 * 15 * 127);
+ * Q8_0: signed by signed bytes as maddubs(|w|, a * sign(w)) (pairs of at most 2 * 128 * 127, so each half is widened
+ *       to int32 before the two are added);
+ * then 8 int32 lanes, 0-3 block 2p and 4-7 block 2p+1, each scaled by its block's d * dA (d spread to the lanes once
+ * per pair for every row, dA spread already in A's layout). All lanes are summed at the end, so Q4_1's m * dA * sum(q)
+ * term goes into an accumulator too. Two accumulators per row (even and odd pairs), so that the FMAs' latency does not
+ * bound the loop. A row's arithmetic is the same whatever R, so a row's result does not depend on how many rows run
+ * with it (a session decodes the same alone and in a batch). */
+#define PAIR_Q4_1(P, ACC)                                                                                             \
   do {                                                                                                                \
     const int pr = g / 2 + (P);                                                                                       \
     __m256i w = 2 * pr + 1 == nb /* odd K / 32: the last pair has one block */                                        \
@@ -308,59 +311,7 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     }                                                                                                                 \
   } while (0)
 
-#define DEFINE_ROWS(R)                                                                                                \
-  AVX2 static void rows##R(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,                   \
-                           const uint8_t* aq, const Layout* l, float* y, size_t ldy) {                                \
-    enum { ROWS = R };                                                                                                \
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                                         \
-    const int nb = l->nb, nbp = l->nbp;                                                                               \
-    const int8_t* q[R];                                                                                               \
-    const float *sA[R], *dAx[R];                                                                                      \
-    for (int r = 0; r < R; r++) {                                                                                     \
-      const uint8_t* row = aq + (size_t)r * l->stride;                                                                \
-      q[r] = (const int8_t*)row;                                                                                      \
-      sA[r] = row_scales((uint8_t*)row, l) + nbp;                                                                     \
-      dAx[r] = sA[r] + nbp;                                                                                           \
-    }                                                                                                                 \
-    for (int n = n0; n < n1; n++) {                                                                                   \
-      const uint8_t* wq = qs + (size_t)n * nb * 16;                                                                   \
-      const uint16_t *wd = d + (size_t)n * nbp, *wm = m + (size_t)n * nbp;                                            \
-      __m256 even[R], odd[R];                                                                                         \
-      for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();                                            \
-      for (int g = 0; g < nb; g += 8) {                                                                               \
-        __m256 D = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + g)));                                        \
-        __m256 M = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wm + g)));                                        \
-        for (int r = 0; r < R; r++) odd[r] = _mm256_fmadd_ps(M, _mm256_loadu_ps(sA[r] + g), odd[r]);                  \
-        if (nb - g >= 8) {                                                                                            \
-          PAIR(0, even);                                                                                              \
-          PAIR(1, odd);                                                                                               \
-          PAIR(2, even);                                                                                              \
-          PAIR(3, odd);                                                                                               \
-        } else {                                                                                                      \
-          const int pairs = (nb - g + 1) / 2;                                                                         \
-          PAIR(0, even);                                                                                              \
-          if (pairs > 1) PAIR(1, odd);                                                                                \
-          if (pairs > 2) PAIR(2, even);                                                                               \
-          if (pairs > 3) PAIR(3, odd);                                                                                \
-        }                                                                                                             \
-      }                                                                                                               \
-      for (int r = 0; r < R; r++) {                                                                                   \
-        __m256 acc = _mm256_add_ps(even[r], odd[r]);                                                                  \
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));                            \
-        s = _mm_hadd_ps(s, s);                                                                                        \
-        s = _mm_hadd_ps(s, s);                                                                                        \
-        y[(size_t)r * ldy + n] = _mm_cvtss_f32(s);                                                                    \
-      }                                                                                                               \
-    }                                                                                                                 \
-  }
-DEFINE_ROWS(1)
-DEFINE_ROWS(2)
-DEFINE_ROWS(3)
-DEFINE_ROWS(4)
-
-/* The same for Q8_0 weights: signed by signed bytes, as maddubs(|w|, a * sign(w)) (pairs of at most 2 * 128 * 127, so
- * each half is widened to int32 before the two are added); no minimum term. */
-#define PAIR8(P, ACC)                                                                                                 \
+#define PAIR_Q8_0(P, ACC)                                                                                             \
   do {                                                                                                                \
     const int pr = g / 2 + (P);                                                                                       \
     const __m256i w0 = _mm256_loadu_si256((const __m256i*)(wq + pr * 64));                                            \
@@ -378,32 +329,46 @@ DEFINE_ROWS(4)
     }                                                                                                                 \
   } while (0)
 
-#define DEFINE_ROWS8(R)                                                                                               \
-  AVX2 static void rows8_##R(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,                 \
-                             const uint8_t* aq, const Layout* l, float* y, size_t ldy) {                              \
-    enum { ROWS = R };                                                                                                \
-    (void)m;                                                                                                          \
-    const __m256i ones = _mm256_set1_epi16(1);                                                                        \
+/* rows_q4_1_R / rows_q8_0_R: weight rows n0..n1 against R quantized rows of A; KIND is Q4_1 or Q8_0 */
+#define DEFINE_ROWS(KIND, R)                                                                                          \
+  AVX2 static void rows_##KIND##_##R(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,         \
+                                     const uint8_t* aq, const Layout* l, float* y, size_t ldy) {                      \
+    enum { ROWS = R, Q4 = IS_##KIND };                                                                                \
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                                         \
     const int nb = l->nb, nbp = l->nbp;                                                                               \
+    const size_t row_bytes = Q4 ? (size_t)nb * 16 : (size_t)l->pairs * 64;                                           \
     const int8_t* q[R];                                                                                               \
-    const float* dAx[R];                                                                                              \
+    const float *sA[R], *dAx[R];                                                                                      \
+    (void)low4;                                                                                                       \
     for (int r = 0; r < R; r++) {                                                                                     \
       const uint8_t* row = aq + (size_t)r * l->stride;                                                                \
       q[r] = (const int8_t*)row;                                                                                      \
-      dAx[r] = row_scales((uint8_t*)row, l) + 2 * nbp;                                                                \
+      sA[r] = row_scales((uint8_t*)row, l) + nbp;                                                                     \
+      dAx[r] = sA[r] + nbp;                                                                                           \
     }                                                                                                                 \
     for (int n = n0; n < n1; n++) {                                                                                   \
-      const uint8_t* wq = qs + (size_t)n * l->pairs * 64;                                                             \
+      const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                 \
       const uint16_t* wd = d + (size_t)n * nbp;                                                                       \
       __m256 even[R], odd[R];                                                                                         \
       for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();                                            \
       for (int g = 0; g < nb; g += 8) {                                                                               \
         __m256 D = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + g)));                                        \
-        const int pairs = nb - g >= 8 ? 4 : (nb - g + 1) / 2;                                                         \
-        PAIR8(0, even);                                                                                               \
-        if (pairs > 1) PAIR8(1, odd);                                                                                 \
-        if (pairs > 2) PAIR8(2, even);                                                                                \
-        if (pairs > 3) PAIR8(3, odd);                                                                                 \
+        if (Q4) {                                                                                                     \
+          __m256 M = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + (size_t)n * nbp + g)));                     \
+          for (int r = 0; r < R; r++) odd[r] = _mm256_fmadd_ps(M, _mm256_loadu_ps(sA[r] + g), odd[r]);                \
+        }                                                                                                             \
+        if (nb - g >= 8) {                                                                                            \
+          PAIR_##KIND(0, even);                                                                                       \
+          PAIR_##KIND(1, odd);                                                                                        \
+          PAIR_##KIND(2, even);                                                                                       \
+          PAIR_##KIND(3, odd);                                                                                        \
+        } else {                                                                                                      \
+          const int pairs = (nb - g + 1) / 2;                                                                         \
+          PAIR_##KIND(0, even);                                                                                       \
+          if (pairs > 1) PAIR_##KIND(1, odd);                                                                         \
+          if (pairs > 2) PAIR_##KIND(2, even);                                                                        \
+          if (pairs > 3) PAIR_##KIND(3, odd);                                                                         \
+        }                                                                                                             \
       }                                                                                                               \
       for (int r = 0; r < R; r++) {                                                                                   \
         __m256 acc = _mm256_add_ps(even[r], odd[r]);                                                                  \
@@ -414,18 +379,25 @@ DEFINE_ROWS(4)
       }                                                                                                               \
     }                                                                                                                 \
   }
-DEFINE_ROWS8(1)
-DEFINE_ROWS8(2)
-DEFINE_ROWS8(3)
-DEFINE_ROWS8(4)
 
-static void rows8_avx2(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1, const uint8_t* aq,
-                       int count, const Layout* l, float* y, size_t ldy) {
-  for (; count >= 4; count -= 4, aq += 4 * l->stride, y += 4 * ldy) rows8_4(qs, d, m, n0, n1, aq, l, y, ldy);
-  if (count == 3) rows8_3(qs, d, m, n0, n1, aq, l, y, ldy);
-  if (count == 2) rows8_2(qs, d, m, n0, n1, aq, l, y, ldy);
-  if (count == 1) rows8_1(qs, d, m, n0, n1, aq, l, y, ldy);
-}
+/* rows_q4_1_avx2 / rows_q8_0_avx2: any count of A rows, 4 at a time */
+#define DEFINE_KIND(KIND)                                                                                             \
+  DEFINE_ROWS(KIND, 1)                                                                                                \
+  DEFINE_ROWS(KIND, 2)                                                                                                \
+  DEFINE_ROWS(KIND, 3)                                                                                                \
+  DEFINE_ROWS(KIND, 4)                                                                                                \
+  static void rows_##KIND##_avx2(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,             \
+                                 const uint8_t* aq, int count, const Layout* l, float* y, size_t ldy) {               \
+    for (; count >= 4; count -= 4, aq += 4 * l->stride, y += 4 * ldy)                                                 \
+      rows_##KIND##_4(qs, d, m, n0, n1, aq, l, y, ldy);                                                               \
+    if (count == 3) rows_##KIND##_3(qs, d, m, n0, n1, aq, l, y, ldy);                                                 \
+    if (count == 2) rows_##KIND##_2(qs, d, m, n0, n1, aq, l, y, ldy);                                                 \
+    if (count == 1) rows_##KIND##_1(qs, d, m, n0, n1, aq, l, y, ldy);                                                 \
+  }
+#define IS_Q4_1 1
+#define IS_Q8_0 0
+DEFINE_KIND(Q4_1)
+DEFINE_KIND(Q8_0)
 
 /* exp(x) to ~1 ulp: 2^n * p(r), x = n ln 2 + r (Cephes' expf, the polynomial every SIMD math library uses) */
 AVX2 static inline __m256 exp_avx2(__m256 x) {
@@ -455,13 +427,6 @@ AVX2 static void swiglu_avx2(const float* g, const float* u, float* y, int n) {
   swiglu_scalar(g + i, u + i, y + i, n - i);
 }
 
-static void rows_avx2(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1, const uint8_t* aq,
-                      int count, const Layout* l, float* y, size_t ldy) {
-  for (; count >= 4; count -= 4, aq += 4 * l->stride, y += 4 * ldy) rows4(qs, d, m, n0, n1, aq, l, y, ldy);
-  if (count == 3) rows3(qs, d, m, n0, n1, aq, l, y, ldy);
-  if (count == 2) rows2(qs, d, m, n0, n1, aq, l, y, ldy);
-  if (count == 1) rows1(qs, d, m, n0, n1, aq, l, y, ldy);
-}
 #endif
 
 typedef void (*QuantizeRow)(const float*, const Layout*, uint8_t*);
@@ -485,8 +450,8 @@ static void pick_kernels(void) {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
     quantize_row = quantize_row_avx2;
-    rows = rows_avx2;
-    rows8 = rows8_avx2;
+    rows = rows_Q4_1_avx2;
+    rows8 = rows_Q8_0_avx2;
     swiglu = swiglu_avx2;
     kernels = "avx2";
   }
