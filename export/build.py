@@ -43,6 +43,7 @@ class ExportError(ValueError):
 
 
 BALANCES = ("compute", "bytes")
+KERNELS = ("splitllm", "onnxruntime")  # who runs GGUF Q4_1 / Q8_0 weights on the CPU (export's `kernels`)
 
 
 def split_plan(
@@ -196,12 +197,17 @@ def export(
     qnn_context: bool = False,
     qnn_w8: tuple[str, ...] = (),
     balance: str | None = None,
+    kernels: str = "splitllm",
 ) -> Manifest:
     """Target qnn writes the cpu graphs too (export/build_qnn.py), so one artifact serves mixed pipelines.
-    `balance` (split_plan): by default "compute" for cpu and "bytes" for qnn."""
+    `balance` (split_plan): by default "compute" for cpu and "bytes" for qnn. `kernels`: "splitllm" runs GGUF Q4_1 and
+    Q8_0 weights as our own ops at accuracy level 4 (AVX2; portable C on other CPUs), "onnxruntime" as MatMulNBits
+    (ONNX Runtime's kernels, NEON included)."""
     out = Path(out)
     if target not in ("cpu", "qnn"):
         raise ExportError(f"--target {target!r} is not available in this build (allowed: cpu, qnn)")
+    if kernels not in KERNELS:
+        raise ExportError(f"--kernels {kernels!r} is not known (allowed: {', '.join(KERNELS)})")
     if prefill < 1 or context < 1:
         raise ExportError(f"--prefill-len {prefill} and --context {context} must be positive")
     if prefill > context:
@@ -225,7 +231,7 @@ def export(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        manifest = _write(ckpt, cfg, work, ranges, context, prefill, accuracy_level)
+        manifest = _write(ckpt, cfg, work, ranges, context, prefill, accuracy_level, kernels == "splitllm")
         if target == "qnn":
             from splitllm.export.build_qnn import add_qnn_target
 
@@ -250,6 +256,7 @@ def _write(
     context: int,
     prefill: int,
     accuracy_level: int,
+    own_kernels: bool,
 ) -> Manifest:
     tok = ckpt.tokenizer()
     (work / "tokenizer.json").write_text(compact_merges(tok.tokenizer_json))
@@ -261,7 +268,7 @@ def _write(
         progress.prefix = f"stage {k + 1}/{len(ranges)}: "
         wf = WeightsFile(work / f"{name}.weights")
         b = GraphBuilder(name, wf)
-        ins, outs = CpuStageGraph(b, cfg, context, accuracy_level).build(
+        ins, outs = CpuStageGraph(b, cfg, context, accuracy_level, own_kernels).build(
             first,
             last,
             has_embedding=k == 0,
@@ -303,7 +310,11 @@ def _write(
             "dtype": "float32",
             "bytes_per_token_per_layer": kv_bytes,
         },
-        quantization={"groups": weights.groups, "accuracy_level": accuracy_level},
+        quantization={
+            "groups": weights.groups,
+            "accuracy_level": accuracy_level,
+            "cpu_kernels": "splitllm" if own_kernels and accuracy_level == 4 else "onnxruntime",
+        },
         tokenizer={
             "file": "tokenizer.json",
             "chat_template": tok.chat_template,

@@ -49,8 +49,11 @@ PIECE_BYTES = 8 << 20
 
 
 class CpuStageGraph:
-    def __init__(self, b: GraphBuilder, cfg: ModelConfig, context: int, accuracy_level: int) -> None:
+    def __init__(
+        self, b: GraphBuilder, cfg: ModelConfig, context: int, accuracy_level: int, own_kernels: bool = True
+    ) -> None:
         self.b, self.cfg, self.context, self.accuracy_level = b, cfg, context, accuracy_level
+        self.own_kernels = own_kernels and accuracy_level == 4  # our ops' math is level 4's: int8 activations
         self.batch_shapes: dict[int, str] = {}
 
     def batched(self, x: str, n: int) -> str:
@@ -61,9 +64,9 @@ class CpuStageGraph:
         return self.b.op("Reshape", [x, self.batch_shapes[n]])
 
     def own_q4_1(self, x: str, w: NBitsWeight, name: str, swiglu: bool = False) -> str | None:
-        """Our MatMulQ4_1 for an exact Q4_1 weight at accuracy level 4 (the op's math: int8 activations), else None.
+        """Our MatMulQ4_1 for an exact Q4_1 weight (when own_kernels), else None.
         swiglu: w stacks gate and up rows, and the op returns silu(gate) * up."""
-        if self.accuracy_level != 4 or (q4_1 := q4_1_blocks(w)) is None:
+        if not self.own_kernels or (q4_1 := q4_1_blocks(w)) is None:
             return None
         n, k = w.shape
         inputs = [x] + [self.b.weight(f"{name}.{f}", getattr(q4_1, f)) for f in ("qs", "d", "m")]
@@ -72,7 +75,7 @@ class CpuStageGraph:
     def linear(self, x: str, w: NBitsWeight, name: str) -> str:
         if (y := self.own_q4_1(x, w, name)) is not None:
             return y
-        if self.accuracy_level == 4:
+        if self.own_kernels:
             if (q8_0 := q8_0_blocks(w)) is not None:  # read in place: no row pieces needed
                 n, k = w.shape
                 inputs = [x] + [self.b.weight(f"{name}.{f}", getattr(q8_0, f)) for f in ("qs", "d")]

@@ -295,3 +295,24 @@ def test_stage_refuses_corrupt_artifacts(tmp_path, tiny_checkpoint):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ManifestError, match="schema_version 99 is not supported"):
         StageRuntime(out, 0)
+
+
+def test_kernels_onnxruntime_exports_matmulnbits_with_the_same_logits(tmp_path, smollm2_path, smollm2_artifacts):
+    """--kernels onnxruntime: no op of ours in the graphs (CPUs without AVX2), the logits within int8 rounding."""
+    import onnx
+
+    out = tmp_path / "ort"
+    export(smollm2_path, out, stages=4, kernels="onnxruntime")
+    m, _ = load_manifest(out, verify=[])
+    assert m.quantization["cpu_kernels"] == "onnxruntime"
+    for art, want in ((out, set()), (smollm2_artifacts, {"MatMulQ4_1", "MatMulQ8_0"})):
+        ops = {n.op_type for k in range(4)
+               for n in onnx.load(str(art / f"stage{k + 1}.cpu.onnx"), load_external_data=False).graph.node
+               if n.domain == "ai.splitllm"}
+        assert ops == want, art
+    prompt = list(range(1000, 1040))
+    logits = [LocalChain(a).prefill_tokens("s", prompt) for a in (out, smollm2_artifacts)]
+    assert int(np.argmax(logits[0])) == int(np.argmax(logits[1]))
+    assert np.abs(logits[0] - logits[1]).max() < 1.0
+    with pytest.raises(ExportError, match="--kernels 'mlas' is not known"):
+        export(smollm2_path, tmp_path / "bad", kernels="mlas")

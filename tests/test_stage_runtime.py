@@ -110,10 +110,14 @@ def test_a_stage_says_when_its_artifact_should_be_exported_again(smollm2_artifac
     from splitllm.services.stage.server import export_again
 
     m, _ = load_manifest(smollm2_artifacts, verify=[])
-    assert export_again(m, batched=True) == []
+    assert m.quantization["cpu_kernels"] == "splitllm"
+    assert export_again(m, batched=True, kernels="avx2") == []
+    assert [r.split(":")[0] for r in export_again(m, batched=True, kernels="scalar")] == [
+        "this CPU has no AVX2 (with FMA and F16C)"
+    ]
     groups = {k: {**g, "format": "MatMulNBits"} for k, g in m.quantization["groups"].items()}
-    old = dataclasses.replace(m, quantization={**m.quantization, "groups": groups})
-    assert [r.split(" (")[0] for r in export_again(old, batched=False)] == [
+    old = dataclasses.replace(m, quantization={"groups": groups, "accuracy_level": 4})
+    assert [r.split(" (")[0] for r in export_again(old, batched=False, kernels="scalar")] == [
         "the artifact runs its Q4_1 layers as MatMulNBits and an offset Gemm",
         "the stage graph has no batch dimension",
     ]

@@ -31,6 +31,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         qnn_context=a.qnn_context,
         qnn_w8=tuple(x for x in (a.qnn_w8 or "").split(",") if x),
         balance=a.balance,
+        kernels=a.kernels,
     )
     for s in m.stages:
         print(
@@ -194,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
              "results do not depend on its batch; slow: ONNX Runtime 1.31 has no fast float kernel for 8-bit weights, "
              "SmolLM2's lm_head takes 167 ms a token instead of 1.5 ms on one AVX2 core)",
     )
+    e.add_argument("--kernels", default="splitllm", choices=["splitllm", "onnxruntime"],
+                   help="who runs GGUF Q4_1 and Q8_0 weights on the CPU at accuracy level 4: our MatMulQ4_1 / "
+                        "MatMulQ8_0 (AVX2; portable C elsewhere, ~20x slower) or ONNX Runtime's MatMulNBits (its "
+                        "kernels for every CPU, NEON included; on AVX2 ~30 %% slower a token)")
     e.add_argument("--calibration", help="qnn: text whose activations set the 16-bit ranges (default: shipped)")
     e.add_argument("--qnn-context", action="store_true",
                    help="qnn: also write EPContext models (QNN context binaries) so stages start without compiling")

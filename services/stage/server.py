@@ -307,10 +307,14 @@ def serve_stage(servicer: StageServicer, listen: str, health_servicer: health.He
     return server, port
 
 
-def export_again(manifest: Manifest, batched: bool) -> list[str]:
-    """Why a CPU stage of this artifact runs slower than one exported now, one line per reason."""
+def export_again(manifest: Manifest, batched: bool, kernels: str) -> list[str]:
+    """Why a CPU stage of this artifact runs slower than it could here, one line per reason. `kernels`: which of our
+    CPU kernels this process runs (cpu_kernels.kernels())."""
     q = manifest.quantization
     reasons = []
+    if q.get("cpu_kernels") == "splitllm" and kernels == "scalar":
+        reasons.append("this CPU has no AVX2 (with FMA and F16C): the artifact's MatMulQ4_1 / MatMulQ8_0 run in "
+                       "portable C, ~20x slower; export with --kernels onnxruntime for ONNX Runtime's kernels")
     if q.get("accuracy_level") == 4 and any(
         g.get("block_offsets") and g.get("format") == "MatMulNBits" for g in q.get("groups", {}).values()
     ):
@@ -358,7 +362,7 @@ def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capaci
     log.info("stage %d (layers %d..%d) serving on %s; %d MB on transparent huge pages; %s CPU kernels", stage + 1,
              runtime.first, runtime.last - 1, listen, huge_page_bytes() >> 20, cpu_kernels.kernels())
     if backend == "cpu":
-        for warning in export_again(runtime.manifest, runtime.graph.batched):
+        for warning in export_again(runtime.manifest, runtime.graph.batched, cpu_kernels.kernels()):
             log.warning(warning)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
