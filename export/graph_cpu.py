@@ -1,4 +1,4 @@
-"""The CPU stage graph: a slice of decoder layers with ONNX Runtime contrib operators and our own MatMulQ4_1.
+"""The CPU stage graph: a slice of decoder layers with ONNX Runtime contrib operators and our own MatMulQ4_1 / Q8_0.
 
 One graph serves prompt processing and token generation (the sequence length is dynamic), so a
 stage holds one copy of its weights. Activations are 2-D [S, H] inside the graph (Gemm wants 2-D, and
@@ -63,23 +63,23 @@ class CpuStageGraph:
             self.batch_shapes[n] = b.op("Concat", [b.op("Shape", ["seqlens_k"]), b.const([-1, n], "rows")], axis=0)
         return self.b.op("Reshape", [x, self.batch_shapes[n]])
 
-    def own_q4_1(self, x: str, w: NBitsWeight, name: str, swiglu: bool = False) -> str | None:
-        """Our MatMulQ4_1 for an exact Q4_1 weight (when own_kernels), else None.
-        swiglu: w stacks gate and up rows, and the op returns silu(gate) * up."""
-        if not self.own_kernels or (q4_1 := q4_1_blocks(w)) is None:
+    def own_op(self, x: str, w: NBitsWeight, name: str, swiglu: bool = False) -> str | None:
+        """Our MatMulQ4_1 or MatMulQ8_0 for a weight that GGUF's Q4_1 or Q8_0 holds exactly (when own_kernels), else
+        None. Read in place: no row pieces. swiglu: w stacks gate and up rows, and the op returns silu(gate) * up."""
+        if not self.own_kernels:
+            return None
+        op, blocks = "MatMulQ4_1", q4_1_blocks(w)
+        if blocks is None and not swiglu:
+            op, blocks = "MatMulQ8_0", q8_0_blocks(w)
+        if blocks is None:
             return None
         n, k = w.shape
-        inputs = [x] + [self.b.weight(f"{name}.{f}", getattr(q4_1, f)) for f in ("qs", "d", "m")]
-        return self.b.op("MatMulQ4_1", inputs, domain=SPLITLLM, K=k, N=n, **({"swiglu": 1} if swiglu else {}))
+        inputs = [x] + [self.b.weight(f"{name}.{f.name}", getattr(blocks, f.name)) for f in dataclasses.fields(blocks)]
+        return self.b.op(op, inputs, domain=SPLITLLM, K=k, N=n, **({"swiglu": 1} if swiglu else {}))
 
     def linear(self, x: str, w: NBitsWeight, name: str) -> str:
-        if (y := self.own_q4_1(x, w, name)) is not None:
+        if (y := self.own_op(x, w, name)) is not None:
             return y
-        if self.own_kernels:
-            if (q8_0 := q8_0_blocks(w)) is not None:  # read in place: no row pieces needed
-                n, k = w.shape
-                inputs = [x] + [self.b.weight(f"{name}.{f}", getattr(q8_0, f)) for f in ("qs", "d")]
-                return self.b.op("MatMulQ8_0", inputs, domain=SPLITLLM, K=k, N=n)
         parts = -(-w.nbytes // PIECE_BYTES)
         if parts == 1:
             return self._linear(x, w, name)
@@ -187,7 +187,7 @@ class CpuStageGraph:
         h, x = self.skip_norm(o, x, weight(p + "ffn_norm"), p + "ffn_norm")
         gate_w, up_w = weight(p + "gate"), weight(p + "up")
         gu_w = concat_rows([gate_w, up_w])
-        if gu_w is not None and (act := self.own_q4_1(h, gu_w, p + "gate_up", swiglu=True)) is not None:
+        if gu_w is not None and (act := self.own_op(h, gu_w, p + "gate_up", swiglu=True)) is not None:
             return x, self.linear(act, weight(p + "down"), p + "down")
         if gu_w is not None:
             gate, up = b.op(

@@ -137,6 +137,11 @@ def block_sum_rows(k: int, block_size: int) -> NBitsWeight:
     return NBitsWeight(4, block_size, _pack(codes, 4), np.ones((blocks, blocks), np.float32))
 
 
+def _pad_blocks(per_block: np.ndarray) -> np.ndarray:
+    """[N, K/32] block values zero-padded to a multiple of 8 blocks: our kernels read them 8 at a time."""
+    return np.pad(per_block, ((0, 0), (0, -per_block.shape[1] % 8)))
+
+
 @dataclass(frozen=True)
 class Q4_1Blocks:
     """A [N, K] weight in the layout of splitllm's MatMulQ4_1 op (services/stage/cpu_kernels.c), GGUF's Q4_1:
@@ -162,9 +167,7 @@ def q4_1_blocks(w: NBitsWeight) -> Q4_1Blocks | None:
         return None
     codes = _unpack(w.packed, 4).reshape(n, nb, 32)
     qs = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8).reshape(n, k // 2)
-    nbp = -(-nb // 8) * 8
-    pad = ((0, 0), (0, nbp - nb))
-    return Q4_1Blocks(qs, np.pad(d16, pad), np.pad(m16, pad))
+    return Q4_1Blocks(qs, _pad_blocks(d16), _pad_blocks(m16))
 
 
 @dataclass(frozen=True)
@@ -196,8 +199,7 @@ def q8_0_blocks(w: NBitsWeight) -> Q8_0Blocks | None:
         q = np.concatenate([q, np.zeros((n, 1, 32), np.int8)], axis=1)
     pairs = q.reshape(n, -1, 2, 2, 16)  # [n, pair, block in pair, half, 16]
     qs = np.ascontiguousarray(pairs.transpose(0, 1, 3, 2, 4)).reshape(n, -1)
-    nbp = -(-nb // 8) * 8
-    return Q8_0Blocks(qs, np.pad(w.scales.astype(np.float16), ((0, 0), (0, nbp - nb))))
+    return Q8_0Blocks(qs, _pad_blocks(w.scales.astype(np.float16)))
 
 
 def concat_rows(ws: list[NBitsWeight]) -> NBitsWeight | None:

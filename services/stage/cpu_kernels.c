@@ -16,8 +16,10 @@
  * Why a kernel of our own: ONNX Runtime's MatMulNBits cannot express Q4_1's minimum (not an integer number of
  * steps), so the graph added it as a second Gemm over the input's block sums; that term cost a third of a
  * decode step. Here it is one FMA per 8 blocks. A is quantized per block of 32 to int8 (as MatMulNBits does
- * at accuracy level 4); each block's dot product is exact in int32, scaled by d * dA, plus m * sum(A block),
- * with the block sums taken in float from A itself.
+ * at accuracy level 4); each block's dot product is exact in int32, scaled by d * dA, plus m * dA * sum(q), the sum
+ * of the block's rounded values (as llama.cpp's Q8_1 keeps it): the result is then W exactly against A rounded, an
+ * error in proportion to W. With A's exact sums it would be d * sum(code * rounding error), codes 0..15 instead of
+ * W's centred values: 2.5-3x the error.
  *
  * The ONNX Runtime C API is used through the few entries below, declared here by their place in OrtApi
  * (the API is append-only: a place never changes, and ORT_API_VERSION_USED asks for a table that has them).
@@ -193,49 +195,45 @@ static void quantize_row_scalar(const float* a, const Layout* l, uint8_t* out) {
   expand_scales(dA, l);
 }
 
-/* rows [n0, n1) of W against `count` quantized rows of A (consecutive, `l->stride` apart); Y row r at y + r*ldy */
+/* rows [n0, n1) of W against `count` quantized rows of A (consecutive, `l->stride` apart); Y row r at y + r*ldy.
+ * q4: Q4_1 weights (nibbles in GGUF's order, the m term), else Q8_0 (bytes in A's pair order). */
 static void rows_scalar(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1, const uint8_t* aq,
-                        int count, const Layout* l, float* y, size_t ldy) {
+                        int count, const Layout* l, float* y, size_t ldy, int q4) {
+  const size_t row_bytes = q4 ? (size_t)l->nb * 16 : (size_t)l->pairs * 64;
   for (int r = 0; r < count; r++) {
     const uint8_t* row = aq + (size_t)r * l->stride;
     const int8_t* q = (const int8_t*)row;
     const float *dA = row_scales((uint8_t*)row, l), *sA = dA + l->nbp;
     for (int n = n0; n < n1; n++) {
-      const uint8_t* wq = qs + (size_t)n * l->nb * 16;
+      const uint8_t* wq = qs + (size_t)n * row_bytes;
       float acc = 0;
       for (int b = 0; b < l->nb; b++) {
-        const int8_t* pair = q + (b / 2) * 64 + (b & 1) * 16;
+        const int8_t* a = q + (b / 2) * 64 + (b & 1) * 16;
         int32_t dot = 0;
         for (int j = 0; j < 16; j++) {
-          dot += (wq[16 * b + j] & 0x0F) * pair[j] + (wq[16 * b + j] >> 4) * pair[32 + j];
+          if (q4) {
+            dot += (wq[16 * b + j] & 0x0F) * a[j] + (wq[16 * b + j] >> 4) * a[32 + j];
+          } else {
+            const int8_t* w = (const int8_t*)wq + (a - q);
+            dot += w[j] * a[j] + w[32 + j] * a[32 + j];
+          }
         }
-        acc += half_to_float(d[(size_t)n * l->nbp + b]) * dA[b] * (float)dot +
-               half_to_float(m[(size_t)n * l->nbp + b]) * sA[b];
+        acc += half_to_float(d[(size_t)n * l->nbp + b]) * dA[b] * (float)dot;
+        if (q4) acc += half_to_float(m[(size_t)n * l->nbp + b]) * sA[b];
       }
       y[(size_t)r * ldy + n] = acc;
     }
   }
 }
 
-static void rows8_scalar(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1, const uint8_t* aq,
-                         int count, const Layout* l, float* y, size_t ldy) {
-  (void)m;
-  for (int r = 0; r < count; r++) {
-    const uint8_t* row = aq + (size_t)r * l->stride;
-    const int8_t* q = (const int8_t*)row;
-    const float* dA = row_scales((uint8_t*)row, l);
-    for (int n = n0; n < n1; n++) {
-      const int8_t* wq = (const int8_t*)qs + (size_t)n * l->pairs * 64;
-      float acc = 0;
-      for (int b = 0; b < l->nb; b++) {
-        const int at = (b / 2) * 64 + (b & 1) * 16;
-        int32_t dot = 0;
-        for (int j = 0; j < 16; j++) dot += wq[at + j] * q[at + j] + wq[at + 32 + j] * q[at + 32 + j];
-        acc += half_to_float(d[(size_t)n * l->nbp + b]) * dA[b] * (float)dot;
-      }
-      y[(size_t)r * ldy + n] = acc;
-    }
-  }
+static void rows_Q4_1_scalar(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,
+                             const uint8_t* aq, int count, const Layout* l, float* y, size_t ldy) {
+  rows_scalar(qs, d, m, n0, n1, aq, count, l, y, ldy, 1);
+}
+
+static void rows_Q8_0_scalar(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,
+                             const uint8_t* aq, int count, const Layout* l, float* y, size_t ldy) {
+  rows_scalar(qs, d, m, n0, n1, aq, count, l, y, ldy, 0);
 }
 
 /* y[i] = silu(g[i]) * u[i] */
@@ -432,9 +430,9 @@ AVX2 static void swiglu_avx2(const float* g, const float* u, float* y, int n) {
 typedef void (*QuantizeRow)(const float*, const Layout*, uint8_t*);
 typedef void (*Rows)(const uint8_t*, const uint16_t*, const uint16_t*, int, int, const uint8_t*, int, const Layout*,
                      float*, size_t);
-static QuantizeRow quantize_row = quantize_row_scalar;
 typedef void (*Swiglu)(const float*, const float*, float*, int);
-static Rows rows = rows_scalar, rows8 = rows8_scalar;
+static QuantizeRow quantize_row = quantize_row_scalar;
+static Rows rows = rows_Q4_1_scalar, rows8 = rows_Q8_0_scalar;
 static Swiglu swiglu = swiglu_scalar;
 static const char* kernels = "scalar";
 
