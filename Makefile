@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint protos bench clean
 
-$(BIN)/.installed: pyproject.toml services/stage/cpu_kernels.c  # pip compiles the kernels into the package
+$(BIN)/.installed: pyproject.toml $(wildcard services/stage/cpu_*.[ch])  # pip compiles the kernels into the package
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
 	$(BIN)/python -m pip install --quiet -e '.[dev,qnn]'

@@ -4,7 +4,8 @@
     python bench/kernel_ab.py --b /tmp/wt/services/stage/cpu_kernels.c          # this checkout's build against a C file
     python bench/kernel_ab.py --a a.so --b b.so --rows 1,128 --rounds 40
 
-Each side is a library: a built .so, or a .c file that this compiles with gcc as pip does (-O3, hidden symbols).
+Each side is a library: a built .so, or a .c file that this compiles with the .c files beside it, with gcc as pip
+does (-O3, hidden symbols).
 Both are registered in one process (ONNX Runtime keeps a library per path, so the two builds' kernels live side by
 side) under serve's session settings (2 threads that spin 50 us), each running the same graph: MatMulQ4_1 nodes of
 SmolLM2's shapes for 8 layers (qkv 960 x 576, o 576 x 576, gate_up 3072 x 576, down 576 x 1536) and its
@@ -37,11 +38,14 @@ LM_HEAD = (49152, 576)
 
 
 def build(source: str, out_dir: Path) -> str:
-    """A library path: `source` itself if built, else compiled from a .c file."""
+    """A library path: `source` itself if built, else compiled from a .c file and the .c files beside it (the
+    library's other ops)."""
     if not source.endswith(".c"):
         return str(Path(source).resolve())
     out = out_dir / f"{len(list(out_dir.iterdir()))}_{Path(source).stem}.so"
-    subprocess.run(["gcc", "-O3", "-fPIC", "-shared", "-fvisibility=hidden", source, "-o", str(out)], check=True)
+    sources = sorted({str(p) for p in Path(source).parent.glob("*.c")} | {source})
+    subprocess.run(["gcc", "-O3", "-fPIC", "-shared", "-fvisibility=hidden", *sources, "-o", str(out), "-lm"],
+                   check=True)
     return str(out)
 
 

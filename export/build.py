@@ -309,11 +309,12 @@ def _write(
                       "consecutive pool slots), written in place",
             "dtype": "float32",
             "bytes_per_token_per_layer": kv_bytes,
+            "attention": "ai.splitllm Attention" if own_kernels else "com.microsoft GroupQueryAttention",
         },
         quantization={
             "groups": weights.groups,
             "accuracy_level": accuracy_level,
-            "cpu_kernels": "splitllm" if own_kernels and accuracy_level == 4 else "onnxruntime",
+            "cpu_kernels": "splitllm" if own_kernels else "onnxruntime",
         },
         tokenizer={
             "file": "tokenizer.json",

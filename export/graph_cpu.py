@@ -1,22 +1,24 @@
-"""The CPU stage graph: a slice of decoder layers with ONNX Runtime contrib operators and our own MatMulQ4_1 / Q8_0.
+"""The CPU stage graph: a slice of decoder layers with our own ops (MatMulQ4_1 / Q8_0, Attention) and ONNX Runtime's.
 
 One graph serves prompt processing and token generation (the sequence length is dynamic), so a
 stage holds one copy of its weights. Activations are 2-D [S, H] inside the graph (Gemm wants 2-D, and
-every node counts: a decode step runs ~20 nodes per layer at a few microseconds each). Per layer:
+every node counts: a decode step runs ~6 nodes per layer at a few microseconds each). Per layer:
 
     h, x = SkipSimplifiedLayerNorm(delta, x)          residual add fused into the norm
     qkv  = MatMulQ4_1(h, Wqkv)                         fused Q/K/V: GGUF Q4_1 blocks as they are, int8 activations
            or MatMulNBits(h, Wqkv)                     other weights, and every weight at accuracy level 0 (float);
            [Gemm(blocksum(h), Oqkv, qkv)]              then for Q4_1 also the exact minimum term (block sums of h)
-    a    = GroupQueryAttention(qkv, past KV, rotary)   KV written in place (past and present share a buffer)
+    a    = Attention(qkv, past KV, rotary)             ours (services/stage/cpu_attention.c), rows in and out;
+           or GroupQueryAttention(...)                 with --kernels onnxruntime. Both write the KV in place
+                                                       (past and present share a buffer)
     ...  o projection, SwiGLU MLP with fused gate/up (and with the activation inside MatMulQ4_1)
 
 Inputs: input_ids int32 [B, S] (first stage) or hidden_in float32 [B, S, H]; seqlens_k int32 [B]
-(= position + S - 1 per sequence); total_sequence_length int32 [] (the largest); past_key.{i}/past_value.{i}
-float32 [B, kv_heads, C, head_dim]. Outputs: hidden_out [B, S, H], or logits [B, vocab] of each sequence's
-last row (last stage); present_key.{i}/present_value.{i} (the same buffers as past when bound in place).
-B is 1 for a prompt chunk; B > 1 runs one token of each of B sessions whose KV are consecutive slots of
-one buffer (decode batching: the weights are read once for all B tokens).
+(= position + S - 1 per sequence); total_sequence_length int32 [] (the largest; GroupQueryAttention's, unused by
+ours); past_key.{i}/past_value.{i} float32 [B, kv_heads, C, head_dim]. Outputs: hidden_out [B, S, H], or logits
+[B, vocab] of each sequence's last row (last stage); present_key.{i}/present_value.{i} (the same buffers as past
+when bound in place). B is 1 for a prompt chunk; B > 1 runs one token of each of B sessions whose KV are
+consecutive slots of one buffer (decode batching: the weights are read once for all B tokens).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class CpuStageGraph:
         self, b: GraphBuilder, cfg: ModelConfig, context: int, accuracy_level: int, own_kernels: bool = True
     ) -> None:
         self.b, self.cfg, self.context, self.accuracy_level = b, cfg, context, accuracy_level
-        self.own_kernels = own_kernels and accuracy_level == 4  # our ops' math is level 4's: int8 activations
+        self.own_kernels = own_kernels and accuracy_level == 4  # our matmuls' math is level 4's: int8 activations
+        self.own_attention = own_kernels  # float32 at every level
         self.batch_shapes: dict[int, str] = {}
 
     def batched(self, x: str, n: int) -> str:
@@ -167,22 +170,19 @@ class CpuStageGraph:
         )
         q, k, v = (weight(p + t) for t in "qkv")
         qkv = concat_rows([q, k, v])
-        if qkv is not None:
-            gqa_in = [self.batched(self.linear(h, qkv, p + "qkv"), qkv.shape[0]), "", ""]
-        else:
-            gqa_in = [self.batched(self.linear(h, w, p + t), w.shape[0]) for w, t in ((q, "q"), (k, "k"), (v, "v"))]
-        attn = b.fresh("attn")
-        b.op(
-            "GroupQueryAttention",
-            gqa_in + [f"past_key.{i}", f"past_value.{i}", seqlens, total, rope[0], rope[1]],
-            outputs=[attn, f"present_key.{i}", f"present_value.{i}"],
-            domain=MS,
-            num_heads=c.num_heads,
-            kv_num_heads=c.num_kv_heads,
-            do_rotary=1,
-            rotary_interleaved=0,
-        )
-        attn = b.op("Reshape", [attn, b.const([-1, c.num_heads * c.head_dim], "tokens")])
+        parts = [(qkv, "qkv")] if qkv is not None else [(q, "q"), (k, "k"), (v, "v")]
+        rows = [(self.linear(h, w, p + t), w.shape[0]) for w, t in parts]  # (name, width)
+        attn, kv = b.fresh("attn"), [f"past_key.{i}", f"past_value.{i}"]
+        outs = [attn, f"present_key.{i}", f"present_value.{i}"]
+        heads = dict(num_heads=c.num_heads, kv_num_heads=c.num_kv_heads)
+        if self.own_attention:  # rows in, rows out
+            x_qkv = rows[0][0] if len(rows) == 1 else b.op("Concat", [r for r, _ in rows], axis=-1)
+            b.op("Attention", [x_qkv, *kv, seqlens, *rope], outputs=outs, domain=SPLITLLM, **heads)
+        else:  # GroupQueryAttention wants [B, S, width] and gives [B, S, heads * head_dim]
+            gqa_in = [self.batched(r, n) for r, n in rows] + ["", ""] * (len(rows) == 1)
+            b.op("GroupQueryAttention", gqa_in + [*kv, seqlens, total, *rope], outputs=outs, domain=MS,
+                 do_rotary=1, rotary_interleaved=0, **heads)
+            attn = b.op("Reshape", [attn, b.const([-1, c.num_heads * c.head_dim], "tokens")])
         o = self.linear(attn, weight(p + "o"), p + "o")
         h, x = self.skip_norm(o, x, weight(p + "ffn_norm"), p + "ffn_norm")
         gate_w, up_w = weight(p + "gate"), weight(p + "up")

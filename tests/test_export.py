@@ -305,7 +305,8 @@ def test_kernels_onnxruntime_exports_matmulnbits_with_the_same_logits(tmp_path, 
     export(smollm2_path, out, stages=4, kernels="onnxruntime")
     m, _ = load_manifest(out, verify=[])
     assert m.quantization["cpu_kernels"] == "onnxruntime"
-    for art, want in ((out, set()), (smollm2_artifacts, {"MatMulQ4_1", "MatMulQ8_0"})):
+    assert m.kv["attention"] == "com.microsoft GroupQueryAttention"
+    for art, want in ((out, set()), (smollm2_artifacts, {"MatMulQ4_1", "MatMulQ8_0", "Attention"})):
         ops = {n.op_type for k in range(4)
                for n in onnx.load(str(art / f"stage{k + 1}.cpu.onnx"), load_external_data=False).graph.node
                if n.domain == "ai.splitllm"}

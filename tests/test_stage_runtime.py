@@ -121,3 +121,8 @@ def test_a_stage_says_when_its_artifact_should_be_exported_again(smollm2_artifac
         "the artifact runs its Q4_1 layers as MatMulNBits and an offset Gemm",
         "the stage graph has no batch dimension",
     ]
+    assert m.kv["attention"] == "ai.splitllm Attention"
+    gqa = dataclasses.replace(m, kv={k: v for k, v in m.kv.items() if k != "attention"})
+    assert [r.split(" (")[0] for r in export_again(gqa, batched=True, kernels="avx2")] == [
+        "the artifact runs GroupQueryAttention"
+    ]

@@ -313,13 +313,16 @@ def export_again(manifest: Manifest, batched: bool, kernels: str) -> list[str]:
     q = manifest.quantization
     reasons = []
     if q.get("cpu_kernels") == "splitllm" and kernels == "scalar":
-        reasons.append("this CPU has no AVX2 (with FMA and F16C): the artifact's MatMulQ4_1 / MatMulQ8_0 run in "
-                       "portable C, ~20x slower; export with --kernels onnxruntime for ONNX Runtime's kernels")
+        reasons.append("this CPU has no AVX2 (with FMA and F16C): the artifact's MatMulQ4_1 / MatMulQ8_0 and Attention "
+                       "run in portable C, ~20x slower; export with --kernels onnxruntime for ONNX Runtime's kernels")
     if q.get("accuracy_level") == 4 and any(
         g.get("block_offsets") and g.get("format") == "MatMulNBits" for g in q.get("groups", {}).values()
     ):
         reasons.append("the artifact runs its Q4_1 layers as MatMulNBits and an offset Gemm (exported before "
                        "MatMulQ4_1): export it again for ~30 % faster token steps")
+    if q.get("cpu_kernels") == "splitllm" and "attention" not in manifest.kv:
+        reasons.append("the artifact runs GroupQueryAttention (exported before our Attention op): export it again for "
+                       "faster token steps, the more so the longer the context")
     if not batched:
         reasons.append("the stage graph has no batch dimension (exported before decode batching): concurrent "
                        "sessions' token steps run one by one; export the artifact again to batch them")

@@ -1,0 +1,366 @@
+/* ai.splitllm Attention: grouped-query attention with rotary embedding, over a KV cache written in place.
+ *
+ * Attention(qkv float [B*S, (H + 2G) * D], past_key float [B, G, C, D], past_value float [B, G, C, D],
+ *           seqlens_k int32 [B], cos float [C', D/2], sin float [C', D/2])
+ *     -> Y float [B*S, H * D], present_key [B, G, C, D], present_value [B, G, C, D]
+ * attributes num_heads = H, kv_num_heads = G (H a multiple of G); D is past_key's last dimension.
+ *
+ * qkv's rows b*S .. b*S + S - 1 are sequence b's new rows; row s is at position p = seqlens_k[b] - S + 1 + s, as in
+ * GroupQueryAttention: one prompt chunk (B = 1) or one token of each of B sessions (S = 1). Each row's q and k heads
+ * are rotated by the rotary embedding at p (the two halves of a head, not interleaved: cos and sin rows p of C' >= p + 1);
+ * k and v are written into the cache at p; q head h attends to positions 0..p of kv head h / (H / G), scaled by
+ * 1 / sqrt(D), with an exact softmax. present is past's buffer when the caller binds both to one (the stage does):
+ * then nothing is copied. Otherwise past is copied into present first.
+ *
+ * Why our own: ONNX Runtime's GroupQueryAttention cost ~20 % of a decode step (~47 us a layer at position 130) and
+ * ~27 % of a 1024-token prompt (Zen 3, 2 threads). Here a row's scores take 8 keys at a time (q against 8 key rows,
+ * FMA chains of D / 8, reduced together), and its values 2 keys at a time into 8 accumulators: ~16 FMAs per key
+ * and head at D = 64, near what the FMA units give. No graph node reshapes around it: qkv and Y are the rows the
+ * matmuls take and give.
+ */
+#include "cpu_kernels.h"
+
+enum {
+  ROPE_ROWS = 16,          /* rows per rotary task */
+  ROW_BLOCK = 16,          /* rows per attention task */
+  SERIAL_PAIRS = 4096,     /* below this many (row, key, head) triples, one thread does it all: waking the other costs more */
+  KEY_TILE = 64,           /* keys per tile: 16 KB of K and 16 of V at head_dim 64 */
+  MAX_GROUP = 64,          /* q heads per kv head, at most */
+  STACK_Q = 4096,          /* rotated queries on the stack up to this many floats */
+};
+
+/* Online softmax over tiles of keys (as FlashAttention): per query, m is the largest score so far, l the sum of
+ * exp(score - m), and y the sum of exp(score - m) * v; each tile rescales them to its new m. y / l at the end. */
+typedef struct {
+  float *m, *l, *y; /* y: nq rows of D, consecutive */
+} Running;
+
+/* nq queries (rows of D, consecutive) against n keys (rows of D, the tile's): r updated; s: scratch of nq * KEY_TILE.
+ * first: the tile's first use in this task (its rows are not in cache yet; the next tile's neither) */
+typedef void (*Tile)(const float* q, int nq, const float* k, const float* v, int n, int D, float* s, Running r,
+                     int first);
+
+typedef struct {
+  const float* qkv;
+  float *k, *v; /* present [B, G, C, D] */
+  const int32_t* seqlens;
+  const float *cos, *sin;
+  float* q; /* rotated queries, scaled by 1 / sqrt(D): [B*S, H, D] */
+  float* y;
+  int B, S, H, G, D, C, blocks; /* blocks: ROW_BLOCK-row blocks of one sequence */
+  float scale;
+} AttnJob;
+
+/* out = x rotated by the angles whose cos and sin are cs and sn (halves: x[j] with x[j + D/2]), times scale */
+static void rotate(const float* x, const float* cs, const float* sn, int half, float scale, float* out) {
+  for (int j = 0; j < half; j++) {
+    const float a = x[j], b = x[j + half];
+    out[j] = (a * cs[j] - b * sn[j]) * scale;
+    out[j + half] = (b * cs[j] + a * sn[j]) * scale;
+  }
+}
+
+/* A tile's scores are in s[0..n) (one query), their maximum mx: exponentials in place, and the running sums rescaled
+ * to the new maximum. Returns the factor y must be scaled by before this tile's values go in. */
+static float rescale(float* s, int n, float mx, float* m, float* l, float (*exps)(float*, int, float)) {
+  mx = fmaxf(mx, *m);
+  const float old = *m == -INFINITY ? 0.f : expf(*m - mx);
+  *l = *l * old + exps(s, n, mx);
+  *m = mx;
+  return old;
+}
+
+static float max_scalar(const float* s, int n) {
+  float mx = -INFINITY;
+  for (int j = 0; j < n; j++) mx = fmaxf(mx, s[j]);
+  return mx;
+}
+
+/* s[j] = exp(s[j] - mx); returns their sum */
+static float exps_scalar(float* s, int n, float mx) {
+  float sum = 0;
+  for (int j = 0; j < n; j++) sum += s[j] = expf(s[j] - mx);
+  return sum;
+}
+
+/* One tile, portable C. */
+static void tile_scalar(const float* q, int nq, const float* k, const float* v, int n, int D, float* s, Running r,
+                        int first) {
+  (void)first;
+  for (int i = 0; i < nq; i++, q += D) {
+    for (int j = 0; j < n; j++) {
+      float dot = 0;
+      for (int d = 0; d < D; d++) dot += q[d] * k[(size_t)j * D + d];
+      s[j] = dot;
+    }
+    float* y = r.y + (size_t)i * D;
+    const float old = rescale(s, n, max_scalar(s, n), r.m + i, r.l + i, exps_scalar);
+    for (int d = 0; d < D; d++) y[d] *= old;
+    for (int j = 0; j < n; j++)
+      for (int d = 0; d < D; d++) y[d] += s[j] * v[(size_t)j * D + d];
+  }
+}
+
+#ifdef HAVE_X86
+AVX2 static inline float hsum_avx2(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+AVX2 static float max_avx2(const float* s, int n) {
+  __m256 mx8 = _mm256_set1_ps(-INFINITY);
+  int j = 0;
+  for (; j + 8 <= n; j += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + j));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx8), _mm256_extractf128_ps(mx8, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  return fmaxf(_mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))), max_scalar(s + j, n - j));
+}
+
+AVX2 static float exps_avx2(float* s, int n, float mx) {
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 sum8 = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+    _mm256_storeu_ps(s + j, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  return hsum_avx2(sum8) + exps_scalar(s + j, n - j, mx);
+}
+
+/* tile_scalar's math for NQ queries at once (the q heads that share a kv head), D a multiple of 16: each key and value
+ * row is loaded once for all of them. Scores 2 keys at a time (2 * NQ FMA chains of D / 8), values 16 columns at a
+ * time (2 * NQ chains). NQ is a constant in each copy, so the accumulators stay in registers. */
+AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const float* q, const int NQ, const float* k,
+                                                                   const float* v, int n, int D, float* s, Running r,
+                                                                   int first) {
+  int j = 0;
+  for (; j + 2 <= n; j += 2) {
+    const float *k0 = k + (size_t)j * D, *k1 = k0 + D;
+    if (first) /* the values below read these rows a column block at a time: ask for them early (decode 2.5x faster) */
+      for (int c = 0; c < 2 * D; c += 16) {
+        _mm_prefetch((const char*)(v + (size_t)j * D + c), _MM_HINT_T0);
+        _mm_prefetch((const char*)(k0 + KEY_TILE * D + c), _MM_HINT_T0); /* and the next tile's keys */
+      }
+    __m256 a0[4], a1[4];
+    for (int i = 0; i < NQ; i++) a0[i] = a1[i] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+      const __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
+      for (int i = 0; i < NQ; i++) {
+        const __m256 qi = _mm256_loadu_ps(q + i * D + d);
+        a0[i] = _mm256_fmadd_ps(qi, x0, a0[i]);
+        a1[i] = _mm256_fmadd_ps(qi, x1, a1[i]);
+      }
+    }
+    for (int i = 0; i < NQ; i++) { /* [k0 k1 k0 k1] */
+      const __m256 h = _mm256_hadd_ps(a0[i], a1[i]);
+      __m128 t = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      _mm_storel_pi((__m64*)(s + i * KEY_TILE + j), _mm_hadd_ps(t, t));
+    }
+  }
+  if (j < n)
+    for (int i = 0; i < NQ; i++) {
+      __m256 a = _mm256_setzero_ps();
+      for (int d = 0; d < D; d += 8)
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * D + d), _mm256_loadu_ps(k + (size_t)j * D + d), a);
+      s[i * KEY_TILE + j] = hsum_avx2(a);
+    }
+  __m256 old[4];
+  for (int i = 0; i < NQ; i++) old[i] = _mm256_set1_ps(rescale(s + i * KEY_TILE, n, max_avx2(s + i * KEY_TILE, n), r.m + i, r.l + i, exps_avx2));
+  for (int d = 0; d < D; d += 16) {
+    __m256 e0[4], e1[4];
+    for (int i = 0; i < NQ; i++) {
+      e0[i] = _mm256_mul_ps(_mm256_loadu_ps(r.y + i * D + d), old[i]);
+      e1[i] = _mm256_mul_ps(_mm256_loadu_ps(r.y + i * D + d + 8), old[i]);
+    }
+    for (j = 0; j < n; j++) {
+      const __m256 v0 = _mm256_loadu_ps(v + (size_t)j * D + d), v1 = _mm256_loadu_ps(v + (size_t)j * D + d + 8);
+      for (int i = 0; i < NQ; i++) {
+        const __m256 p = _mm256_broadcast_ss(s + i * KEY_TILE + j);
+        e0[i] = _mm256_fmadd_ps(p, v0, e0[i]);
+        e1[i] = _mm256_fmadd_ps(p, v1, e1[i]);
+      }
+    }
+    for (int i = 0; i < NQ; i++) {
+      _mm256_storeu_ps(r.y + i * D + d, e0[i]);
+      _mm256_storeu_ps(r.y + i * D + d + 8, e1[i]);
+    }
+  }
+}
+
+AVX2 static void tile_avx2(const float* q, int nq, const float* k, const float* v, int n, int D, float* s, Running r,
+                           int first) {
+  for (; nq > 0; nq -= 4, q += 4 * D, r.m += 4, r.l += 4, r.y += 4 * D) {
+    if (nq >= 4) tile_avx2_n(q, 4, k, v, n, D, s, r, first);
+    if (nq == 3) tile_avx2_n(q, 3, k, v, n, D, s, r, first);
+    if (nq == 2) tile_avx2_n(q, 2, k, v, n, D, s, r, first);
+    if (nq == 1) tile_avx2_n(q, 1, k, v, n, D, s, r, first);
+  }
+}
+#endif
+
+static Tile tile_fast = tile_scalar; /* for D a multiple of 16; tile_scalar for any other D */
+
+void attention_use_avx2(void) {
+#ifdef HAVE_X86
+  tile_fast = tile_avx2;
+#endif
+}
+
+/* task i: rows [16i, 16i + 16) rotated; their q into job->q, their k and v into the cache at their positions */
+static void rope_task(void* p, size_t i) {
+  const AttnJob* j = (const AttnJob*)p;
+  const int D = j->D, half = D / 2, W = (j->H + 2 * j->G) * D, rows = j->B * j->S;
+  const int r1 = (int)(i + 1) * ROPE_ROWS < rows ? (int)(i + 1) * ROPE_ROWS : rows;
+  for (int r = (int)i * ROPE_ROWS; r < r1; r++) {
+    const int b = r / j->S, pos = j->seqlens[b] - j->S + 1 + r % j->S;
+    const float *x = j->qkv + (size_t)r * W, *cs = j->cos + (size_t)pos * half, *sn = j->sin + (size_t)pos * half;
+    for (int h = 0; h < j->H; h++) rotate(x + h * D, cs, sn, half, j->scale, j->q + ((size_t)r * j->H + h) * D);
+    for (int g = 0; g < j->G; g++) {
+      const size_t at = (((size_t)b * j->G + g) * j->C + pos) * D;
+      rotate(x + (j->H + g) * D, cs, sn, half, 1.f, j->k + at);
+      memcpy(j->v + at, x + (j->H + j->G + g) * D, (size_t)D * sizeof(float));
+    }
+  }
+}
+
+/* task i: the q heads of one kv head, for one ROW_BLOCK of one sequence. Tiles of keys outside, rows inside: each
+ * tile is read from memory once for all of the block's rows (row by row, a 1024-token prompt read 512 KB of K and V
+ * per row and head group, and waited on it). */
+static void attend_task(void* p, size_t i) {
+  const AttnJob* j = (const AttnJob*)p;
+  const int D = j->D, blocks = j->blocks, per = j->H / j->G;
+  const int b = (int)(i / ((size_t)j->G * blocks)), g = (int)(i / blocks % j->G), blk = (int)(i % blocks);
+  const int s0 = blk * ROW_BLOCK, s1 = s0 + ROW_BLOCK < j->S ? s0 + ROW_BLOCK : j->S;
+  const int keys0 = j->seqlens[b] - j->S + 2; /* keys of row 0: positions 0..its own */
+  const float *k = j->k + ((size_t)b * j->G + g) * j->C * D, *v = j->v + ((size_t)b * j->G + g) * j->C * D;
+  const Tile tile = D % 16 ? tile_scalar : tile_fast;
+  float scores[4 * KEY_TILE], m[ROW_BLOCK * MAX_GROUP], l[ROW_BLOCK * MAX_GROUP];
+  for (int x = 0; x < (s1 - s0) * per; x++) m[x] = -INFINITY, l[x] = 0;
+  for (int s = s0; s < s1; s++) memset(j->y + (((size_t)b * j->S + s) * j->H + (size_t)g * per) * D, 0, sizeof(float) * per * D);
+  for (int t = 0; t < keys0 + s1 - 1; t += KEY_TILE) {
+    int fresh = 1;
+    for (int s = s0; s < s1; s++) {
+      const int n = keys0 + s - t < KEY_TILE ? keys0 + s - t : KEY_TILE;
+      if (n <= 0) continue;
+      const size_t at = (((size_t)b * j->S + s) * j->H + (size_t)g * per) * D;
+      const int x = (s - s0) * per;
+      tile(j->q + at, per, k + (size_t)t * D, v + (size_t)t * D, n, D, scores, (Running){m + x, l + x, j->y + at}, fresh);
+      fresh = 0;
+    }
+  }
+  for (int s = s0; s < s1; s++)
+    for (int h = 0; h < per; h++) {
+      float* y = j->y + (((size_t)b * j->S + s) * j->H + (size_t)g * per + h) * D;
+      const float inv = 1.f / l[(s - s0) * per + h];
+      for (int d = 0; d < D; d++) y[d] *= inv;
+    }
+}
+
+typedef struct {
+  int64_t H, G;
+} AttnKernel;
+
+static OrtStatus* fail(const char* msg) { return error(ORT_INVALID_ARGUMENT, msg); }
+
+static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
+  const AttnKernel* kn = (const AttnKernel*)kernel;
+  const OrtValue *in[6];
+  int64_t dims[6][8];
+  size_t rank[6];
+  char msg[256];
+  for (size_t i = 0; i < 6; i++) CHECK(tensor(ctx, i, &in[i], dims[i], &rank[i]));
+  const int64_t* kd = dims[1];
+  if (rank[1] != 4 || kd[1] != kn->G || kd[3] <= 0 || kd[3] % 2 || kd[3] > 1024) {
+    snprintf(msg, sizeof msg, "Attention: past_key must be [batch, kv_num_heads = %lld, context, head_dim (even, at most 1024)]",
+             (long long)kn->G);
+    return fail(msg);
+  }
+  const int B = (int)kd[0], G = (int)kn->G, H = (int)kn->H, C = (int)kd[2], D = (int)kd[3];
+  if (rank[2] != 4 || memcmp(dims[2], kd, 4 * sizeof(int64_t)))
+    return fail("Attention: past_value's shape differs from past_key's");
+  if (rank[3] != 1 || dims[3][0] != B) return fail("Attention: seqlens_k must be [batch], batch as past_key's");
+  if (rank[0] != 2 || dims[0][1] != (int64_t)(H + 2 * G) * D || (B && dims[0][0] % B)) {
+    snprintf(msg, sizeof msg, "Attention: qkv must be [batch * rows, (num_heads + 2 * kv_num_heads) * head_dim = %lld]",
+             (long long)(H + 2 * G) * D);
+    return fail(msg);
+  }
+  for (int i = 4; i < 6; i++)
+    if (rank[i] != 2 || dims[i][1] != D / 2) return fail("Attention: cos and sin must be [positions, head_dim / 2]");
+  const int rows = (int)dims[0][0], S = B ? rows / B : 0;
+  const int32_t* seqlens = (const int32_t*)data(in[3]);
+  const int64_t limit = C < dims[4][0] ? C : dims[4][0]; /* positions the cache and the rotary tables have */
+  for (int b = 0; b < B && S; b++)
+    if (seqlens[b] < S - 1 || seqlens[b] >= limit) {
+      snprintf(msg, sizeof msg, "Attention: seqlens_k[%d] = %d puts %d new rows at positions outside 0..%lld", b,
+               (int)seqlens[b], S, (long long)limit - 1);
+      return fail(msg);
+    }
+  int64_t ydims[2] = {rows, (int64_t)H * D};
+  OrtValue *y, *present[2];
+  CHECK(((KernelContext_GetOutput_t)API(KernelContext_GetOutput))(ctx, 0, ydims, 2, &y));
+  for (int i = 0; i < 2; i++) {
+    CHECK(((KernelContext_GetOutput_t)API(KernelContext_GetOutput))(ctx, 1 + i, kd, 4, &present[i]));
+    void *dst = data(present[i]), *src = data(in[1 + i]);
+    if (dst != src && dst && src) memcpy(dst, src, (size_t)B * G * C * D * sizeof(float));
+  }
+  if (rows == 0) return NULL;
+  AttnJob j = {(const float*)data(in[0]), (float*)data(present[0]), (float*)data(present[1]), seqlens,
+               (const float*)data(in[4]), (const float*)data(in[5]), NULL, (float*)data(y), B, S, H, G, D, C,
+               (S + ROW_BLOCK - 1) / ROW_BLOCK, 1.f / sqrtf((float)D)};
+  float stack[STACK_Q];
+  const size_t qn = (size_t)rows * H * D;
+  j.q = qn <= STACK_Q ? stack : (float*)malloc(qn * sizeof(float));
+  if (!j.q) return error(ORT_FAIL, "Attention: out of memory for the rotated queries");
+  int64_t pairs = 0; /* (row, key) pairs, times the heads: the work */
+  for (int b = 0; b < B; b++) pairs += (int64_t)S * (seqlens[b] + 1) - (int64_t)S * (S - 1) / 2;
+  pairs *= H;
+  const size_t rope_tasks = (size_t)(rows + ROPE_ROWS - 1) / ROPE_ROWS, tasks = (size_t)B * G * j.blocks;
+  OrtStatus* s = NULL;
+  if (pairs < SERIAL_PAIRS) {
+    for (size_t i = 0; i < rope_tasks; i++) rope_task(&j, i);
+    for (size_t i = 0; i < tasks; i++) attend_task(&j, i);
+  } else {
+    KernelContext_ParallelFor_t parallel_for = (KernelContext_ParallelFor_t)API(KernelContext_ParallelFor);
+    s = rope_tasks == 1 ? (rope_task(&j, 0), NULL) : parallel_for(ctx, rope_task, rope_tasks, 0, &j);
+    if (!s) s = parallel_for(ctx, attend_task, tasks, 0, &j);
+  }
+  if (j.q != stack) free(j.q);
+  return s;
+}
+
+static OrtStatus* create(const struct OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
+  (void)op, (void)api;
+  AttnKernel k;
+  KernelInfoGetAttribute_int64_t get = (KernelInfoGetAttribute_int64_t)API(KernelInfoGetAttribute_int64);
+  CHECK(get(info, "num_heads", &k.H));
+  CHECK(get(info, "kv_num_heads", &k.G));
+  if (k.G <= 0 || k.H <= 0 || k.H % k.G || k.H / k.G > MAX_GROUP) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "Attention: num_heads = %lld must be a positive multiple of kv_num_heads = %lld (at most %d times)",
+             (long long)k.H, (long long)k.G, MAX_GROUP);
+    return error(ORT_INVALID_ARGUMENT, msg);
+  }
+  AttnKernel* p = (AttnKernel*)malloc(sizeof *p);
+  if (!p) return error(ORT_FAIL, "Attention: out of memory");
+  *p = k;
+  *out = p;
+  return NULL;
+}
+
+static const char* name(const struct OrtCustomOp* op) { (void)op; return "Attention"; }
+static const char* provider(const struct OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const struct OrtCustomOp* op, size_t i) { (void)op; return i == 3 ? TYPE_INT32 : TYPE_FLOAT; }
+static size_t input_count(const struct OrtCustomOp* op) { (void)op; return 6; }
+static int output_type(const struct OrtCustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static size_t output_count(const struct OrtCustomOp* op) { (void)op; return 3; }
+static void destroy(void* kernel) { free(kernel); }
+static int required(const struct OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+static int memory_default(const struct OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+static int arity_one(const struct OrtCustomOp* op) { (void)op; return 1; }
+
+const OrtCustomOp attention_op = {
+    CUSTOM_OP_VERSION, NULL, name, provider, input_type, input_count, output_type, output_count, NULL,
+    destroy, required, required, memory_default, arity_one, arity_one, arity_one, arity_one, create, compute,
+};

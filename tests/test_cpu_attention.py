@@ -1,0 +1,194 @@
+"""services/stage/cpu_attention.c: ai.splitllm Attention against ONNX Runtime's GroupQueryAttention (the op it
+replaces) and against numpy, on prompt chunks, batched decode, the KV cache written in place, and bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from splitllm.services.stage.runtime import session_options
+
+ROOT = Path(__file__).resolve().parent.parent
+C = 48  # context
+
+
+def tables(d: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    angle = np.outer(np.arange(C), theta ** -(np.arange(0, d, 2) / d))
+    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
+def model(op: str, h: int, g: int, d: int) -> bytes:
+    """One attention node over rows qkv [B*S, (h + 2g) d]; GroupQueryAttention needs [B, S, ...] around it."""
+    f = TensorProto.FLOAT
+    ins = [helper.make_tensor_value_info("qkv", f, [None, None]),
+           helper.make_tensor_value_info("past_key", f, [None, g, C, d]),
+           helper.make_tensor_value_info("past_value", f, [None, g, C, d]),
+           helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [None]),
+           helper.make_tensor_value_info("total", TensorProto.INT32, []),
+           helper.make_tensor_value_info("cos", f, [C, d // 2]),
+           helper.make_tensor_value_info("sin", f, [C, d // 2])]
+    outs = [helper.make_tensor_value_info("y", f, None), helper.make_tensor_value_info("present_key", f, None),
+            helper.make_tensor_value_info("present_value", f, None)]
+    kv = ["past_key", "past_value", "seqlens_k"]
+    if op == "Attention":
+        nodes = [helper.make_node("Attention", ["qkv", *kv, "cos", "sin"], ["y", "present_key", "present_value"],
+                                  domain="ai.splitllm", num_heads=h, kv_num_heads=g)]
+    else:
+        nodes = [
+            helper.make_node("Shape", ["seqlens_k"], ["b"]),
+            helper.make_node("Constant", [], ["rest"], value=helper.make_tensor("r", TensorProto.INT64, [2],
+                                                                                  [-1, (h + 2 * g) * d])),
+            helper.make_node("Concat", ["b", "rest"], ["shape"], axis=0),
+            helper.make_node("Reshape", ["qkv", "shape"], ["qkv3"]),
+            helper.make_node("GroupQueryAttention", ["qkv3", "", "", *kv, "total", "cos", "sin"],
+                             ["y3", "present_key", "present_value"], domain="com.microsoft", num_heads=h,
+                             kv_num_heads=g, do_rotary=1, rotary_interleaved=0),
+            helper.make_node("Constant", [], ["flat"], value=helper.make_tensor("f", TensorProto.INT64, [2],
+                                                                                [-1, h * d])),
+            helper.make_node("Reshape", ["y3", "flat"], ["y"]),
+        ]
+    graph = helper.make_graph(nodes, op, ins, outs)
+    opsets = [helper.make_opsetid(domain, 1) for domain in ("ai.splitllm", "com.microsoft")]
+    opsets.append(helper.make_opsetid("", 17))
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+
+
+def session(op: str, h: int, g: int, d: int) -> ort.InferenceSession:
+    return ort.InferenceSession(model(op, h, g, d), session_options(2, spin=True), providers=["CPUExecutionProvider"])
+
+
+def feed(rng: np.random.Generator, h: int, g: int, d: int, seqlens: list[int], rows: int) -> dict[str, np.ndarray]:
+    b = len(seqlens)
+    cos, sin = tables(d)
+    kv = rng.normal(0, 1, (2, b, g, C, d)).astype(np.float32)
+    return {"qkv": rng.normal(0, 1, (b * rows, (h + 2 * g) * d)).astype(np.float32), "past_key": kv[0],
+            "past_value": kv[1], "seqlens_k": np.array(seqlens, np.int32),
+            "total": np.array(max(seqlens) + 1, np.int32), "cos": cos, "sin": sin}
+
+
+def reference(f: dict[str, np.ndarray], h: int, g: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The op's math in numpy (float64)."""
+    b = len(f["seqlens_k"])
+    rows = f["qkv"].shape[0] // b
+    k_cache, v_cache = f["past_key"].astype(np.float64), f["past_value"].astype(np.float64)
+    x = f["qkv"].astype(np.float64).reshape(b, rows, h + 2 * g, d)
+    y = np.zeros((b, rows, h, d))
+    for i, last in enumerate(f["seqlens_k"]):
+        pos = np.arange(last - rows + 1, last + 1)
+        cos, sin = f["cos"][pos][:, None], f["sin"][pos][:, None]
+
+        def rotate(t: np.ndarray, cos: np.ndarray = cos, sin: np.ndarray = sin) -> np.ndarray:
+            a, c = t[..., : d // 2], t[..., d // 2 :]
+            return np.concatenate([a * cos - c * sin, c * cos + a * sin], -1)
+
+        q, k, v = rotate(x[i, :, :h]), rotate(x[i, :, h : h + g]), x[i, :, h + g :]
+        k_cache[i][:, pos], v_cache[i][:, pos] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+        for head in range(h):
+            kv = head // (h // g)
+            scores = q[:, head] @ k_cache[i, kv, : last + 1].T / np.sqrt(d)
+            scores[np.arange(rows)[:, None] < np.arange(last + 1)[None] - pos[0]] = -np.inf  # causal
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            y[i, :, head] = (p / p.sum(-1, keepdims=True)) @ v_cache[i, kv, : last + 1]
+    return y.reshape(b * rows, h * d), k_cache, v_cache
+
+
+# (num_heads, kv_num_heads, head_dim): SmolLM2's, Llama 3's head size, and a head size off the AVX2 path (D % 32)
+HEADS = [(9, 3, 64), (4, 1, 128), (6, 2, 16)]
+CASES = [([6], 7), ([25], 5), ([0], 1), ([30, 3, 17], 1), ([47], 1), ([40, 40], 2)]  # seqlens_k, rows per sequence
+
+
+def check_against_gqa_and_numpy(h: int, g: int, d: int) -> None:
+    ours, gqa = session("Attention", h, g, d), session("GroupQueryAttention", h, g, d)
+    rng = np.random.default_rng(h * 100 + d)
+    for seqlens, rows in CASES:
+        f = feed(rng, h, g, d, seqlens, rows)
+        y, k, v = ours.run(None, f)
+        ref = reference(f, h, g, d)
+        assert y.shape == (len(seqlens) * rows, h * d)
+        for got, r in zip((y, k, v), ref, strict=True):
+            assert np.abs(got - r).max() < 1e-5, (seqlens, rows)
+        if len(seqlens) > 1 and rows > 1:
+            continue  # GroupQueryAttention takes several rows of one sequence only
+        want = gqa.run(None, f)
+        assert np.abs(y - want[0]).max() < 1e-5, (seqlens, rows)
+        for i, last in enumerate(seqlens):  # GroupQueryAttention leaves a present it did not share zero past the end
+            for got, w in ((k, want[1]), (v, want[2])):
+                assert np.abs(got[i, :, : last + 1] - w[i, :, : last + 1]).max() < 1e-5, (seqlens, rows)
+
+
+@pytest.mark.parametrize("h,g,d", HEADS)
+def test_attention_matches_group_query_attention(h, g, d):
+    check_against_gqa_and_numpy(h, g, d)
+
+
+def test_the_portable_path_matches_too():
+    """SPLITLLM_CPU_KERNELS=scalar (CPUs without AVX2), in a process of its own: the library picks once."""
+    code = ("import sys; sys.path.insert(0, 'tests')\n"
+            "from test_cpu_attention import HEADS, check_against_gqa_and_numpy\n"
+            "for h, g, d in HEADS: check_against_gqa_and_numpy(h, g, d)\n")
+    env = {**os.environ, "SPLITLLM_CPU_KERNELS": "scalar"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_a_long_prompt_chunk_spreads_over_threads_and_agrees():
+    """Enough work for the thread pool (rows in several blocks, positions near the end of the context)."""
+    h, g, d = 9, 3, 64
+    ours = session("Attention", h, g, d)
+    f = feed(np.random.default_rng(5), h, g, d, [C - 1], 40)
+    for got, want in zip(ours.run(None, f), reference(f, h, g, d), strict=True):
+        assert np.abs(got - want).max() < 1e-5
+
+
+def test_the_cache_is_written_in_place_when_past_and_present_share_a_buffer():
+    """As the stage binds them: only the new positions change, and the next step reads them."""
+    h, g, d = 9, 3, 64
+    s = session("Attention", h, g, d)
+    rng = np.random.default_rng(6)
+    f = feed(rng, h, g, d, [9], 4)
+    kv = {n: f[n].copy() for n in ("past_key", "past_value")}
+    before = {n: a.copy() for n, a in kv.items()}
+    binding = s.io_binding()
+    for name, a in kv.items():
+        value = ort.OrtValue.ortvalue_from_numpy(a)
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
+    for name in ("qkv", "seqlens_k", "total", "cos", "sin"):
+        binding.bind_cpu_input(name, f[name])
+    y = np.empty((4, h * d), np.float32)
+    binding.bind_output("y", "cpu", element_type=np.float32, shape=y.shape, buffer_ptr=y.ctypes.data)
+    s.run_with_iobinding(binding)
+    want_y, want_k, want_v = reference(f, h, g, d)
+    assert np.abs(y - want_y).max() < 1e-5
+    assert np.abs(kv["past_key"] - want_k).max() < 1e-5 and np.abs(kv["past_value"] - want_v).max() < 1e-5
+    for name, a in kv.items():
+        untouched = np.ones(C, bool)
+        untouched[6:10] = False
+        assert np.array_equal(a[:, :, untouched], before[name][:, :, untouched])
+
+
+def test_bad_input_is_refused_by_name_and_the_session_still_serves():
+    h, g, d = 9, 3, 64
+    s = session("Attention", h, g, d)
+    rng = np.random.default_rng(7)
+    good = feed(rng, h, g, d, [5], 2)
+    bad = [
+        ({"seqlens_k": np.array([C], np.int32)}, "seqlens_k[0] = 48"),  # past the context
+        ({"seqlens_k": np.array([0], np.int32)}, "seqlens_k[0] = 0"),  # 2 rows cannot end at position 0
+        ({"qkv": good["qkv"][:, :-64]}, "qkv must be"),
+        ({"seqlens_k": np.array([5, 5], np.int32)}, "seqlens_k must be [batch]"),
+    ]
+    for change, message in bad:
+        with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
+            s.run(None, {**good, **change})
+    y = s.run(None, good)[0]
+    assert np.abs(y - reference(good, h, g, d)[0]).max() < 1e-5
+    with pytest.raises(Exception, match="num_heads = 8 must be a positive multiple of kv_num_heads = 3"):
+        session("Attention", 8, 3, 64)
