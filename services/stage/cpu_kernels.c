@@ -183,6 +183,10 @@ AVX2 static void quantize_row_avx2(const float* a, const Layout* l, uint8_t* out
   expand_scales(dA, l);
 }
 
+/* weight rows ahead that a row kernel asks the cache for (bench/kernel_ab.py, 30 layers, one row: 4 and 8 rows ahead
+ * 10 % faster than none, 16 slower) */
+enum { PREFETCH_ROWS = 4 };
+
 static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     {0, 0, 0, 0, 1, 1, 1, 1}, {2, 2, 2, 2, 3, 3, 3, 3}, {4, 4, 4, 4, 5, 5, 5, 5}, {6, 6, 6, 6, 7, 7, 7, 7}};
 
@@ -251,6 +255,12 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     for (int n = n0; n < n1; n++) {                                                                                   \
       const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                 \
       const uint16_t* wd = d + (size_t)n * nbp;                                                                       \
+      if (n + PREFETCH_ROWS < n1) { /* the hardware's prefetch alone left one-row steps waiting on memory */          \
+        const size_t ahead = PREFETCH_ROWS * row_bytes;                                                               \
+        for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char*)(wq + ahead + c), _MM_HINT_T0);          \
+        _mm_prefetch((const char*)(wd + PREFETCH_ROWS * nbp), _MM_HINT_T0);                                           \
+        if (Q4) _mm_prefetch((const char*)(m + (size_t)(n + PREFETCH_ROWS) * nbp), _MM_HINT_T0);                      \
+      }                                                                                                               \
       __m256 even[R], odd[R];                                                                                         \
       for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();                                            \
       for (int g = 0; g < nb; g += 8) {                                                                               \
