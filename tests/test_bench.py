@@ -305,3 +305,17 @@ def test_kernel_ab_builds_the_other_side_and_times_both(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "ab.json").read_text())
     assert set(doc["rows"]) == {"1", "5"}
     assert all(r["a_ms"] > 0 and r["b_ms"] > 0 and 0 <= r["b_faster_rounds"] <= 2 for r in doc["rows"].values())
+
+
+def test_attention_speed_times_both_ops_on_both_head_shapes(tmp_path, monkeypatch):
+    """bench/attention_speed.py: our Attention and GroupQueryAttention, each case, each model's heads."""
+    from splitllm.bench import attention_speed
+
+    monkeypatch.setattr(attention_speed, "RESULTS", tmp_path / "attn.json")
+    monkeypatch.setattr(sys, "argv", ["attn", "--rounds", "2", "--context", "1024"])
+    attention_speed.main()
+    doc = json.loads((tmp_path / "attn.json").read_text())
+    assert set(doc["results"]) == {"smollm2", "llama3-8b"}
+    for cases in doc["results"].values():
+        assert set(cases) == {"decode at 160", "decode at 600", "decode at 1000", "1024-token prompt"}
+        assert all(c["ours_us"] > 0 and c["gqa_us"] > 0 for c in cases.values())

@@ -1,5 +1,6 @@
 """services/stage/cpu_attention.c: ai.splitllm Attention against ONNX Runtime's GroupQueryAttention (the op it
-replaces) and against numpy, on prompt chunks, batched decode, the KV cache written in place, and bad input."""
+replaces) and against numpy, on prompt chunks, batched decode, the KV cache written in place, and bad input. The
+one-node graphs are bench/attention_speed.py's."""
 
 from __future__ import annotations
 
@@ -11,63 +12,24 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 
+from splitllm.bench.attention_speed import model, tables
 from splitllm.services.stage.runtime import session_options
 
 ROOT = Path(__file__).resolve().parent.parent
 C = 48  # context
 
 
-def tables(d: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
-    angle = np.outer(np.arange(C), theta ** -(np.arange(0, d, 2) / d))
-    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+def session(op: str, h: int, g: int, d: int, context: int = C) -> ort.InferenceSession:
+    return ort.InferenceSession(model(op, h, g, d, context), session_options(2, spin=True),
+                                providers=["CPUExecutionProvider"])
 
 
-def model(op: str, h: int, g: int, d: int) -> bytes:
-    """One attention node over rows qkv [B*S, (h + 2g) d]; GroupQueryAttention needs [B, S, ...] around it."""
-    f = TensorProto.FLOAT
-    ins = [helper.make_tensor_value_info("qkv", f, [None, None]),
-           helper.make_tensor_value_info("past_key", f, [None, g, C, d]),
-           helper.make_tensor_value_info("past_value", f, [None, g, C, d]),
-           helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [None]),
-           helper.make_tensor_value_info("total", TensorProto.INT32, []),
-           helper.make_tensor_value_info("cos", f, [C, d // 2]),
-           helper.make_tensor_value_info("sin", f, [C, d // 2])]
-    outs = [helper.make_tensor_value_info("y", f, None), helper.make_tensor_value_info("present_key", f, None),
-            helper.make_tensor_value_info("present_value", f, None)]
-    kv = ["past_key", "past_value", "seqlens_k"]
-    if op == "Attention":
-        nodes = [helper.make_node("Attention", ["qkv", *kv, "cos", "sin"], ["y", "present_key", "present_value"],
-                                  domain="ai.splitllm", num_heads=h, kv_num_heads=g)]
-    else:
-        nodes = [
-            helper.make_node("Shape", ["seqlens_k"], ["b"]),
-            helper.make_node("Constant", [], ["rest"], value=helper.make_tensor("r", TensorProto.INT64, [2],
-                                                                                  [-1, (h + 2 * g) * d])),
-            helper.make_node("Concat", ["b", "rest"], ["shape"], axis=0),
-            helper.make_node("Reshape", ["qkv", "shape"], ["qkv3"]),
-            helper.make_node("GroupQueryAttention", ["qkv3", "", "", *kv, "total", "cos", "sin"],
-                             ["y3", "present_key", "present_value"], domain="com.microsoft", num_heads=h,
-                             kv_num_heads=g, do_rotary=1, rotary_interleaved=0),
-            helper.make_node("Constant", [], ["flat"], value=helper.make_tensor("f", TensorProto.INT64, [2],
-                                                                                [-1, h * d])),
-            helper.make_node("Reshape", ["y3", "flat"], ["y"]),
-        ]
-    graph = helper.make_graph(nodes, op, ins, outs)
-    opsets = [helper.make_opsetid(domain, 1) for domain in ("ai.splitllm", "com.microsoft")]
-    opsets.append(helper.make_opsetid("", 17))
-    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
-
-
-def session(op: str, h: int, g: int, d: int) -> ort.InferenceSession:
-    return ort.InferenceSession(model(op, h, g, d), session_options(2, spin=True), providers=["CPUExecutionProvider"])
-
-
-def feed(rng: np.random.Generator, h: int, g: int, d: int, seqlens: list[int], rows: int) -> dict[str, np.ndarray]:
+def feed(rng: np.random.Generator, h: int, g: int, d: int, seqlens: list[int], rows: int,
+         context: int = C) -> dict[str, np.ndarray]:
     b = len(seqlens)
-    cos, sin = tables(d)
-    kv = rng.normal(0, 1, (2, b, g, C, d)).astype(np.float32)
+    cos, sin = tables(d, context)
+    kv = rng.normal(0, 1, (2, b, g, context, d)).astype(np.float32)
     return {"qkv": rng.normal(0, 1, (b * rows, (h + 2 * g) * d)).astype(np.float32), "past_key": kv[0],
             "past_value": kv[1], "seqlens_k": np.array(seqlens, np.int32),
             "total": np.array(max(seqlens) + 1, np.int32), "cos": cos, "sin": sin}
@@ -143,6 +105,17 @@ def test_a_long_prompt_chunk_spreads_over_threads_and_agrees():
     h, g, d = 9, 3, 64
     ours = session("Attention", h, g, d)
     f = feed(np.random.default_rng(5), h, g, d, [C - 1], 40)
+    for got, want in zip(ours.run(None, f), reference(f, h, g, d), strict=True):
+        assert np.abs(got - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("seqlens", [[1500], [1700, 30], [2047, 600, 64]])
+def test_long_decode_steps_split_over_the_keys_and_agree(seqlens):
+    """A few sessions' one-row steps far into a long context: their keys are shared out in runs, then merged (a run
+    past the end of a shorter session has no keys)."""
+    h, g, d, context = 9, 3, 64, 2048
+    ours = session("Attention", h, g, d, context)
+    f = feed(np.random.default_rng(8), h, g, d, seqlens, 1, context)
     for got, want in zip(ours.run(None, f), reference(f, h, g, d), strict=True):
         assert np.abs(got - want).max() < 1e-5
 

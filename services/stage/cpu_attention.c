@@ -13,10 +13,12 @@
  * then nothing is copied. Otherwise past is copied into present first.
  *
  * Why our own: ONNX Runtime's GroupQueryAttention cost ~20 % of a decode step (~47 us a layer at position 130) and
- * ~27 % of a 1024-token prompt (Zen 3, 2 threads). Here a row's scores take 8 keys at a time (q against 8 key rows,
- * FMA chains of D / 8, reduced together), and its values 2 keys at a time into 8 accumulators: ~16 FMAs per key
- * and head at D = 64, near what the FMA units give. No graph node reshapes around it: qkv and Y are the rows the
- * matmuls take and give.
+ * ~27 % of a 1024-token prompt (Zen 3, 2 threads), and needs two reshapes around it. Here one task takes all the q
+ * heads of one kv head over a block of rows, FlashAttention-style: key tiles of 64 rows, read once for all those
+ * heads, an online softmax, and the next tile's rows prefetched. A decode step of a few sessions, which has fewer
+ * (sequence, kv head) tasks than threads want, is split over the keys and merged. bench/attention_speed.py: decode
+ * 2-2.8x faster than GroupQueryAttention at positions 160-1000, a 1024-token prompt at parity. qkv and Y are the
+ * rows the matmuls take and give, so the graph has no reshape.
  */
 #include "cpu_kernels.h"
 
@@ -26,6 +28,9 @@ enum {
   SERIAL_PAIRS = 4096,     /* below this many (row, key, head) triples, one thread does it all: waking the other costs more */
   KEY_TILE = 64,           /* keys per tile: 16 KB of K and 16 of V at head_dim 64 */
   MAX_GROUP = 64,          /* q heads per kv head, at most */
+  SPLIT_BELOW = 8,         /* decode with fewer (sequence, kv head) tasks than this splits them over the keys, */
+  SPLIT_KEYS = 256,        /* in runs of about this many keys, */
+  MAX_SPLITS = 8,          /* at most this many a task */
   STACK_Q = 4096,          /* rotated queries on the stack up to this many floats */
 };
 
@@ -49,6 +54,8 @@ typedef struct {
   float* y;
   int B, S, H, G, D, C, blocks; /* blocks: ROW_BLOCK-row blocks of one sequence */
   float scale;
+  int splits, split_keys; /* decode split over the keys: each (sequence, kv head) in `splits` runs of split_keys */
+  float* part;            /* their running sums: per task, per q head m and l, then y [D] */
 } AttnJob;
 
 /* out = x rotated by the angles whose cos and sin are cs and sn (halves: x[j] with x[j + D/2]), times scale */
@@ -258,6 +265,47 @@ static void attend_task(void* p, size_t i) {
     }
 }
 
+/* decode (one row a sequence), split over the keys so that both threads work on one session's step: task i takes
+ * keys [c * split_keys, (c + 1) * split_keys) of kv head g of sequence b, i = (b * G + g) * splits + c */
+static void split_task(void* p, size_t i) {
+  const AttnJob* j = (const AttnJob*)p;
+  const int D = j->D, per = j->H / j->G, c = (int)(i % j->splits), g = (int)(i / j->splits % j->G);
+  const int b = (int)(i / ((size_t)j->splits * j->G)), n = j->seqlens[b] + 1;
+  const int k0 = c * j->split_keys, k1 = k0 + j->split_keys < n ? k0 + j->split_keys : n;
+  float *m = j->part + i * per * (D + 2), *l = m + per, *y = l + per;
+  for (int x = 0; x < per; x++) m[x] = -INFINITY, l[x] = 0;
+  memset(y, 0, sizeof(float) * per * D);
+  const float *k = j->k + ((size_t)b * j->G + g) * j->C * D, *v = j->v + ((size_t)b * j->G + g) * j->C * D;
+  const float* q = j->q + ((size_t)b * j->H + (size_t)g * per) * D;
+  const Tile tile = D % 16 ? tile_scalar : tile_fast;
+  float scores[4 * KEY_TILE];
+  for (int t = k0; t < k1; t += KEY_TILE)
+    tile(q, per, k + (size_t)t * D, v + (size_t)t * D, k1 - t < KEY_TILE ? k1 - t : KEY_TILE, D, scores,
+         (Running){m, l, y}, 1);
+}
+
+/* the split tasks' sums into Y: each rescaled to the largest m of its query */
+static void merge_splits(const AttnJob* j) {
+  const int D = j->D, per = j->H / j->G, stride = per * (D + 2);
+  for (int bg = 0; bg < j->B * j->G; bg++)
+    for (int h = 0; h < per; h++) {
+      const float* part = j->part + (size_t)bg * j->splits * stride;
+      float mx = -INFINITY, sum = 0, w[MAX_SPLITS];
+      for (int c = 0; c < j->splits; c++) mx = fmaxf(mx, part[c * stride + h]);
+      for (int c = 0; c < j->splits; c++) {
+        const float* m = part + c * stride;
+        w[c] = m[per + h] > 0 ? expf(m[h] - mx) : 0.f; /* a run past the end of a shorter sequence has no keys */
+        sum += w[c] * m[per + h];
+      }
+      float* y = j->y + ((size_t)bg * per + h) * D; /* row b, q heads of g: (b * G + g) * per */
+      for (int d = 0; d < D; d++) {
+        float acc = 0;
+        for (int c = 0; c < j->splits; c++) acc += w[c] * part[c * stride + 2 * per + h * D + d];
+        y[d] = acc / sum;
+      }
+    }
+}
+
 typedef struct {
   int64_t H, G;
 } AttnKernel;
@@ -308,7 +356,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   if (rows == 0) return NULL;
   AttnJob j = {(const float*)data(in[0]), (float*)data(present[0]), (float*)data(present[1]), seqlens,
                (const float*)data(in[4]), (const float*)data(in[5]), NULL, (float*)data(y), B, S, H, G, D, C,
-               (S + ROW_BLOCK - 1) / ROW_BLOCK, 1.f / sqrtf((float)D)};
+               (S + ROW_BLOCK - 1) / ROW_BLOCK, 1.f / sqrtf((float)D), 1, 0, NULL};
   float stack[STACK_Q];
   const size_t qn = (size_t)rows * H * D;
   j.q = qn <= STACK_Q ? stack : (float*)malloc(qn * sizeof(float));
@@ -324,7 +372,19 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   } else {
     KernelContext_ParallelFor_t parallel_for = (KernelContext_ParallelFor_t)API(KernelContext_ParallelFor);
     s = rope_tasks == 1 ? (rope_task(&j, 0), NULL) : parallel_for(ctx, rope_task, rope_tasks, 0, &j);
-    if (!s) s = parallel_for(ctx, attend_task, tasks, 0, &j);
+    int longest = 0;
+    for (int b = 0; b < B; b++) longest = seqlens[b] + 1 > longest ? seqlens[b] + 1 : longest;
+    j.splits = (longest + SPLIT_KEYS - 1) / SPLIT_KEYS < MAX_SPLITS ? (longest + SPLIT_KEYS - 1) / SPLIT_KEYS : MAX_SPLITS;
+    if (!s && S == 1 && tasks < SPLIT_BELOW && j.splits > 1) { /* a few sessions' long steps: too few tasks to share */
+      j.split_keys = ((longest + j.splits - 1) / j.splits + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
+      j.part = (float*)malloc(sizeof(float) * tasks * j.splits * (H / G) * (D + 2));
+      if (!j.part) s = error(ORT_FAIL, "Attention: out of memory for the split sums");
+      if (!s) s = parallel_for(ctx, split_task, tasks * j.splits, 0, &j);
+      if (!s) merge_splits(&j);
+      free(j.part);
+    } else if (!s) {
+      s = parallel_for(ctx, attend_task, tasks, 0, &j);
+    }
   }
   if (j.q != stack) free(j.q);
   return s;
