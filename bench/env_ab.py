@@ -47,7 +47,7 @@ def child(artifacts: str, stage: int) -> None:
         g = plan.graph("cpu", "pp")
         graph = CpuGraph(Path(artifacts) / g.file, 2, g.outputs[0].name, spin=True)
         kv = KVPool(range(plan.first_layer, plan.last_layer), cfg.num_kv_heads, manifest.context_length,
-                    cfg.head_dim, capacity=2)
+                    cfg.head_dim, capacity=2, dtype=graph.kv_dtype)
         rows, long = 32 + 50 + manifest.prefill_length, manifest.prefill_length
         x = (rng.integers(0, cfg.vocab_size, rows, dtype=np.int32) if plan.has_embedding
              else rng.standard_normal((rows, cfg.hidden_size)).astype(np.float32))

@@ -268,7 +268,8 @@ def _write(
         progress.prefix = f"stage {k + 1}/{len(ranges)}: "
         wf = WeightsFile(work / f"{name}.weights")
         b = GraphBuilder(name, wf)
-        ins, outs = CpuStageGraph(b, cfg, context, accuracy_level, own_kernels).build(
+        graph = CpuStageGraph(b, cfg, context, accuracy_level, own_kernels)
+        ins, outs = graph.build(
             first,
             last,
             has_embedding=k == 0,
@@ -294,7 +295,7 @@ def _write(
                 },
             )
         )
-    kv_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * 4
+    kv_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(graph.kv_dtype).itemsize
     progress.prefix = ""
     progress.doing("checksums")
     files = {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file()}
@@ -307,7 +308,7 @@ def _write(
         kv={
             "layout": "per layer: key and value [batch, kv_heads, context, head_dim] (batch: sessions in "
                       "consecutive pool slots), written in place",
-            "dtype": "float32",
+            "dtype": graph.kv_dtype,
             "bytes_per_token_per_layer": kv_bytes,
             "attention": "ai.splitllm Attention" if own_kernels else "com.microsoft GroupQueryAttention",
         },

@@ -37,8 +37,10 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 class ReferenceModel:
-    def __init__(self, cfg: ModelConfig, weight: Callable[[str], object], max_len: int = 4096) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, weight: Callable[[str], object], max_len: int = 4096,
+                 cache_dtype: str = "float32") -> None:
+        """`cache_dtype`: keys and values are rounded to it as they enter the cache (an artifact's kv.dtype)."""
+        self.cfg, self.cache_dtype = cfg, np.dtype(cache_dtype)
         self.w = {}
         names = ["embed", "norm", "lm_head"] + [
             f"layers.{i}.{t}"
@@ -67,6 +69,7 @@ class ReferenceModel:
             k = (h @ w[p + "k"].T).reshape(s, c.num_kv_heads, c.head_dim).transpose(1, 0, 2)
             v = (h @ w[p + "v"].T).reshape(s, c.num_kv_heads, c.head_dim).transpose(1, 0, 2)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            k, v = k.astype(self.cache_dtype).astype(np.float32), v.astype(self.cache_dtype).astype(np.float32)
             if kv:
                 k = np.concatenate([kv[i][0], k], axis=1)
                 v = np.concatenate([kv[i][1], v], axis=1)

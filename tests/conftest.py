@@ -29,14 +29,15 @@ def smollm2_artifacts(tmp_path_factory, smollm2_path) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_exact_artifacts(tmp_path_factory, smollm2_path) -> Path:
-    """SmolLM2 with float arithmetic in the matmuls (accuracy level 0), for tests that compare exactly.
+    """SmolLM2 in float arithmetic throughout, for tests that compare exactly: float matmuls (accuracy level 0) and
+    ONNX Runtime's GroupQueryAttention over a float32 cache (--kernels onnxruntime).
 
-    At the default level 4 MatMulNBits rounds each activation row to int8, and ONNX Runtime's kernel for one row
-    sums in another order than its kernel for several (on AVX2 machines): a last-bit difference flips a rounding
-    and grows through 30 layers, so a session decoded alone and in a batch can part at a near-tie. In float the
-    two agree to ~1e-6, so outputs equal exactly unless something is really wrong (a mixed-up session or slot)."""
+    The kernels for one row and for several sum in different orders: a last-bit difference. Where something rounds
+    (level 4's int8 activations, our Attention's float16 cache) it can flip a rounding that then grows through 30
+    layers, so a session decoded alone and in a batch can part at a near-tie. In float the two agree to ~1e-6, so
+    outputs equal exactly unless something is really wrong (a mixed-up session or slot)."""
     out = tmp_path_factory.mktemp("art") / "smollm2-exact"
-    export(smollm2_path, out, stages=4, accuracy_level=0)
+    export(smollm2_path, out, stages=4, accuracy_level=0, kernels="onnxruntime")
     return out
 
 

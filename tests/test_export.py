@@ -28,7 +28,8 @@ def chain_vs_reference(artifacts: Path, source: Path, prompt: list[int], steps: 
     Each step the chain's top token must be the reference's, or (`tie` > 0) one the reference scores within `tie`
     of its top: a near-tie that int8 rounding may break either way."""
     chain = LocalChain(artifacts)
-    ref = ReferenceModel(chain.manifest.model, WeightSource(open_checkpoint(source)))
+    ref = ReferenceModel(chain.manifest.model, WeightSource(open_checkpoint(source)),
+                         cache_dtype=chain.manifest.kv["dtype"])
     diffs = []
     got = chain.prefill_tokens("s", prompt)
     want, kv = ref.forward(prompt)
@@ -305,7 +306,7 @@ def test_kernels_onnxruntime_exports_matmulnbits_with_the_same_logits(tmp_path, 
     export(smollm2_path, out, stages=4, kernels="onnxruntime")
     m, _ = load_manifest(out, verify=[])
     assert m.quantization["cpu_kernels"] == "onnxruntime"
-    assert m.kv["attention"] == "com.microsoft GroupQueryAttention"
+    assert m.kv["attention"] == "com.microsoft GroupQueryAttention" and m.kv["dtype"] == "float32"
     for art, want in ((out, set()), (smollm2_artifacts, {"MatMulQ4_1", "MatMulQ8_0", "Attention"})):
         ops = {n.op_type for k in range(4)
                for n in onnx.load(str(art / f"stage{k + 1}.cpu.onnx"), load_external_data=False).graph.node

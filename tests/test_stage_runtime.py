@@ -20,7 +20,8 @@ def inputs(rt: StageRuntime, rng: np.random.Generator, n: int) -> np.ndarray:
 def test_batched_decode_matches_one_by_one(tiny_artifacts, stage):
     """Steps of several sessions in one run give what the same steps give one at a time, also when the batch's
     sessions are first scattered over the slots (between them: sessions without a step, and a free slot) and
-    are moved together, and when the sessions that sat out go on later."""
+    are moved together, and when the sessions that sat out go on later. (Within float16 rounding: one and several
+    rows run different kernels, and a last-bit difference can round a cached key the other way.)"""
     batched, single = (StageRuntime(tiny_artifacts, stage, kv_capacity=8, threads=1) for _ in range(2))
     assert batched.graph.batched
     rng = np.random.default_rng(stage)
@@ -36,7 +37,7 @@ def test_batched_decode_matches_one_by_one(tiny_artifacts, stage):
         steps = [Entry(f"s{i}", lengths[i], inputs(batched, rng, 1)) for i in members]
         got = batched.forward_many(steps)
         for e, g in zip(steps, got, strict=True):
-            np.testing.assert_allclose(g, single.forward(e), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(g, single.forward(e), rtol=1e-3, atol=1e-3)
         for i in members:
             lengths[i] += 1
         slots = sorted(batched.kv.get(f"s{i}").slot for i in members)
@@ -121,8 +122,23 @@ def test_a_stage_says_when_its_artifact_should_be_exported_again(smollm2_artifac
         "the artifact runs its Q4_1 layers as MatMulNBits and an offset Gemm",
         "the stage graph has no batch dimension",
     ]
-    assert m.kv["attention"] == "ai.splitllm Attention"
+    assert m.kv["attention"] == "ai.splitllm Attention" and m.kv["dtype"] == "float16"
+    assert m.kv["bytes_per_token_per_layer"] == 2 * m.model.num_kv_heads * m.model.head_dim * 2
     gqa = dataclasses.replace(m, kv={k: v for k, v in m.kv.items() if k != "attention"})
     assert [r.split(" (")[0] for r in export_again(gqa, batched=True, kernels="avx2")] == [
         "the artifact runs GroupQueryAttention"
     ]
+
+
+def test_an_artifact_with_the_earlier_float32_cache_is_refused_with_what_to_do(tmp_path, smollm2_artifacts):
+    """Attention's cache became float16: an artifact exported before (its graphs declare float32) says so at load."""
+    import json
+
+    for f in smollm2_artifacts.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    manifest = json.loads((smollm2_artifacts / "manifest.json").read_text())
+    manifest["kv"]["dtype"] = "float32"
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="float32 KV cache .* export the artifact again"):
+        StageRuntime(tmp_path, 1)

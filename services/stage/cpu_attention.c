@@ -1,16 +1,17 @@
 /* ai.splitllm Attention: grouped-query attention with rotary embedding, over a KV cache written in place.
  *
- * Attention(qkv float [B*S, (H + 2G) * D], past_key float [B, G, C, D], past_value float [B, G, C, D],
+ * Attention(qkv float [B*S, (H + 2G) * D], past_key float16 [B, G, C, D], past_value float16 [B, G, C, D],
  *           seqlens_k int32 [B], cos float [C', D/2], sin float [C', D/2])
- *     -> Y float [B*S, H * D], present_key [B, G, C, D], present_value [B, G, C, D]
+ *     -> Y float [B*S, H * D], present_key float16 [B, G, C, D], present_value float16 [B, G, C, D]
  * attributes num_heads = H, kv_num_heads = G (H a multiple of G); D is past_key's last dimension.
  *
  * qkv's rows b*S .. b*S + S - 1 are sequence b's new rows; row s is at position p = seqlens_k[b] - S + 1 + s, as in
  * GroupQueryAttention: one prompt chunk (B = 1) or one token of each of B sessions (S = 1). Each row's q and k heads
  * are rotated by the rotary embedding at p (the two halves of a head, not interleaved: cos and sin rows p of C' >= p + 1);
  * k and v are written into the cache at p; q head h attends to positions 0..p of kv head h / (H / G), scaled by
- * 1 / sqrt(D), with an exact softmax. present is past's buffer when the caller binds both to one (the stage does):
- * then nothing is copied. Otherwise past is copied into present first.
+ * 1 / sqrt(D), with an exact softmax. The cache holds float16, rounded to nearest (llama.cpp's default cache): half
+ * the memory of float32 and half the bytes a step reads; the arithmetic is float. present is past's buffer when the
+ * caller binds both to one (the stage does): then nothing is copied. Otherwise past is copied into present first.
  *
  * Why our own: ONNX Runtime's GroupQueryAttention cost ~20 % of a decode step (~47 us a layer at position 130) and
  * ~27 % of a 1024-token prompt (Zen 3, 2 threads), and needs two reshapes around it. Here one task takes all the q
@@ -32,6 +33,7 @@ enum {
   SPLIT_KEYS = 256,        /* in runs of about this many keys, */
   MAX_SPLITS = 8,          /* at most this many a task */
   STACK_Q = 4096,          /* rotated queries on the stack up to this many floats */
+  MAX_HEAD_DIM = 1024,
 };
 
 /* Online softmax over tiles of keys (as FlashAttention): per query, m is the largest score so far, l the sum of
@@ -42,12 +44,12 @@ typedef struct {
 
 /* nq queries (rows of D, consecutive) against n keys (rows of D, the tile's): r updated; s: scratch of nq * KEY_TILE.
  * first: the tile's first use in this task (its rows are not in cache yet; the next tile's neither) */
-typedef void (*Tile)(const float* q, int nq, const float* k, const float* v, int n, int D, float* s, Running r,
+typedef void (*Tile)(const float* q, int nq, const uint16_t* k, const uint16_t* v, int n, int D, float* s, Running r,
                      int first);
 
 typedef struct {
   const float* qkv;
-  float *k, *v; /* present [B, G, C, D] */
+  uint16_t *k, *v; /* present [B, G, C, D], float16 */
   const int32_t* seqlens;
   const float *cos, *sin;
   float* q; /* rotated queries, scaled by 1 / sqrt(D): [B*S, H, D] */
@@ -91,20 +93,20 @@ static float exps_scalar(float* s, int n, float mx) {
 }
 
 /* One tile, portable C. */
-static void tile_scalar(const float* q, int nq, const float* k, const float* v, int n, int D, float* s, Running r,
-                        int first) {
+static void tile_scalar(const float* q, int nq, const uint16_t* k, const uint16_t* v, int n, int D, float* s,
+                        Running r, int first) {
   (void)first;
   for (int i = 0; i < nq; i++, q += D) {
     for (int j = 0; j < n; j++) {
       float dot = 0;
-      for (int d = 0; d < D; d++) dot += q[d] * k[(size_t)j * D + d];
+      for (int d = 0; d < D; d++) dot += q[d] * half_to_float(k[(size_t)j * D + d]);
       s[j] = dot;
     }
     float* y = r.y + (size_t)i * D;
     const float old = rescale(s, n, max_scalar(s, n), r.m + i, r.l + i, exps_scalar);
     for (int d = 0; d < D; d++) y[d] *= old;
     for (int j = 0; j < n; j++)
-      for (int d = 0; d < D; d++) y[d] += s[j] * v[(size_t)j * D + d];
+      for (int d = 0; d < D; d++) y[d] += s[j] * half_to_float(v[(size_t)j * D + d]);
   }
 }
 
@@ -139,21 +141,22 @@ AVX2 static float exps_avx2(float* s, int n, float mx) {
 /* tile_scalar's math for NQ queries at once (the q heads that share a kv head), D a multiple of 16: each key and value
  * row is loaded once for all of them. Scores 2 keys at a time (2 * NQ FMA chains of D / 8), values 16 columns at a
  * time (2 * NQ chains). NQ is a constant in each copy, so the accumulators stay in registers. */
-AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const float* q, const int NQ, const float* k,
-                                                                   const float* v, int n, int D, float* s, Running r,
-                                                                   int first) {
+#define LOAD_HALVES(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p))) /* 8 floats from 8 halves */
+AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const float* q, const int NQ, const uint16_t* k,
+                                                                   const uint16_t* v, int n, int D, float* s,
+                                                                   Running r, int first) {
   int j = 0;
   for (; j + 2 <= n; j += 2) {
-    const float *k0 = k + (size_t)j * D, *k1 = k0 + D;
+    const uint16_t *k0 = k + (size_t)j * D, *k1 = k0 + D;
     if (first) /* the values below read these rows a column block at a time: ask for them early (decode 2.5x faster) */
-      for (int c = 0; c < 2 * D; c += 16) {
+      for (int c = 0; c < 2 * D; c += 32) { /* a cache line of halves */
         _mm_prefetch((const char*)(v + (size_t)j * D + c), _MM_HINT_T0);
         _mm_prefetch((const char*)(k0 + KEY_TILE * D + c), _MM_HINT_T0); /* and the next tile's keys */
       }
     __m256 a0[4], a1[4];
     for (int i = 0; i < NQ; i++) a0[i] = a1[i] = _mm256_setzero_ps();
     for (int d = 0; d < D; d += 8) {
-      const __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
+      const __m256 x0 = LOAD_HALVES(k0 + d), x1 = LOAD_HALVES(k1 + d);
       for (int i = 0; i < NQ; i++) {
         const __m256 qi = _mm256_loadu_ps(q + i * D + d);
         a0[i] = _mm256_fmadd_ps(qi, x0, a0[i]);
@@ -170,7 +173,7 @@ AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const float* 
     for (int i = 0; i < NQ; i++) {
       __m256 a = _mm256_setzero_ps();
       for (int d = 0; d < D; d += 8)
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * D + d), _mm256_loadu_ps(k + (size_t)j * D + d), a);
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * D + d), LOAD_HALVES(k + (size_t)j * D + d), a);
       s[i * KEY_TILE + j] = hsum_avx2(a);
     }
   __m256 old[4];
@@ -182,7 +185,7 @@ AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const float* 
       e1[i] = _mm256_mul_ps(_mm256_loadu_ps(r.y + i * D + d + 8), old[i]);
     }
     for (j = 0; j < n; j++) {
-      const __m256 v0 = _mm256_loadu_ps(v + (size_t)j * D + d), v1 = _mm256_loadu_ps(v + (size_t)j * D + d + 8);
+      const __m256 v0 = LOAD_HALVES(v + (size_t)j * D + d), v1 = LOAD_HALVES(v + (size_t)j * D + d + 8);
       for (int i = 0; i < NQ; i++) {
         const __m256 p = _mm256_broadcast_ss(s + i * KEY_TILE + j);
         e0[i] = _mm256_fmadd_ps(p, v0, e0[i]);
@@ -196,8 +199,8 @@ AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const float* 
   }
 }
 
-AVX2 static void tile_avx2(const float* q, int nq, const float* k, const float* v, int n, int D, float* s, Running r,
-                           int first) {
+AVX2 static void tile_avx2(const float* q, int nq, const uint16_t* k, const uint16_t* v, int n, int D, float* s,
+                           Running r, int first) {
   for (; nq > 0; nq -= 4, q += 4 * D, r.m += 4, r.l += 4, r.y += 4 * D) {
     if (nq >= 4) tile_avx2_n(q, 4, k, v, n, D, s, r, first);
     if (nq == 3) tile_avx2_n(q, 3, k, v, n, D, s, r, first);
@@ -205,13 +208,26 @@ AVX2 static void tile_avx2(const float* q, int nq, const float* k, const float* 
     if (nq == 1) tile_avx2_n(q, 1, k, v, n, D, s, r, first);
   }
 }
+
+AVX2 static void halves_avx2(const float* x, uint16_t* out, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128((__m128i*)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; i++) out[i] = float_to_half(x[i]);
+}
 #endif
 
+static void halves_scalar(const float* x, uint16_t* out, int n) {
+  for (int i = 0; i < n; i++) out[i] = float_to_half(x[i]);
+}
+
 static Tile tile_fast = tile_scalar; /* for D a multiple of 16; tile_scalar for any other D */
+static void (*to_halves)(const float* x, uint16_t* out, int n) = halves_scalar; /* the cache's new rows */
 
 void attention_use_avx2(void) {
 #ifdef HAVE_X86
   tile_fast = tile_avx2;
+  to_halves = halves_avx2;
 #endif
 }
 
@@ -226,8 +242,10 @@ static void rope_task(void* p, size_t i) {
     for (int h = 0; h < j->H; h++) rotate(x + h * D, cs, sn, half, j->scale, j->q + ((size_t)r * j->H + h) * D);
     for (int g = 0; g < j->G; g++) {
       const size_t at = (((size_t)b * j->G + g) * j->C + pos) * D;
-      rotate(x + (j->H + g) * D, cs, sn, half, 1.f, j->k + at);
-      memcpy(j->v + at, x + (j->H + j->G + g) * D, (size_t)D * sizeof(float));
+      float k[MAX_HEAD_DIM];
+      rotate(x + (j->H + g) * D, cs, sn, half, 1.f, k);
+      to_halves(k, j->k + at, D);
+      to_halves(x + (j->H + j->G + g) * D, j->v + at, D);
     }
   }
 }
@@ -241,7 +259,7 @@ static void attend_task(void* p, size_t i) {
   const int b = (int)(i / ((size_t)j->G * blocks)), g = (int)(i / blocks % j->G), blk = (int)(i % blocks);
   const int s0 = blk * ROW_BLOCK, s1 = s0 + ROW_BLOCK < j->S ? s0 + ROW_BLOCK : j->S;
   const int keys0 = j->seqlens[b] - j->S + 2; /* keys of row 0: positions 0..its own */
-  const float *k = j->k + ((size_t)b * j->G + g) * j->C * D, *v = j->v + ((size_t)b * j->G + g) * j->C * D;
+  const uint16_t *k = j->k + ((size_t)b * j->G + g) * j->C * D, *v = j->v + ((size_t)b * j->G + g) * j->C * D;
   const Tile tile = D % 16 ? tile_scalar : tile_fast;
   float scores[4 * KEY_TILE], m[ROW_BLOCK * MAX_GROUP], l[ROW_BLOCK * MAX_GROUP];
   for (int x = 0; x < (s1 - s0) * per; x++) m[x] = -INFINITY, l[x] = 0;
@@ -275,7 +293,7 @@ static void split_task(void* p, size_t i) {
   float *m = j->part + i * per * (D + 2), *l = m + per, *y = l + per;
   for (int x = 0; x < per; x++) m[x] = -INFINITY, l[x] = 0;
   memset(y, 0, sizeof(float) * per * D);
-  const float *k = j->k + ((size_t)b * j->G + g) * j->C * D, *v = j->v + ((size_t)b * j->G + g) * j->C * D;
+  const uint16_t *k = j->k + ((size_t)b * j->G + g) * j->C * D, *v = j->v + ((size_t)b * j->G + g) * j->C * D;
   const float* q = j->q + ((size_t)b * j->H + (size_t)g * per) * D;
   const Tile tile = D % 16 ? tile_scalar : tile_fast;
   float scores[4 * KEY_TILE];
@@ -320,9 +338,9 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   char msg[256];
   for (size_t i = 0; i < 6; i++) CHECK(tensor(ctx, i, &in[i], dims[i], &rank[i]));
   const int64_t* kd = dims[1];
-  if (rank[1] != 4 || kd[1] != kn->G || kd[3] <= 0 || kd[3] % 2 || kd[3] > 1024) {
-    snprintf(msg, sizeof msg, "Attention: past_key must be [batch, kv_num_heads = %lld, context, head_dim (even, at most 1024)]",
-             (long long)kn->G);
+  if (rank[1] != 4 || kd[1] != kn->G || kd[3] <= 0 || kd[3] % 2 || kd[3] > MAX_HEAD_DIM) {
+    snprintf(msg, sizeof msg, "Attention: past_key must be [batch, kv_num_heads = %lld, context, head_dim (even, at most %d)]",
+             (long long)kn->G, MAX_HEAD_DIM);
     return fail(msg);
   }
   const int B = (int)kd[0], G = (int)kn->G, H = (int)kn->H, C = (int)kd[2], D = (int)kd[3];
@@ -351,10 +369,10 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   for (int i = 0; i < 2; i++) {
     CHECK(((KernelContext_GetOutput_t)API(KernelContext_GetOutput))(ctx, 1 + i, kd, 4, &present[i]));
     void *dst = data(present[i]), *src = data(in[1 + i]);
-    if (dst != src && dst && src) memcpy(dst, src, (size_t)B * G * C * D * sizeof(float));
+    if (dst != src && dst && src) memcpy(dst, src, (size_t)B * G * C * D * sizeof(uint16_t));
   }
   if (rows == 0) return NULL;
-  AttnJob j = {(const float*)data(in[0]), (float*)data(present[0]), (float*)data(present[1]), seqlens,
+  AttnJob j = {(const float*)data(in[0]), (uint16_t*)data(present[0]), (uint16_t*)data(present[1]), seqlens,
                (const float*)data(in[4]), (const float*)data(in[5]), NULL, (float*)data(y), B, S, H, G, D, C,
                (S + ROW_BLOCK - 1) / ROW_BLOCK, 1.f / sqrtf((float)D), 1, 0, NULL};
   float stack[STACK_Q];
@@ -411,9 +429,12 @@ static OrtStatus* create(const struct OrtCustomOp* op, const OrtApi* api, const 
 
 static const char* name(const struct OrtCustomOp* op) { (void)op; return "Attention"; }
 static const char* provider(const struct OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
-static int input_type(const struct OrtCustomOp* op, size_t i) { (void)op; return i == 3 ? TYPE_INT32 : TYPE_FLOAT; }
+static int input_type(const struct OrtCustomOp* op, size_t i) {
+  (void)op;
+  return i == 3 ? TYPE_INT32 : i == 1 || i == 2 ? TYPE_FLOAT16 : TYPE_FLOAT;
+}
 static size_t input_count(const struct OrtCustomOp* op) { (void)op; return 6; }
-static int output_type(const struct OrtCustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static int output_type(const struct OrtCustomOp* op, size_t i) { (void)op; return i ? TYPE_FLOAT16 : TYPE_FLOAT; }
 static size_t output_count(const struct OrtCustomOp* op) { (void)op; return 3; }
 static void destroy(void* kernel) { free(kernel); }
 static int required(const struct OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }

@@ -55,29 +55,6 @@ static void expand_scales(float* dA, const Layout* l) { /* dA [nbp] is zero past
     for (int j = 0; j < 8; j++) lanes[8 * p + j] = dA[2 * p + j / 4];
 }
 
-static float half_to_float(uint16_t h) {
-  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else { /* subnormal: renormalize */
-      exp = 127 - 15 + 1;
-      while (!(man & 0x400)) {
-        man <<= 1;
-        exp--;
-      }
-      bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7F800000 | (man << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-  }
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-
 static void quantize_row_scalar(const float* a, const Layout* l, uint8_t* out) {
   int8_t* q = (int8_t*)out;
   float *dA = row_scales(out, l), *sA = dA + l->nbp;

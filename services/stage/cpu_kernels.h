@@ -122,6 +122,53 @@ static inline void* data(const OrtValue* v) {
   return s ? NULL : p; /* a tensor input always has data; NULL only for an empty one */
 }
 
+/* IEEE half <-> float, portable (the AVX2 paths use F16C) */
+static inline float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else { /* subnormal: renormalize */
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) {
+        man <<= 1;
+        exp--;
+      }
+      bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000 | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+/* rounded to nearest, ties to even, as F16C's _MM_FROUND_TO_NEAREST_INT (F. Giesen's float_to_half_fast3_rtne) */
+static inline uint16_t float_to_half(float f) {
+  const uint32_t infinity = 255u << 23, too_big = (127u + 16) << 23, magic = ((127u - 15) + (23 - 10) + 1) << 23;
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  uint32_t o;
+  if (u >= too_big) {
+    o = u > infinity ? 0x7E00 : 0x7C00; /* NaN stays NaN, the rest is infinity */
+  } else if (u < 113u << 23) { /* a subnormal half or zero: let float addition round it */
+    float x, m;
+    memcpy(&x, &u, 4);
+    memcpy(&m, &magic, 4);
+    x += m;
+    memcpy(&o, &x, 4);
+    o -= magic;
+  } else {
+    o = (u + ((uint32_t)(15 - 127) << 23) + 0xFFF + ((u >> 13) & 1)) >> 13;
+  }
+  return (uint16_t)(o | sign >> 16);
+}
+
 #ifdef HAVE_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 

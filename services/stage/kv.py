@@ -33,12 +33,13 @@ class Session:
 
 
 class SlotBuffer:
-    """float32 [capacity, *shape] carved from a private anonymous mapping: one slot per session."""
+    """[capacity, *shape] of `dtype` carved from a private anonymous mapping: one slot per session."""
 
-    def __init__(self, capacity: int, shape: tuple[int, ...]) -> None:
-        self.slot_bytes = 4 * int(np.prod(shape))
+    def __init__(self, capacity: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.itemsize = np.dtype(dtype).itemsize
+        self.slot_bytes = self.itemsize * int(np.prod(shape))
         self.area = mmap.mmap(-1, max(capacity * self.slot_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.array = np.frombuffer(self.area, dtype=np.float32).reshape(capacity, *shape)
+        self.array = np.frombuffer(self.area, dtype=dtype).reshape(capacity, *shape)
 
     def clear(self, slot: int) -> None:
         """Zero a slot and give its whole pages back to the system."""
@@ -49,7 +50,7 @@ class SlotBuffer:
         flat = self.array.reshape(-1)
         for a, b in ((start, min(first, end)), (max(last, start), end)):  # partial pages at the edges
             if a < b:
-                flat[a // 4 : b // 4] = 0
+                flat[a // self.itemsize : b // self.itemsize] = 0
 
 
 class KVPool:
@@ -61,15 +62,16 @@ class KVPool:
         head_dim: int,
         capacity: int,
         shapes: dict[str, tuple[int, ...]] | None = None,
+        dtype: np.dtype | type = np.float32,
     ) -> None:
         """`shapes`: buffer name -> one session's shape when the graphs want another layout (qnn); default
-        past_key.{i} and past_value.{i} [1, kv_heads, context, head_dim]."""
+        past_key.{i} and past_value.{i} [1, kv_heads, context, head_dim]. `dtype`: the graphs' cache type."""
         if capacity < 1:
             raise ValueError(f"KV capacity must be at least 1 session (got {capacity})")
         self.layers, self.capacity = layers, capacity
         shape = (1, kv_heads, context, head_dim)
         self.shapes = shapes or {f"past_{kind}.{i}": shape for i in layers for kind in ("key", "value")}
-        self.buffers = {name: SlotBuffer(capacity, s) for name, s in self.shapes.items()}
+        self.buffers = {name: SlotBuffer(capacity, s, np.dtype(dtype)) for name, s in self.shapes.items()}
         self.bytes_per_session = sum(b.slot_bytes for b in self.buffers.values())
         self.sessions: dict[str, Session] = {}
         self.free = list(range(capacity))  # a heap: the lowest free slot first

@@ -72,8 +72,10 @@ class CpuGraph:
         self.output = output
         meta = next(o for o in self.session.get_outputs() if o.name == output)
         self.width = meta.shape[-1]  # hidden size or vocabulary
-        seqlens = next(i for i in self.session.get_inputs() if i.name == "seqlens_k")
-        self.batched = not isinstance(seqlens.shape[0], int)  # graphs exported before decode batching take B = 1
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.batched = not isinstance(inputs["seqlens_k"].shape[0], int)  # exported before decode batching: B = 1
+        cache = next(i for name, i in inputs.items() if name.startswith("past_key."))
+        self.kv_dtype = np.float16 if cache.type == "tensor(float16)" else np.float32  # float16 with our Attention
         self.bindings: dict[tuple[int, int], ort.IOBinding] = {}
 
     def run(self, kv: KVPool, lo: int, x: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
@@ -128,6 +130,10 @@ class StageRuntime:
         self.first, self.last = self.plan.first_layer, self.plan.last_layer
         self.context, self.prefill = self.manifest.context_length, self.manifest.prefill_length
         g = self.plan.graph(backend, "pp")
+        kv = self.manifest.kv
+        if backend == "cpu" and kv.get("attention") == "ai.splitllm Attention" and kv["dtype"] != "float16":
+            raise ValueError(f"{root} runs Attention over a {kv['dtype']} KV cache (exported before its float16 "
+                             "cache, which this build's op takes): export the artifact again")
         threads = threads or min(2, os.cpu_count() or 1)
         if backend == "qnn":
             from splitllm.services.stage.qnn import QnnGraph
@@ -137,7 +143,7 @@ class StageRuntime:
             self.graph = CpuGraph(root / g.file, threads, g.outputs[0].name, spin)
         self.kv = KVPool(
             range(self.first, self.last), cfg.num_kv_heads, self.context, cfg.head_dim, kv_capacity,
-            getattr(self.graph, "kv_shapes", None),
+            getattr(self.graph, "kv_shapes", None), getattr(self.graph, "kv_dtype", np.float32),
         )
         self.is_first, self.is_last = self.plan.has_embedding, self.plan.has_lm_head
         self.hidden = cfg.hidden_size
