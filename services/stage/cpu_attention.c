@@ -231,6 +231,11 @@ void attention_use_avx2(void) {
 #endif
 }
 
+/* kv head g of sequence b in a cache [B, G, C, D] */
+static inline const uint16_t* cache_head(const AttnJob* j, const uint16_t* cache, int b, int g) {
+  return cache + ((size_t)b * j->G + g) * j->C * j->D;
+}
+
 /* task i: rows [16i, 16i + 16) rotated; their q into job->q, their k and v into the cache at their positions */
 static void rope_task(void* p, size_t i) {
   const AttnJob* j = (const AttnJob*)p;
@@ -259,7 +264,7 @@ static void attend_task(void* p, size_t i) {
   const int b = (int)(i / ((size_t)j->G * blocks)), g = (int)(i / blocks % j->G), blk = (int)(i % blocks);
   const int s0 = blk * ROW_BLOCK, s1 = s0 + ROW_BLOCK < j->S ? s0 + ROW_BLOCK : j->S;
   const int keys0 = j->seqlens[b] - j->S + 2; /* keys of row 0: positions 0..its own */
-  const uint16_t *k = j->k + ((size_t)b * j->G + g) * j->C * D, *v = j->v + ((size_t)b * j->G + g) * j->C * D;
+  const uint16_t *k = cache_head(j, j->k, b, g), *v = cache_head(j, j->v, b, g);
   const Tile tile = D % 16 ? tile_scalar : tile_fast;
   float scores[4 * KEY_TILE], m[ROW_BLOCK * MAX_GROUP], l[ROW_BLOCK * MAX_GROUP];
   for (int x = 0; x < (s1 - s0) * per; x++) m[x] = -INFINITY, l[x] = 0;
@@ -293,13 +298,22 @@ static void split_task(void* p, size_t i) {
   float *m = j->part + i * per * (D + 2), *l = m + per, *y = l + per;
   for (int x = 0; x < per; x++) m[x] = -INFINITY, l[x] = 0;
   memset(y, 0, sizeof(float) * per * D);
-  const uint16_t *k = j->k + ((size_t)b * j->G + g) * j->C * D, *v = j->v + ((size_t)b * j->G + g) * j->C * D;
+  const uint16_t *k = cache_head(j, j->k, b, g), *v = cache_head(j, j->v, b, g);
   const float* q = j->q + ((size_t)b * j->H + (size_t)g * per) * D;
   const Tile tile = D % 16 ? tile_scalar : tile_fast;
   float scores[4 * KEY_TILE];
   for (int t = k0; t < k1; t += KEY_TILE)
     tile(q, per, k + (size_t)t * D, v + (size_t)t * D, k1 - t < KEY_TILE ? k1 - t : KEY_TILE, D, scores,
          (Running){m, l, y}, 1);
+}
+
+/* how many runs of keys a decode step's tasks are split into (1: none worth it), and the keys of each run */
+static int key_runs(const int32_t* seqlens, int B, int* run_keys) {
+  int longest = 0;
+  for (int b = 0; b < B; b++) longest = seqlens[b] + 1 > longest ? seqlens[b] + 1 : longest;
+  const int runs = (longest + SPLIT_KEYS - 1) / SPLIT_KEYS < MAX_SPLITS ? (longest + SPLIT_KEYS - 1) / SPLIT_KEYS : MAX_SPLITS;
+  *run_keys = ((longest + runs - 1) / runs + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
+  return runs;
 }
 
 /* the split tasks' sums into Y: each rescaled to the largest m of its query */
@@ -390,11 +404,8 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   } else {
     KernelContext_ParallelFor_t parallel_for = (KernelContext_ParallelFor_t)API(KernelContext_ParallelFor);
     s = rope_tasks == 1 ? (rope_task(&j, 0), NULL) : parallel_for(ctx, rope_task, rope_tasks, 0, &j);
-    int longest = 0;
-    for (int b = 0; b < B; b++) longest = seqlens[b] + 1 > longest ? seqlens[b] + 1 : longest;
-    j.splits = (longest + SPLIT_KEYS - 1) / SPLIT_KEYS < MAX_SPLITS ? (longest + SPLIT_KEYS - 1) / SPLIT_KEYS : MAX_SPLITS;
-    if (!s && S == 1 && tasks < SPLIT_BELOW && j.splits > 1) { /* a few sessions' long steps: too few tasks to share */
-      j.split_keys = ((longest + j.splits - 1) / j.splits + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
+    if (S == 1 && tasks < SPLIT_BELOW) j.splits = key_runs(seqlens, B, &j.split_keys); /* too few tasks to share */
+    if (!s && j.splits > 1) {
       j.part = (float*)malloc(sizeof(float) * tasks * j.splits * (H / G) * (D + 2));
       if (!j.part) s = error(ORT_FAIL, "Attention: out of memory for the split sums");
       if (!s) s = parallel_for(ctx, split_task, tasks * j.splits, 0, &j);
