@@ -16,7 +16,8 @@
  * Why our own: ONNX Runtime's GroupQueryAttention cost ~20 % of a decode step (~47 us a layer at position 130) and
  * ~27 % of a 1024-token prompt (Zen 3, 2 threads), and needs two reshapes around it. Here one task takes all the q
  * heads of one kv head over a block of rows, FlashAttention-style: key tiles of 64 rows, read once for all those
- * heads, an online softmax, and the next tile's rows prefetched. A decode step of a few sessions, which has fewer
+ * heads, an online softmax, and the next tile's rows prefetched; a block of prompt rows converts each tile to float
+ * once for all its rows (head sizes 32 and 64). A decode step of a few sessions, which has fewer
  * (sequence, kv head) tasks than threads want, is split over the keys and merged. bench/attention_speed.py: decode
  * 2-2.8x faster than GroupQueryAttention at positions 160-1000, a 1024-token prompt at parity. qkv and Y are the
  * rows the matmuls take and give, so the graph has no reshape.
@@ -34,6 +35,8 @@ enum {
   MAX_SPLITS = 8,          /* at most this many a task */
   STACK_Q = 4096,          /* rotated queries on the stack up to this many floats */
   MAX_HEAD_DIM = 1024,
+  BLOCK_HEAD_DIM = 64,     /* a block of rows converts each key tile once up to this head size: K and V then fit
+                              L1 (2 x 16 KB); at 128 (Llama 3 8B) they do not and the per-row tiles are as fast */
 };
 
 /* Online softmax over tiles of keys (as FlashAttention): per query, m is the largest score so far, l the sum of
@@ -209,6 +212,91 @@ AVX2 static void tile_avx2(const float* q, int nq, const uint16_t* k, const uint
   }
 }
 
+/* A block of prompt rows takes each key tile as float once, where tile_avx2 converts it for every row: K transposed,
+ * kt[d * KEY_TILE + j], so that a query's scores are FMAs of its broadcast elements against 8 keys at once (no
+ * horizontal sums), and V as rows. Columns past the tile's n keys are zero. One layer's attention of a 1024-token
+ * prompt, SmolLM2's heads: -10 to -19 % with 2 threads, -12 % with 1 (python /tmp A/B on bench/attention_speed.py's
+ * graph, 10-16 rounds). */
+AVX2 static void convert_tile_avx2(const uint16_t* k, const uint16_t* v, int n, int D, float* kt, float* vf) {
+  for (int j0 = 0; j0 < KEY_TILE; j0 += 8)
+    for (int d0 = 0; d0 < D; d0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; i++)
+        r[i] = j0 + i < n ? LOAD_HALVES(k + (size_t)(j0 + i) * D + d0) : _mm256_setzero_ps();
+      /* 8x8 transpose: r[i][c] -> kt[(d0 + c) * KEY_TILE + j0 + i] */
+      __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      const __m256 c[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                           _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                           _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                           _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+      for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (size_t)(d0 + i) * KEY_TILE + j0, c[i]);
+    }
+  for (int j = 0; j < n; j++)
+    for (int d = 0; d < D; d += 8) _mm256_storeu_ps(vf + (size_t)j * D + d, LOAD_HALVES(v + (size_t)j * D + d));
+}
+
+/* NQ queries' scores against the 8 * KV keys of a converted tile from key j0 on: NQ * KV accumulators */
+AVX2 static inline __attribute__((always_inline)) void scores_f32(const float* q, const int NQ, const float* kt,
+                                                                  int j0, int D, float* s, const int KV) {
+  __m256 a[4][4];
+  for (int i = 0; i < NQ; i++)
+    for (int c = 0; c < KV; c++) a[i][c] = _mm256_setzero_ps();
+  for (int d = 0; d < D; d++) {
+    const float* row = kt + (size_t)d * KEY_TILE + j0;
+    __m256 k[4];
+    for (int c = 0; c < KV; c++) k[c] = _mm256_loadu_ps(row + 8 * c);
+    for (int i = 0; i < NQ; i++) {
+      const __m256 qd = _mm256_broadcast_ss(q + i * D + d);
+      for (int c = 0; c < KV; c++) a[i][c] = _mm256_fmadd_ps(qd, k[c], a[i][c]);
+    }
+  }
+  for (int i = 0; i < NQ; i++)
+    for (int c = 0; c < KV; c++) _mm256_storeu_ps(s + i * KEY_TILE + j0 + 8 * c, a[i][c]);
+}
+
+/* tile_avx2_n on a converted tile. KV and COLS are constants in each copy, so the accumulators stay in registers. */
+AVX2 static inline __attribute__((always_inline)) void tile_f32_n(const float* q, const int NQ, const float* kt,
+                                                                  const float* vf, int n, int D, float* s,
+                                                                  Running r) {
+  const int KV = NQ >= 4 ? 2 : 4; /* 4 queries x 4 would need more registers than AVX2 has (Llama 3: +23 %) */
+  for (int j0 = 0; j0 < n; j0 += 8 * KV) scores_f32(q, NQ, kt, j0, D, s, KV);
+  __m256 old[4];
+  for (int i = 0; i < NQ; i++) old[i] = _mm256_set1_ps(rescale(s + i * KEY_TILE, n, max_avx2(s + i * KEY_TILE, n), r.m + i, r.l + i, exps_avx2));
+  const int COLS = NQ >= 4 ? 2 : 4; /* 32 columns below 4 queries: 2 * NQ accumulators would wait on the FMAs */
+  for (int d = 0; d < D; d += 8 * COLS) {
+    __m256 e[4][4];
+    for (int i = 0; i < NQ; i++)
+      for (int c = 0; c < COLS; c++) e[i][c] = _mm256_mul_ps(_mm256_loadu_ps(r.y + i * D + d + 8 * c), old[i]);
+    for (int j = 0; j < n; j++) {
+      __m256 x[4];
+      for (int c = 0; c < COLS; c++) x[c] = _mm256_loadu_ps(vf + (size_t)j * D + d + 8 * c);
+      for (int i = 0; i < NQ; i++) {
+        const __m256 p = _mm256_broadcast_ss(s + i * KEY_TILE + j);
+        for (int c = 0; c < COLS; c++) e[i][c] = _mm256_fmadd_ps(p, x[c], e[i][c]);
+      }
+    }
+    for (int i = 0; i < NQ; i++)
+      for (int c = 0; c < COLS; c++) _mm256_storeu_ps(r.y + i * D + d + 8 * c, e[i][c]);
+  }
+}
+
+AVX2 static void tile_f32_avx2(const float* q, int nq, const float* kt, const float* vf, int n, int D, float* s,
+                               Running r) {
+  for (; nq > 0; nq -= 4, q += 4 * D, r.m += 4, r.l += 4, r.y += 4 * D) {
+    if (nq >= 4) tile_f32_n(q, 4, kt, vf, n, D, s, r);
+    if (nq == 3) tile_f32_n(q, 3, kt, vf, n, D, s, r);
+    if (nq == 2) tile_f32_n(q, 2, kt, vf, n, D, s, r);
+    if (nq == 1) tile_f32_n(q, 1, kt, vf, n, D, s, r);
+  }
+}
+
 AVX2 static void halves_avx2(const float* x, uint16_t* out, int n) {
   int i = 0;
   for (; i + 8 <= n; i += 8)
@@ -222,11 +310,16 @@ static void halves_scalar(const float* x, uint16_t* out, int n) {
 }
 
 static Tile tile_fast = tile_scalar; /* for D a multiple of 16; tile_scalar for any other D */
+/* a block of rows: each key tile converted once (AVX2, D a multiple of 32 up to BLOCK_HEAD_DIM), else NULL */
+static void (*convert_tile)(const uint16_t* k, const uint16_t* v, int n, int D, float* kt, float* vf);
+static void (*tile_block)(const float* q, int nq, const float* kt, const float* vf, int n, int D, float* s, Running r);
 static void (*to_halves)(const float* x, uint16_t* out, int n) = halves_scalar; /* the cache's new rows */
 
 void attention_use_avx2(void) {
 #ifdef HAVE_X86
   tile_fast = tile_avx2;
+  convert_tile = convert_tile_avx2;
+  tile_block = tile_f32_avx2;
   to_halves = halves_avx2;
 #endif
 }
@@ -269,14 +362,24 @@ static void attend_task(void* p, size_t i) {
   float scores[4 * KEY_TILE], m[ROW_BLOCK * MAX_GROUP], l[ROW_BLOCK * MAX_GROUP];
   for (int x = 0; x < (s1 - s0) * per; x++) m[x] = -INFINITY, l[x] = 0;
   for (int s = s0; s < s1; s++) memset(j->y + (((size_t)b * j->S + s) * j->H + (size_t)g * per) * D, 0, sizeof(float) * per * D);
+  const int once = s1 - s0 > 1 && convert_tile && D % 32 == 0 && D <= BLOCK_HEAD_DIM;
+  float kt[once ? KEY_TILE * BLOCK_HEAD_DIM : 1], vf[once ? KEY_TILE * BLOCK_HEAD_DIM : 1];
   for (int t = 0; t < keys0 + s1 - 1; t += KEY_TILE) {
+    if (once) { /* the block's last row has the most keys of the tile */
+      const int last = keys0 + s1 - 1 - t;
+      convert_tile(k + (size_t)t * D, v + (size_t)t * D, last < KEY_TILE ? last : KEY_TILE, D, kt, vf);
+    }
     int fresh = 1;
     for (int s = s0; s < s1; s++) {
       const int n = keys0 + s - t < KEY_TILE ? keys0 + s - t : KEY_TILE;
       if (n <= 0) continue;
       const size_t at = (((size_t)b * j->S + s) * j->H + (size_t)g * per) * D;
       const int x = (s - s0) * per;
-      tile(j->q + at, per, k + (size_t)t * D, v + (size_t)t * D, n, D, scores, (Running){m + x, l + x, j->y + at}, fresh);
+      const Running r = {m + x, l + x, j->y + at};
+      if (once)
+        tile_block(j->q + at, per, kt, vf, n, D, scores, r);
+      else
+        tile(j->q + at, per, k + (size_t)t * D, v + (size_t)t * D, n, D, scores, r, fresh);
       fresh = 0;
     }
   }
