@@ -244,13 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--wait-stages", type=float, default=60.0, help="seconds to wait for the stages at start")
     co.add_argument("--prompt-chunks", choices=["spread", "full"], default="spread",
                     help="spread: a prompt goes in about one chunk per stage so that stages overlap (for stages "
-                    "with cores to spare); full: chunks of the prefill length (stages that share their cores)")
+                    "with cores to spare); full: chunks of the prefill length, one in the pipeline at a time "
+                    "(stages that share their cores)")
     co.add_argument("--batches-in-flight", type=int, default=2,
                     help="the token steps of concurrent sessions go through the stages as one batch per step; "
                     "this many batches are in the pipeline at once, each with an even share of the sessions")
     co.add_argument("--prompt-window", type=int, default=2,
-                    help="prompt chunks of one session in the pipeline at once; the other sessions' token steps "
-                    "go in between, so a long prompt stalls them for about this many chunks at a time")
+                    help="with spread prompts, chunks of one session in the pipeline at once while others "
+                    "decode; their token steps go in between, so a long prompt stalls them for about this many "
+                    "chunks at a time")
     co.set_defaults(run=cmd_coordinator)
 
     ge = sub.add_parser("generate", help="one Generate call; prints the response summary")
