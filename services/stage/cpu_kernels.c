@@ -275,23 +275,23 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
  * arithmetic of each pair and its test for an odd K / 32's single last block made the step wait on instruction
  * dispatch, not on its vector units (llvm-mca, Zen 3). Standalone, weights in L1 (3.2 GHz): 7.0 -> 6.4 cycles a pair
  * at K = 576, 5.6 -> 5.1 at K = 1536. */
-#define ONE_Q4_1(P, ACC, SINGLE)                                                                                      \
+#define ONE_Q4_1(WG, AG, DA, P, ACC, SINGLE)                                                                          \
   do {                                                                                                                \
-    const __m256i w = (SINGLE) ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(wg + 32 * (P))))            \
-                               : _mm256_loadu_si256((const __m256i*)(wg + 32 * (P)));                                 \
+    const __m256i w = (SINGLE) ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)((WG) + 32 * (P))))          \
+                               : _mm256_loadu_si256((const __m256i*)((WG) + 32 * (P)));                               \
     const __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);              \
-    const int8_t* a = ag + 64 * (P);                                                                                  \
+    const int8_t* a = (AG) + 64 * (P);                                                                                \
     const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)a)),             \
                                          _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(a + 32))));     \
     ACC = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(DA, _mm256_load_si256((const __m256i*)PAIR_LANES[P])),             \
                           _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), ACC);                                     \
   } while (0)
 
-#define ONE_Q8_0(P, ACC, SINGLE) /* Q8_0's layout pads a single last block with a zero one */                         \
+#define ONE_Q8_0(WG, AG, DA, P, ACC, SINGLE) /* Q8_0's layout pads a single last block with a zero one */             \
   do {                                                                                                                \
-    const __m256i w0 = _mm256_loadu_si256((const __m256i*)(wg + 64 * (P)));                                           \
-    const __m256i w1 = _mm256_loadu_si256((const __m256i*)(wg + 64 * (P) + 32));                                      \
-    const int8_t* a = ag + 64 * (P);                                                                                  \
+    const __m256i w0 = _mm256_loadu_si256((const __m256i*)((WG) + 64 * (P)));                                         \
+    const __m256i w1 = _mm256_loadu_si256((const __m256i*)((WG) + 64 * (P) + 32));                                    \
+    const int8_t* a = (AG) + 64 * (P);                                                                                \
     const __m256i s0 = _mm256_madd_epi16(                                                                             \
         _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)a), w0)), ones); \
     const __m256i s1 = _mm256_madd_epi16(                                                                             \
@@ -302,9 +302,21 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     (void)(SINGLE);                                                                                                   \
   } while (0)
 
+/* Two weight rows at a time up to this many blocks a row (K = 768): a short row's sum at its end had the core wait
+ * (standalone, weights in L1: K = 576 -16 %, but K = 1536 +7 %, so longer rows go one at a time; SmolLM2's stage 2
+ * decode step -2.2 / -2.8 / -3.0 % in three lockstep A/Bs of 600 steps, where an A/A gives -0.2 %). */
+enum { TWO_ROWS_MAX_BLOCKS = 24 };
+
+/* pair P of the group for each of the ROWS weight rows */
+#define ONE_PAIR(KIND, P, ACC, SINGLE)                                                                                \
+  for (int r = 0; r < ROWS; r++) ONE_##KIND(wg[r], ag, DA[r], P, ACC[r], SINGLE)
+
+/* one_KIND: weight rows n .. n + ROWS - 1 (ROWS 1 or 2, a constant in each copy) */
 #define DEFINE_ONE(KIND)                                                                                              \
-  AVX2 static void rows_##KIND##_one(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,         \
-                                     const uint8_t* aq, const Layout* l, float* y) {                                  \
+  AVX2 static inline __attribute__((always_inline)) void one_##KIND(const uint8_t* qs, const uint16_t* d,            \
+                                                                    const uint16_t* m, int n, int n1,                 \
+                                                                    const uint8_t* aq, const Layout* l, float* y,     \
+                                                                    const int ROWS) {                                 \
     enum { Q4 = IS_##KIND, PAIR_BYTES = Q4 ? 32 : 64 };                                                               \
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                                         \
     const size_t nb = (size_t)l->nb, nbp = (size_t)l->nbp, full = nb & ~(size_t)7;                                    \
@@ -312,41 +324,60 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     const int8_t* q = (const int8_t*)aq;                                                                              \
     const float *dA = row_scales((uint8_t*)aq, l), *sA = dA + nbp;                                                    \
     (void)low4;                                                                                                       \
-    for (int n = n0; n < n1; n++) {                                                                                   \
-      const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                 \
-      const uint16_t *wd = d + (size_t)n * nbp, *wm = Q4 ? m + (size_t)n * nbp : NULL;                                \
-      if (n + PREFETCH_ROWS < n1) {                                                                                   \
-        const size_t ahead = PREFETCH_ROWS * row_bytes;                                                               \
+    const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                   \
+    const uint16_t *wd = d + (size_t)n * nbp, *wm = Q4 ? m + (size_t)n * nbp : NULL;                                  \
+    for (int r = 0; r < ROWS; r++)                                                                                    \
+      if (n + r + PREFETCH_ROWS < n1) {                                                                               \
+        const size_t ahead = (PREFETCH_ROWS + r) * row_bytes;                                                         \
         for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char*)(wq + ahead + c), _MM_HINT_T0);          \
-        _mm_prefetch((const char*)(wd + PREFETCH_ROWS * nbp), _MM_HINT_T0);                                           \
-        if (Q4) _mm_prefetch((const char*)(wm + PREFETCH_ROWS * nbp), _MM_HINT_T0);                                   \
+        _mm_prefetch((const char*)(wd + (PREFETCH_ROWS + r) * nbp), _MM_HINT_T0);                                     \
+        if (Q4) _mm_prefetch((const char*)(wm + (PREFETCH_ROWS + r) * nbp), _MM_HINT_T0);                             \
       }                                                                                                               \
-      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();                                                   \
-      for (size_t g = 0; g < nb; g += 8) {                                                                            \
-        const uint8_t* wg = wq + g / 2 * PAIR_BYTES;                                                                  \
-        const int8_t* ag = q + 32 * g;                                                                                \
-        const __m256 DA = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + g))),                   \
-                                        _mm256_loadu_ps(dA + g));                                                     \
-        if (Q4) odd = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wm + g))),                     \
-                                      _mm256_loadu_ps(sA + g), odd);                                                  \
-        if (g < full) {                                                                                               \
-          ONE_##KIND(0, even, 0);                                                                                     \
-          ONE_##KIND(1, odd, 0);                                                                                      \
-          ONE_##KIND(2, even, 0);                                                                                     \
-          ONE_##KIND(3, odd, 0);                                                                                      \
-        } else { /* the last 1 to 7 blocks */                                                                         \
-          const size_t rest = nb - g, pairs = (rest + 1) / 2, single = rest & 1;                                      \
-          ONE_##KIND(0, even, single && pairs == 1);                                                                  \
-          if (pairs > 1) ONE_##KIND(1, odd, single && pairs == 2);                                                    \
-          if (pairs > 2) ONE_##KIND(2, even, single && pairs == 3);                                                   \
-          if (pairs > 3) ONE_##KIND(3, odd, single);                                                                  \
-        }                                                                                                             \
+    __m256 even[2], odd[2];                                                                                           \
+    for (int r = 0; r < ROWS; r++) even[r] = odd[r] = _mm256_setzero_ps();                                           \
+    for (size_t g = 0; g < nb; g += 8) {                                                                              \
+      const uint8_t* wg[2];                                                                                           \
+      __m256 DA[2];                                                                                                   \
+      const int8_t* ag = q + 32 * g;                                                                                  \
+      for (int r = 0; r < ROWS; r++) {                                                                                \
+        wg[r] = wq + r * row_bytes + g / 2 * PAIR_BYTES;                                                              \
+        DA[r] = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + r * nbp + g))),                   \
+                              _mm256_loadu_ps(dA + g));                                                               \
+        if (Q4) odd[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wm + r * nbp + g))),        \
+                                         _mm256_loadu_ps(sA + g), odd[r]);                                            \
       }                                                                                                               \
-      const __m256 acc = _mm256_add_ps(even, odd);                                                                    \
-      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));                              \
-      s = _mm_hadd_ps(s, s);                                                                                          \
-      y[n] = _mm_cvtss_f32(_mm_hadd_ps(s, s));                                                                        \
+      if (g < full) {                                                                                                 \
+        ONE_PAIR(KIND, 0, even, 0);                                                                                   \
+        ONE_PAIR(KIND, 1, odd, 0);                                                                                    \
+        ONE_PAIR(KIND, 2, even, 0);                                                                                   \
+        ONE_PAIR(KIND, 3, odd, 0);                                                                                    \
+      } else { /* the last 1 to 7 blocks */                                                                           \
+        const size_t rest = nb - g, pairs = (rest + 1) / 2, single = rest & 1;                                        \
+        ONE_PAIR(KIND, 0, even, single && pairs == 1);                                                                \
+        if (pairs > 1) ONE_PAIR(KIND, 1, odd, single && pairs == 2);                                                  \
+        if (pairs > 2) ONE_PAIR(KIND, 2, even, single && pairs == 3);                                                 \
+        if (pairs > 3) ONE_PAIR(KIND, 3, odd, single);                                                                \
+      }                                                                                                               \
     }                                                                                                                 \
+    __m128 s[2];                                                                                                      \
+    for (int r = 0; r < ROWS; r++) {                                                                                  \
+      const __m256 acc = _mm256_add_ps(even[r], odd[r]);                                                              \
+      s[r] = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));                                  \
+    }                                                                                                                 \
+    if (ROWS == 2) { /* [a0 + a1, a2 + a3, b0 + b1, b2 + b3], then each row's two halves: its sum as one row has it */ \
+      const __m128 h = _mm_hadd_ps(s[0], s[1]);                                                                       \
+      _mm_storel_pi((__m64*)(y + n), _mm_hadd_ps(h, h));                                                              \
+    } else {                                                                                                          \
+      const __m128 h = _mm_hadd_ps(s[0], s[0]);                                                                       \
+      y[n] = _mm_cvtss_f32(_mm_hadd_ps(h, h));                                                                        \
+    }                                                                                                                 \
+  }                                                                                                                   \
+  AVX2 static void rows_##KIND##_one(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,         \
+                                     const uint8_t* aq, const Layout* l, float* y) {                                  \
+    int n = n0;                                                                                                       \
+    if (l->nb <= TWO_ROWS_MAX_BLOCKS)                                                                                 \
+      for (; n + 2 <= n1; n += 2) one_##KIND(qs, d, m, n, n1, aq, l, y, 2);                                           \
+    for (; n < n1; n++) one_##KIND(qs, d, m, n, n1, aq, l, y, 1);                                                     \
   }
 #define IS_Q4_1 1
 #define IS_Q8_0 0
