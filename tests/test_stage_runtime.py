@@ -45,6 +45,29 @@ def test_batched_decode_matches_one_by_one(tiny_artifacts, stage):
     assert [batched.kv.get(f"s{i}").length for i in (0, 1, 2, 4, 5, 6)] == [lengths[i] for i in (0, 1, 2, 4, 5, 6)]
 
 
+@pytest.mark.parametrize("stage", [0, 1])  # the first (token ids in) and the last (logits out)
+def test_one_row_steps_between_prompts_in_one_slot_match_a_fresh_stage(tiny_artifacts, stage):
+    """A slot's one-row steps run on buffers bound once; prompt chunks bind their own in between. A session that
+    reuses the slot (prompt, steps, a second chunk, steps) gets what a fresh stage gives it, and an output held
+    past the next step keeps its values."""
+    used, fresh = (StageRuntime(tiny_artifacts, stage, kv_capacity=1, threads=1) for _ in range(2))
+    rng = np.random.default_rng(7)
+    used.forward(Entry("a", 0, inputs(used, rng, 6)))
+    for p in range(6, 9):
+        used.forward(Entry("a", p, inputs(used, rng, 1)))
+    assert used.release("a")
+    steps = [(0, 5), (5, 1), (6, 1), (7, 4), (11, 1), (12, 1)]  # (position, rows): the same slot, now b's
+    held = []
+    for p, n in steps:
+        x = inputs(used, rng, n)
+        got = used.forward(Entry("b", p, x))
+        want = fresh.forward(Entry("b", p, x))
+        np.testing.assert_array_equal(got, want)
+        held.append((got, want.copy()))
+    for got, want in held:
+        np.testing.assert_array_equal(got, want)
+
+
 def test_bad_entry_fails_alone(tiny_artifacts):
     rt = StageRuntime(tiny_artifacts, 0, kv_capacity=4, threads=1)
     rng = np.random.default_rng(0)
