@@ -62,26 +62,28 @@ def session_options(threads: int, spin: bool = False, kernels: str | None = None
     return so
 
 
-class _Binding:
-    """One slot range's I/O binding: its KV bound in place once, and for one-row steps (decode) the input, seqlens,
-    total length and output too, in buffers of its own that each step writes into. Binding anew on every step cost
-    ~90 us of a stage's decode step (bind_output ~40 us, each input ~18 us with the caches cold after the run; 8 and
-    2 us hot): now a step writes three small arrays and copies its output out."""
+class _OneRowBuffers:
+    """Input, seqlens, total length and output of one-row steps (decode), for up to `rows` sessions at once, bound
+    once into every slot range's I/O binding (as views of their first B rows); each step writes into them and copies
+    its output out. Binding them anew on every step cost ~90 us of a stage's decode step (bind_output ~40 us, each
+    input ~18 us with the caches cold after the run; 8 and 2 us hot). One set serves all bindings: runs happen one at
+    a time (under the runtime's lock), and the rows of batch sizes never used stay unmapped (np.zeros)."""
 
-    def __init__(self, session: ort.InferenceSession, kv: KVPool, lo: int, batch: int, graph: CpuGraph) -> None:
-        self.io = session.io_binding()
-        for name, buf in kv.slots(lo, lo + batch).items():
-            value = ort.OrtValue.ortvalue_from_numpy(buf)
-            self.io.bind_ortvalue_input(name, value)
-            self.io.bind_ortvalue_output(name.replace("past_", "present_"), value)
-        self.seqlens = np.zeros(batch, np.int32)
+    def __init__(self, rows: int, graph: CpuGraph) -> None:
+        self.seqlens = np.zeros(rows, np.int32)
         self.total = np.zeros((), np.int32)
-        self.x = np.zeros((batch, 1, *graph.row_shape), graph.input_dtype)
-        self.out = np.empty((batch, graph.width) if graph.output == "logits" else (batch, 1, graph.width), np.float32)
-        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self.seqlens, self.total, self.x, self.out)]
-        self.io.bind_ortvalue_input("seqlens_k", self.values[0])
-        self.io.bind_ortvalue_input("total_sequence_length", self.values[1])
-        self.one_row = False  # whether x and out are bound (a prompt chunk binds its own in their place)
+        self.x = np.zeros((rows, 1, *graph.row_shape), graph.input_dtype)
+        self.out = np.zeros((rows, graph.width) if graph.output == "logits" else (rows, 1, graph.width), np.float32)
+        self.total_value = ort.OrtValue.ortvalue_from_numpy(self.total)
+        self.views: dict[int, tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]] = {}
+
+    def values(self, batch: int) -> tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]:
+        """OrtValues over the first `batch` rows of seqlens, x and out."""
+        v = self.views.get(batch)
+        if v is None:
+            v = self.views[batch] = tuple(
+                ort.OrtValue.ortvalue_from_numpy(a[:batch]) for a in (self.seqlens, self.x, self.out))
+        return v
 
 
 class CpuGraph:
@@ -101,32 +103,44 @@ class CpuGraph:
         self.input = "input_ids" if "input_ids" in inputs else "hidden_in"
         self.input_dtype = np.int32 if self.input == "input_ids" else np.float32
         self.row_shape = () if self.input == "input_ids" else (inputs["hidden_in"].shape[-1],)
-        self.bindings: dict[tuple[int, int], _Binding] = {}
+        self.bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self.one_row: set[tuple[int, int]] = set()  # bindings whose input and output are the one-row buffers now
+        self.buffers: _OneRowBuffers | None = None
 
     def run(self, kv: KVPool, lo: int, x: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
         """Sequences in the KV slots lo..lo+B-1 (B = len(seqlens)), S = rows / B new rows each, the last at
         position seqlens[b]. Returns hidden states [B, S, hidden] or the logits of each last row [B, vocab]."""
-        batch = len(seqlens)
-        b = self.bindings.get((lo, batch))
+        batch, key = len(seqlens), (lo, len(seqlens))
+        if self.buffers is None:
+            self.buffers = _OneRowBuffers(kv.capacity, self)
+        buf = self.buffers
+        seq_value, x_value, out_value = buf.values(batch)
+        b = self.bindings.get(key)
         if b is None:
-            b = self.bindings[(lo, batch)] = _Binding(self.session, kv, lo, batch, self)
+            b = self.bindings[key] = self.session.io_binding()
+            for name, cache in kv.slots(lo, lo + batch).items():
+                value = ort.OrtValue.ortvalue_from_numpy(cache)
+                b.bind_ortvalue_input(name, value)
+                b.bind_ortvalue_output(name.replace("past_", "present_"), value)
+            b.bind_ortvalue_input("seqlens_k", seq_value)
+            b.bind_ortvalue_input("total_sequence_length", buf.total_value)
         rows = x.shape[0] // batch
-        b.seqlens[:] = seqlens
-        b.total[...] = seqlens.max() + 1
+        buf.seqlens[:batch] = seqlens
+        buf.total[...] = seqlens.max() + 1
         if rows == 1:
-            if not b.one_row:
-                b.io.bind_ortvalue_input(self.input, b.values[2])
-                b.io.bind_ortvalue_output(self.output, b.values[3])
-                b.one_row = True
-            b.x.reshape(x.shape)[...] = x
-            self.session.run_with_iobinding(b.io)
-            return b.out.copy()  # the buffer is the next step's: a caller may hold this past it
-        b.one_row = False
-        b.io.bind_cpu_input(self.input, x.reshape(batch, rows, *x.shape[1:]))
+            if key not in self.one_row:
+                b.bind_ortvalue_input(self.input, x_value)
+                b.bind_ortvalue_output(self.output, out_value)
+                self.one_row.add(key)
+            buf.x[:batch].reshape(x.shape)[...] = x
+            self.session.run_with_iobinding(b)
+            return buf.out[:batch].copy()  # the buffer is the next step's: a caller may hold this past it
+        self.one_row.discard(key)
+        b.bind_cpu_input(self.input, x.reshape(batch, rows, *x.shape[1:]))
         # Into a fresh array: get_outputs() would wrap every present KV output too (~30 us per run).
         out = np.empty((batch, self.width) if self.output == "logits" else (batch, rows, self.width), np.float32)
-        b.io.bind_output(self.output, "cpu", element_type=np.float32, shape=out.shape, buffer_ptr=out.ctypes.data)
-        self.session.run_with_iobinding(b.io)
+        b.bind_output(self.output, "cpu", element_type=np.float32, shape=out.shape, buffer_ptr=out.ctypes.data)
+        self.session.run_with_iobinding(b)
         return out
 
 
