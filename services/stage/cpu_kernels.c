@@ -269,12 +269,12 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     }                                                                                                                 \
   }
 
-/* One row of A (a decode step): rows_KIND_1's arithmetic, in the same order and with the same products, so a row's
- * result is the same bits; but each pair's loads are at constant offsets from its group of 8 blocks, and d * dA is
- * multiplied once per group (then spread to each pair's lanes) instead of once per pair. In rows_KIND_1 the index
- * arithmetic of each pair and its test for an odd K / 32's single last block made the step wait on instruction
- * dispatch, not on its vector units (llvm-mca, Zen 3). Standalone, weights in L1 (3.2 GHz): 7.0 -> 6.4 cycles a pair
- * at K = 576, 5.6 -> 5.1 at K = 1536. */
+/* One row of A (a decode step): the arithmetic of rows_KIND_R for each row, in the same order and with the same
+ * products, so a row's result is the same bits; but each pair's loads are at constant offsets from its group of 8
+ * blocks, and d * dA is multiplied once per group (then spread to each pair's lanes) instead of once per pair. With
+ * DEFINE_ROWS at one row, the index arithmetic of each pair and its test for an odd K / 32's single last block made
+ * the step wait on instruction dispatch, not on its vector units (llvm-mca, Zen 3). Standalone, weights in L1 (3.2
+ * GHz): 7.0 -> 6.4 cycles a pair at K = 576, 5.6 -> 5.1 at K = 1536. */
 #define ONE_Q4_1(WG, AG, DA, P, ACC, SINGLE)                                                                          \
   do {                                                                                                                \
     const __m256i w = (SINGLE) ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)((WG) + 32 * (P))))          \
