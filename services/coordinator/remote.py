@@ -353,11 +353,12 @@ class RemotePipeline:
 
         def refill(answered: int) -> None:
             nonlocal error
-            others = self.decode_steps or self.queue or self.expected  # other sessions are decoding
             if not self.spread_prompts:  # stages that share the cores: one chunk in the pipeline at a time
                 limit = min(answered + 2, len(starts))
+            elif self.decode_steps or self.queue or self.expected:  # other sessions are decoding
+                limit = min(answered + 1 + self.prompt_window, len(starts))
             else:
-                limit = min(answered + 1 + self.prompt_window, len(starts)) if others else len(starts)
+                limit = len(starts)
             while error is None and len(sent) < limit:
                 start = starts[len(sent)]
                 final = start + p >= len(tokens)

@@ -95,6 +95,11 @@ static float exps_scalar(float* s, int n, float mx) {
   return sum;
 }
 
+/* the cache's new rows: float16, rounded to nearest */
+static void halves_scalar(const float* x, uint16_t* out, int n) {
+  for (int i = 0; i < n; i++) out[i] = float_to_half(x[i]);
+}
+
 /* One tile, portable C. */
 static void tile_scalar(const float* q, int nq, const uint16_t* k, const uint16_t* v, int n, int D, float* s,
                         Running r, int first) {
@@ -301,13 +306,9 @@ AVX2 static void halves_avx2(const float* x, uint16_t* out, int n) {
   int i = 0;
   for (; i + 8 <= n; i += 8)
     _mm_storeu_si128((__m128i*)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
-  for (; i < n; i++) out[i] = float_to_half(x[i]);
+  halves_scalar(x + i, out + i, n - i);
 }
 #endif
-
-static void halves_scalar(const float* x, uint16_t* out, int n) {
-  for (int i = 0; i < n; i++) out[i] = float_to_half(x[i]);
-}
 
 static Tile tile_fast = tile_scalar; /* for D a multiple of 16; tile_scalar for any other D */
 /* a block of rows: each key tile converted once (AVX2, D a multiple of 32 up to BLOCK_HEAD_DIM), else NULL */

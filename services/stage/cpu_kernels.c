@@ -177,6 +177,28 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
  * term goes into an accumulator too. Two accumulators per row (even and odd pairs), so that the FMAs' latency does not
  * bound the loop. A row's arithmetic is the same whatever R, so a row's result does not depend on how many rows run
  * with it (a session decodes the same alone and in a batch). */
+/* One pair of weight blocks against one row of A (its 64 quantized values at A), the 8 int32 lanes scaled by S (each
+ * block's d * dA) into ACC. Q4_1: LO and HI are the pair's low and high nibbles; Q8_0: W0 and W1 its first and
+ * second halves, U0 and U1 their absolute values. The several-row and the one-row kernels both run these. */
+#define DOT_Q4_1(LO, HI, A, S, ACC)                                                                                   \
+  ACC = _mm256_fmadd_ps(                                                                                              \
+      S,                                                                                                              \
+      _mm256_cvtepi32_ps(_mm256_madd_epi16(                                                                           \
+          _mm256_add_epi16(_mm256_maddubs_epi16(LO, _mm256_loadu_si256((const __m256i*)(A))),                         \
+                           _mm256_maddubs_epi16(HI, _mm256_loadu_si256((const __m256i*)((A) + 32)))),                 \
+          ones)),                                                                                                     \
+      ACC)
+
+#define DOT_Q8_0(W0, U0, W1, U1, A, S, ACC)                                                                           \
+  ACC = _mm256_fmadd_ps(                                                                                              \
+      S,                                                                                                              \
+      _mm256_cvtepi32_ps(_mm256_add_epi32(                                                                            \
+          _mm256_madd_epi16(_mm256_maddubs_epi16(U0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(A)), W0)),  \
+                            ones),                                                                                    \
+          _mm256_madd_epi16(                                                                                          \
+              _mm256_maddubs_epi16(U1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)((A) + 32)), W1)), ones))), \
+      ACC)
+
 #define PAIR_Q4_1(P, ACC)                                                                                             \
   do {                                                                                                                \
     const int pr = g / 2 + (P);                                                                                       \
@@ -185,13 +207,8 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
                     : _mm256_loadu_si256((const __m256i*)(wq + pr * 32));                                             \
     __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);                     \
     const __m256 Dp = _mm256_permutevar8x32_ps(D, _mm256_load_si256((const __m256i*)PAIR_LANES[P]));                  \
-    for (int r = 0; r < ROWS; r++) {                                                                                  \
-      const int8_t* a = q[r] + pr * 64;                                                                               \
-      __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)a)),                 \
-                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(a + 32))));         \
-      ACC[r] = _mm256_fmadd_ps(_mm256_mul_ps(Dp, _mm256_loadu_ps(dAx[r] + pr * 8)),                                   \
-                               _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), ACC[r]);                             \
-    }                                                                                                                 \
+    for (int r = 0; r < ROWS; r++)                                                                                    \
+      DOT_Q4_1(lo, hi, q[r] + pr * 64, _mm256_mul_ps(Dp, _mm256_loadu_ps(dAx[r] + pr * 8)), ACC[r]);                  \
   } while (0)
 
 #define PAIR_Q8_0(P, ACC)                                                                                             \
@@ -201,15 +218,8 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     const __m256i w1 = _mm256_loadu_si256((const __m256i*)(wq + pr * 64 + 32));                                       \
     const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);                                                 \
     const __m256 Dp = _mm256_permutevar8x32_ps(D, _mm256_load_si256((const __m256i*)PAIR_LANES[P]));                  \
-    for (int r = 0; r < ROWS; r++) {                                                                                  \
-      const int8_t* a = q[r] + pr * 64;                                                                               \
-      __m256i s0 = _mm256_madd_epi16(                                                                                 \
-          _mm256_maddubs_epi16(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)a), w0)), ones);               \
-      __m256i s1 = _mm256_madd_epi16(                                                                                 \
-          _mm256_maddubs_epi16(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(a + 32)), w1)), ones);        \
-      ACC[r] = _mm256_fmadd_ps(_mm256_mul_ps(Dp, _mm256_loadu_ps(dAx[r] + pr * 8)),                                   \
-                               _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), ACC[r]);                                 \
-    }                                                                                                                 \
+    for (int r = 0; r < ROWS; r++)                                                                                    \
+      DOT_Q8_0(w0, u0, w1, u1, q[r] + pr * 64, _mm256_mul_ps(Dp, _mm256_loadu_ps(dAx[r] + pr * 8)), ACC[r]);          \
   } while (0)
 
 /* rows_q4_1_R / rows_q8_0_R: weight rows n0..n1 against R quantized rows of A; KIND is Q4_1 or Q8_0 */
@@ -280,25 +290,16 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     const __m256i w = (SINGLE) ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)((WG) + 32 * (P))))          \
                                : _mm256_loadu_si256((const __m256i*)((WG) + 32 * (P)));                               \
     const __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);              \
-    const int8_t* a = (AG) + 64 * (P);                                                                                \
-    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)a)),             \
-                                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(a + 32))));     \
-    ACC = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(DA, _mm256_load_si256((const __m256i*)PAIR_LANES[P])),             \
-                          _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), ACC);                                     \
+    DOT_Q4_1(lo, hi, (AG) + 64 * (P),                                                                                 \
+             _mm256_permutevar8x32_ps(DA, _mm256_load_si256((const __m256i*)PAIR_LANES[P])), ACC);                    \
   } while (0)
 
 #define ONE_Q8_0(WG, AG, DA, P, ACC, SINGLE) /* Q8_0's layout pads a single last block with a zero one */             \
   do {                                                                                                                \
     const __m256i w0 = _mm256_loadu_si256((const __m256i*)((WG) + 64 * (P)));                                         \
     const __m256i w1 = _mm256_loadu_si256((const __m256i*)((WG) + 64 * (P) + 32));                                    \
-    const int8_t* a = (AG) + 64 * (P);                                                                                \
-    const __m256i s0 = _mm256_madd_epi16(                                                                             \
-        _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)a), w0)), ones); \
-    const __m256i s1 = _mm256_madd_epi16(                                                                             \
-        _mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(a + 32)), w1)), \
-        ones);                                                                                                        \
-    ACC = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(DA, _mm256_load_si256((const __m256i*)PAIR_LANES[P])),             \
-                          _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), ACC);                                         \
+    DOT_Q8_0(w0, _mm256_abs_epi8(w0), w1, _mm256_abs_epi8(w1), (AG) + 64 * (P),                                       \
+             _mm256_permutevar8x32_ps(DA, _mm256_load_si256((const __m256i*)PAIR_LANES[P])), ACC);                    \
     (void)(SINGLE);                                                                                                   \
   } while (0)
 
