@@ -106,7 +106,7 @@ def check_against_reference(n: int, k: int) -> None:
             assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max(), (w.bits, rows)
 
 
-SHAPES = [(7, 64), (65, 96), (200, 576)]  # K / 32 of 2, 3 (odd: a pair of one block) and 18 blocks
+SHAPES = [(7, 64), (65, 96), (33, 160), (9, 224), (200, 576)]  # K / 32 of 2, 3 (odd: a pair of one block), 5, 7, 18
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
@@ -127,6 +127,39 @@ def test_the_portable_kernels_match_it_too():
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["scalar"]
+
+
+def outputs_of(kernels: str, path: Path) -> str:
+    """Runs `outputs` of both kinds of weight in a process whose library runs `kernels` (SPLITLLM_CPU_KERNELS);
+    returns the kernels it reports."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import numpy as np; from test_cpu_kernels import *\n"
+        "from splitllm.services.stage.cpu_kernels import kernels\n"
+        "rng, out = np.random.default_rng(7), {}\n"
+        "for n, k in [(9, 32), (13, 64), (11, 96), (33, 160), (21, 224), (17, 288), (200, 576), (130, 1536)]:\n"
+        "    for w in (q4_1_weight(rng, n, k), q8_0_weight(rng, n, k)):\n"
+        "        s = session(w)\n"
+        "        for rows in (1, 2, 3, 4, 5, 8, 65):\n"
+        "            a = rng.normal(0, 1, (rows, k)).astype(np.float32)\n"
+        "            out[f'{w.bits}-{n}-{k}-{rows}'] = s.run(None, {'a': a})[0]\n"
+        f"np.savez({str(path)!r}, **out); print(kernels())"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SPLITLLM_CPU_KERNELS": kernels}, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip()
+
+
+def test_the_avx512_kernels_give_the_avx2_kernels_bits(tmp_path):
+    """Where the CPU has AVX-512 with VNNI the library runs kernels of their own; SPLITLLM_CPU_KERNELS=avx2 forces the
+    AVX2 ones. Both sum the same int32 lanes in the same order, so a model's outputs do not depend on which ran."""
+    if outputs_of("", tmp_path / "default.npz") != "avx512":
+        pytest.skip("this CPU has no AVX-512 with VNNI")
+    assert outputs_of("avx2", tmp_path / "avx2.npz") == "avx2"
+    fast, avx2 = np.load(tmp_path / "default.npz"), np.load(tmp_path / "avx2.npz")
+    assert sorted(fast.files) == sorted(avx2.files)
+    for name in fast.files:
+        assert np.array_equal(fast[name], avx2[name]), name
 
 
 def test_swiglu_returns_silu_of_the_gate_rows_times_the_up_rows():

@@ -29,13 +29,17 @@ const OrtApi* g_api;
 
 /* ---------------------------------------------------------------- the math */
 
-/* One row of A, quantized: for each pair of blocks p, 32 int8 of the first halves of blocks 2p and 2p+1, then 32 of
- * their second halves (the order the weights' low and high nibbles come in); then dA [nbp] and dA * sum(q) [nbp];
- * then per pair dA of block 2p four times and of 2p+1 four times, the lanes a pair's int32 sums come in. */
+/* One row of A, quantized: for each group of G blocks (G = 2 for the AVX2 and portable kernels, 4 for AVX-512), 16 *
+ * G int8 of their first halves (block by block), then 16 * G of their second halves (the order the weights' low and
+ * high nibbles come in); then dA [nbp] and dA * sum(q) [nbp]; then dA of each block four times, the lanes a block's
+ * int32 sums come in. A last group that K / 32 does not fill is padded with zeros. */
 typedef struct {
-  int K, nb, nbp, pairs;
-  size_t stride; /* bytes per quantized row */
+  int K, nb, nbp, pairs; /* pairs: Q8_0's weight rows hold (nb + 1) / 2 pairs of blocks, whatever G */
+  int group, groups;     /* G, and the groups of a row: (nb + G - 1) / G */
+  size_t stride;         /* bytes per quantized row */
 } Layout;
+
+static int a_group = 2; /* G of the kernels this process runs (pick_kernels) */
 
 static Layout layout(int K) {
   Layout l;
@@ -43,16 +47,26 @@ static Layout layout(int K) {
   l.nb = K / 32;
   l.nbp = (l.nb + 7) & ~7;
   l.pairs = (l.nb + 1) / 2;
-  l.stride = (size_t)l.pairs * 64 + (size_t)l.nbp * 8 + (size_t)l.pairs * 32;
+  l.group = a_group;
+  l.groups = (l.nb + l.group - 1) / l.group;
+  const size_t blocks = (size_t)l.groups * l.group;
+  l.stride = blocks * 32 + (size_t)l.nbp * 8 + blocks * 16;
   return l;
 }
 
-static inline float* row_scales(uint8_t* row, const Layout* l) { return (float*)(row + (size_t)l->pairs * 64); }
+static inline float* row_scales(uint8_t* row, const Layout* l) {
+  return (float*)(row + (size_t)l->groups * l->group * 32);
+}
 
-static void expand_scales(float* dA, const Layout* l) { /* dA [nbp] is zero past nb: an odd K / 32's last lanes */
+/* block b's first half in a quantized row (its second half is 16 * G bytes further on) */
+static inline size_t first_half(int b, const Layout* l) {
+  return (size_t)(b / l->group) * 32 * l->group + (size_t)(b % l->group) * 16;
+}
+
+static void expand_scales(float* dA, const Layout* l) { /* dA [nbp] is zero past nb: a last group's padding */
   float* lanes = dA + 2 * l->nbp;
-  for (int p = 0; p < l->pairs; p++)
-    for (int j = 0; j < 8; j++) lanes[8 * p + j] = dA[2 * p + j / 4];
+  for (int b = 0; b < l->groups * l->group; b++)
+    for (int j = 0; j < 4; j++) lanes[4 * b + j] = dA[b];
 }
 
 static void quantize_row_scalar(const float* a, const Layout* l, uint8_t* out) {
@@ -64,12 +78,13 @@ static void quantize_row_scalar(const float* a, const Layout* l, uint8_t* out) {
     float amax = 0;
     for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(v[j]));
     float inv = amax > 0 ? 127.f / amax : 0.f;
-    int8_t* pair = q + (b / 2) * 64 + (b & 1) * 16;
+    int8_t* half = q + first_half(b, l);
+    const int second = 16 * l->group;
     int sum = 0;
     for (int j = 0; j < 16; j++) {
-      pair[j] = (int8_t)nearbyintf(v[j] * inv);
-      pair[32 + j] = (int8_t)nearbyintf(v[16 + j] * inv);
-      sum += pair[j] + pair[32 + j];
+      half[j] = (int8_t)nearbyintf(v[j] * inv);
+      half[second + j] = (int8_t)nearbyintf(v[16 + j] * inv);
+      sum += half[j] + half[second + j];
     }
     dA[b] = amax / 127.f;
     sA[b] = dA[b] * (float)sum;
@@ -90,14 +105,15 @@ static void rows_scalar(const uint8_t* qs, const uint16_t* d, const uint16_t* m,
       const uint8_t* wq = qs + (size_t)n * row_bytes;
       float acc = 0;
       for (int b = 0; b < l->nb; b++) {
-        const int8_t* a = q + (b / 2) * 64 + (b & 1) * 16;
+        const int8_t* a = q + first_half(b, l);
+        const int second = 16 * l->group;
         int32_t dot = 0;
         for (int j = 0; j < 16; j++) {
           if (q4) {
-            dot += (wq[16 * b + j] & 0x0F) * a[j] + (wq[16 * b + j] >> 4) * a[32 + j];
-          } else {
-            const int8_t* w = (const int8_t*)wq + (a - q);
-            dot += w[j] * a[j] + w[32 + j] * a[32 + j];
+            dot += (wq[16 * b + j] & 0x0F) * a[j] + (wq[16 * b + j] >> 4) * a[second + j];
+          } else { /* Q8_0's weights: pairs of blocks, the first halves of both, then their second halves */
+            const int8_t* w = (const int8_t*)wq + (b / 2) * 64 + (b & 1) * 16;
+            dot += w[j] * a[j] + w[32 + j] * a[second + j];
           }
         }
         acc += half_to_float(d[(size_t)n * l->nbp + b]) * dA[b] * (float)dot;
@@ -130,7 +146,7 @@ AVX2 static void quantize_row_avx2(const float* a, const Layout* l, uint8_t* out
   float *dA = row_scales(out, l), *sA = dA + l->nbp;
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  if (l->nb & 1) memset(q + (size_t)(l->nb / 2) * 64, 0, 64);
+  if (l->nb % l->group) memset(q + (size_t)(l->nb / l->group) * 32 * l->group, 0, 32 * (size_t)l->group);
   for (int b = l->nb; b < l->nbp; b++) dA[b] = sA[b] = 0;
   for (int b = 0; b < l->nb; b++) {
     const float* v = a + 32 * b;
@@ -153,9 +169,9 @@ AVX2 static void quantize_row_avx2(const float* a, const Layout* l, uint8_t* out
     sA[b] = dA[b] * (float)_mm_cvtsi128_si32(s);
     __m256i packed = _mm256_permutevar8x32_epi32(
         _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)), order);
-    int8_t* pair = q + (b / 2) * 64 + (b & 1) * 16;
-    _mm_storeu_si128((__m128i*)pair, _mm256_castsi256_si128(packed));
-    _mm_storeu_si128((__m128i*)(pair + 32), _mm256_extracti128_si256(packed, 1));
+    int8_t* half = q + first_half(b, l);
+    _mm_storeu_si128((__m128i*)half, _mm256_castsi256_si128(packed));
+    _mm_storeu_si128((__m128i*)(half + 16 * l->group), _mm256_extracti128_si256(packed, 1));
   }
   expand_scales(dA, l);
 }
@@ -412,6 +428,208 @@ AVX2 static void swiglu_avx2(const float* g, const float* u, float* y, int n) {
   swiglu_scalar(g + i, u + i, y + i, n - i);
 }
 
+/* ---------------------------------------------------------------- AVX-512 with VNNI */
+
+/* vpdpbusd adds 4 products of unsigned by signed bytes into each int32 lane: one instruction where AVX2 takes maddubs,
+ * an add and madd, on 512 bits. A's groups are of 4 blocks here (a quad): 64 bytes of their first halves, then 64 of
+ * their second halves, so a quad of Q4_1 weights (64 bytes, low nibbles the first halves, high nibbles the second)
+ * goes against a row of A in two of them. Lanes 0-7 of the result are then the AVX2 kernel's pair 2q and lanes 8-15
+ * its pair 2q + 1, with the same int32 sums; they are scaled and added in the AVX2 kernel's order (an accumulator's low
+ * half is its even accumulator, the high half its odd one), so a row's result is the AVX2 kernel's, bit for bit.
+ * Q8_0 is signed by signed: |w| against a negated where w < 0 (A's codes are within +-127). */
+
+static const int32_t QUAD_LANES[2][16] __attribute__((aligned(64))) = {
+    {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3}, {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7}};
+
+AVX512 static inline __m512i negate_where(__m512i a, __mmask64 negative) {
+  return _mm512_mask_sub_epi8(a, negative, _mm512_setzero_si512(), a);
+}
+
+/* The weights of one quad, ready for DOT512: Q4_1's low and high nibbles (X, Y) from its 64 bytes at W, of which the
+ * first 16 * BLOCKS are the row's; Q8_0's first and second halves as |w| (X, Y) and their signs (SX, SY), from the
+ * (BLOCKS + 1) / 2 pairs at W (Q8_0's rows are padded to whole pairs). */
+#define QUAD_Q4_1(W, BLOCKS)                                                                                          \
+  const __m512i w_ = (BLOCKS) == 4 ? _mm512_loadu_si512((const void*)(W))                                             \
+                                   : _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (16 * (BLOCKS))) - 1), (W));        \
+  const __m512i X = _mm512_and_si512(w_, low4), Y = _mm512_and_si512(_mm512_srli_epi16(w_, 4), low4);                 \
+  const __mmask64 SX = 0, SY = 0;                                                                                     \
+  (void)SX;                                                                                                           \
+  (void)SY
+
+#define QUAD_Q8_0(W, BLOCKS)                                                                                          \
+  const __m512i z0_ = _mm512_loadu_si512((const void*)(W)),                                                           \
+                z1_ = (BLOCKS) > 2 ? _mm512_loadu_si512((const void*)((W) + 64)) : _mm512_setzero_si512();            \
+  const __m512i wx_ = _mm512_shuffle_i64x2(z0_, z1_, 0x44), wy_ = _mm512_shuffle_i64x2(z0_, z1_, 0xEE);               \
+  const __m512i X = _mm512_abs_epi8(wx_), Y = _mm512_abs_epi8(wy_);                                                   \
+  const __mmask64 SX = _mm512_movepi8_mask(wx_), SY = _mm512_movepi8_mask(wy_)
+
+/* the quad's 16 int32 lanes against one row of A (its 128 quantized values at A), as floats */
+#define DOT512(KIND, A)                                                                                               \
+  _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(                                                                             \
+      _mm512_dpbusd_epi32(_mm512_setzero_si512(), X,                                                                  \
+                          IS_##KIND ? _mm512_loadu_si512((const void*)(A))                                            \
+                                    : negate_where(_mm512_loadu_si512((const void*)(A)), SX)),                        \
+      Y, IS_##KIND ? _mm512_loadu_si512((const void*)((A) + 64)) : negate_where(_mm512_loadu_si512((const void*)((A) + 64)), SY)))
+
+/* Q4_1's m * dA * sum(q) term of 8 blocks into an accumulator's high half (the AVX2 kernel's odd accumulator) */
+#define M_TERM512(M, SA, ACC)                                                                                         \
+  ACC = _mm512_mask3_fmadd_ps(_mm512_broadcast_f32x8(M), _mm512_broadcast_f32x8(SA), ACC, (__mmask16)0xFF00)
+
+/* the sum of an accumulator's lanes, as the AVX2 kernel sums its even and odd ones */
+AVX512 static inline __m128 halves512(__m512 acc) {
+  const __m256 s = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+/* rows512_KIND_R: weight rows n0..n1 against R quantized rows of A (rows_KIND_R's arithmetic). Every load of A is at
+ * a constant offset from the group's pointers plus r * stride: with a pointer per row of A (three per row: its codes,
+ * sums and scales) the loop ran out of registers and spent its time moving addresses (2.5x the vector work). */
+#define DEFINE_ROWS512(KIND, R)                                                                                       \
+  AVX512 static void rows512_##KIND##_##R(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,   \
+                                          const uint8_t* aq, const Layout* l, float* y, size_t ldy) {                 \
+    enum { ROWS = R, Q4 = IS_##KIND, QUAD_BYTES = Q4 ? 64 : 128 };                                                    \
+    const __m512i low4 = _mm512_set1_epi8(0x0F);                                                                      \
+    const int nb = l->nb, nbp = l->nbp;                                                                               \
+    const size_t row_bytes = Q4 ? (size_t)nb * 16 : (size_t)l->pairs * 64, stride = l->stride;                        \
+    const uint8_t* sums = (const uint8_t*)(row_scales((uint8_t*)aq, l) + nbp); /* sA of row 0, then its lanes */      \
+    const uint8_t* lanes = sums + 4 * (size_t)nbp;                                                                    \
+    (void)low4;                                                                                                       \
+    for (int n = n0; n < n1; n++) {                                                                                   \
+      const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                 \
+      const uint16_t* wd = d + (size_t)n * nbp;                                                                       \
+      if (n + PREFETCH_ROWS < n1) {                                                                                   \
+        const size_t ahead = PREFETCH_ROWS * row_bytes;                                                               \
+        for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char*)(wq + ahead + c), _MM_HINT_T0);          \
+        _mm_prefetch((const char*)(wd + PREFETCH_ROWS * nbp), _MM_HINT_T0);                                           \
+        if (Q4) _mm_prefetch((const char*)(m + (size_t)(n + PREFETCH_ROWS) * nbp), _MM_HINT_T0);                      \
+      }                                                                                                               \
+      __m512 acc[R];                                                                                                  \
+      for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                                       \
+      for (int g = 0; g < nb; g += 8) {                                                                               \
+        const uint8_t *ag = aq + 32 * (size_t)g, *lg = lanes + 16 * (size_t)g, *wg = wq + (size_t)g / 4 * QUAD_BYTES; \
+        const __m512 D = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + g))));         \
+        if (Q4) {                                                                                                     \
+          const __m256 M = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + (size_t)n * nbp + g)));              \
+          const uint8_t* sg = sums + 4 * (size_t)g;                                                                   \
+          for (int r = 0; r < R; r++) M_TERM512(M, _mm256_loadu_ps((const float*)(sg + r * stride)), acc[r]);       \
+        }                                                                                                             \
+        const int rest = nb - g;                                                                                      \
+        if (rest >= 8) {                                                                                              \
+          QUADS512(KIND, 0, 4);                                                                                       \
+          QUADS512(KIND, 1, 4);                                                                                       \
+        } else {                                                                                                      \
+          QUADS512(KIND, 0, rest < 4 ? rest : 4);                                                                     \
+          if (rest > 4) QUADS512(KIND, 1, rest - 4);                                                                  \
+        }                                                                                                             \
+      }                                                                                                               \
+      for (int r = 0; r < R; r++) {                                                                                   \
+        __m128 s = halves512(acc[r]);                                                                                 \
+        s = _mm_hadd_ps(s, s);                                                                                        \
+        s = _mm_hadd_ps(s, s);                                                                                        \
+        y[(size_t)r * ldy + n] = _mm_cvtss_f32(s);                                                                    \
+      }                                                                                                               \
+    }                                                                                                                 \
+  }
+
+/* the group's quad H (0 or 1) against every row of A */
+#define QUADS512(KIND, H, BLOCKS)                                                                                     \
+  do {                                                                                                                \
+    QUAD_##KIND(wg + (H) * QUAD_BYTES, BLOCKS);                                                                       \
+    const __m512 Dq = _mm512_permutexvar_ps(_mm512_load_si512((const void*)QUAD_LANES[H]), D);                        \
+    for (int r = 0; r < ROWS; r++)                                                                                    \
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(Dq, _mm512_loadu_ps((const float*)(lg + r * stride + 64 * (H)))),       \
+                               DOT512(KIND, ag + r * stride + 128 * (H)), acc[r]);                                    \
+  } while (0)
+
+/* one row of A against weight rows n .. n + ROWS - 1 (one_KIND's arithmetic: d * dA once per group of 8 blocks) */
+#define DEFINE_ONE512(KIND)                                                                                           \
+  AVX512 static inline __attribute__((always_inline)) void one512_##KIND(                                             \
+      const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n, int n1, const uint8_t* aq, const Layout* l,     \
+      float* y, const int ROWS) {                                                                                     \
+    enum { Q4 = IS_##KIND, QUAD_BYTES = Q4 ? 64 : 128 };                                                              \
+    const __m512i low4 = _mm512_set1_epi8(0x0F);                                                                      \
+    const size_t nb = (size_t)l->nb, nbp = (size_t)l->nbp;                                                            \
+    const size_t row_bytes = Q4 ? nb * 16 : (size_t)l->pairs * 64;                                                    \
+    const int8_t* q = (const int8_t*)aq;                                                                              \
+    const float *dA = row_scales((uint8_t*)aq, l), *sA = dA + nbp;                                                    \
+    (void)low4;                                                                                                       \
+    const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                   \
+    const uint16_t *wd = d + (size_t)n * nbp, *wm = Q4 ? m + (size_t)n * nbp : NULL;                                  \
+    for (int r = 0; r < ROWS; r++)                                                                                    \
+      if (n + r + PREFETCH_ROWS < n1) {                                                                               \
+        const size_t ahead = (PREFETCH_ROWS + r) * row_bytes;                                                         \
+        for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char*)(wq + ahead + c), _MM_HINT_T0);          \
+        _mm_prefetch((const char*)(wd + (PREFETCH_ROWS + r) * nbp), _MM_HINT_T0);                                     \
+        if (Q4) _mm_prefetch((const char*)(wm + (PREFETCH_ROWS + r) * nbp), _MM_HINT_T0);                             \
+      }                                                                                                               \
+    __m512 acc[2];                                                                                                    \
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();                                                      \
+    for (size_t g = 0; g < nb; g += 8) {                                                                              \
+      const uint8_t* wg[2];                                                                                           \
+      __m512 DA[2];                                                                                                   \
+      const int8_t* ag = q + 32 * g;                                                                                  \
+      for (int r = 0; r < ROWS; r++) {                                                                                \
+        wg[r] = wq + r * row_bytes + g / 4 * QUAD_BYTES;                                                              \
+        DA[r] = _mm512_castps256_ps512(_mm256_mul_ps(                                                                 \
+            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + r * nbp + g))), _mm256_loadu_ps(dA + g)));        \
+        if (Q4)                                                                                                       \
+          M_TERM512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wm + r * nbp + g))), _mm256_loadu_ps(sA + g),   \
+                    acc[r]);                                                                                          \
+      }                                                                                                               \
+      const size_t rest = nb - g;                                                                                     \
+      if (rest >= 8) {                                                                                                \
+        ONE_QUAD512(KIND, 0, 4);                                                                                      \
+        ONE_QUAD512(KIND, 1, 4);                                                                                      \
+      } else {                                                                                                        \
+        ONE_QUAD512(KIND, 0, rest < 4 ? (int)rest : 4);                                                               \
+        if (rest > 4) ONE_QUAD512(KIND, 1, (int)rest - 4);                                                            \
+      }                                                                                                               \
+    }                                                                                                                 \
+    __m128 s[2];                                                                                                      \
+    for (int r = 0; r < ROWS; r++) s[r] = halves512(acc[r]);                                                          \
+    if (ROWS == 2) {                                                                                                  \
+      const __m128 h = _mm_hadd_ps(s[0], s[1]);                                                                       \
+      _mm_storel_pi((__m64*)(y + n), _mm_hadd_ps(h, h));                                                              \
+    } else {                                                                                                          \
+      const __m128 h = _mm_hadd_ps(s[0], s[0]);                                                                       \
+      y[n] = _mm_cvtss_f32(_mm_hadd_ps(h, h));                                                                        \
+    }                                                                                                                 \
+  }                                                                                                                   \
+  AVX512 static void rows512_##KIND##_one(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,   \
+                                          const uint8_t* aq, const Layout* l, float* y) {                             \
+    int n = n0;                                                                                                       \
+    if (l->nb <= TWO_ROWS_MAX_BLOCKS)                                                                                 \
+      for (; n + 2 <= n1; n += 2) one512_##KIND(qs, d, m, n, n1, aq, l, y, 2);                                        \
+    for (; n < n1; n++) one512_##KIND(qs, d, m, n, n1, aq, l, y, 1);                                                  \
+  }
+
+/* quad H (0 or 1) of the group for each of the ROWS weight rows */
+#define ONE_QUAD512(KIND, H, BLOCKS)                                                                                  \
+  for (int r = 0; r < ROWS; r++) {                                                                                    \
+    QUAD_##KIND(wg[r] + (H) * QUAD_BYTES, BLOCKS);                                                                    \
+    acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_load_si512((const void*)QUAD_LANES[H]), DA[r]),             \
+                             DOT512(KIND, ag + 128 * (H)), acc[r]);                                                   \
+  }
+
+DEFINE_ONE512(Q4_1)
+DEFINE_ONE512(Q8_0)
+
+/* rows512_q4_1 / rows512_q8_0: any count of A rows, 4 at a time */
+#define DEFINE_KIND512(KIND)                                                                                          \
+  DEFINE_ROWS512(KIND, 2)                                                                                             \
+  DEFINE_ROWS512(KIND, 3)                                                                                             \
+  DEFINE_ROWS512(KIND, 4)                                                                                             \
+  static void rows512_##KIND(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,                 \
+                             const uint8_t* aq, int count, const Layout* l, float* y, size_t ldy) {                   \
+    for (; count >= 4; count -= 4, aq += 4 * l->stride, y += 4 * ldy)                                                 \
+      rows512_##KIND##_4(qs, d, m, n0, n1, aq, l, y, ldy);                                                            \
+    if (count == 3) rows512_##KIND##_3(qs, d, m, n0, n1, aq, l, y, ldy);                                              \
+    if (count == 2) rows512_##KIND##_2(qs, d, m, n0, n1, aq, l, y, ldy);                                              \
+    if (count == 1) rows512_##KIND##_one(qs, d, m, n0, n1, aq, l, y);                                                 \
+  }
+DEFINE_KIND512(Q4_1)
+DEFINE_KIND512(Q8_0)
+
 #endif
 
 typedef void (*QuantizeRow)(const float*, const Layout*, uint8_t*);
@@ -423,8 +641,9 @@ static Rows rows = rows_Q4_1_scalar, rows8 = rows_Q8_0_scalar;
 static Swiglu swiglu = swiglu_scalar;
 static const char* kernels = "scalar";
 
-/* Once per process: AVX2 (with FMA and F16C) where the CPU has it, else the portable C above.
- * SPLITLLM_CPU_KERNELS=scalar forces the portable path (tests run it on AVX2 machines). */
+/* Once per process: AVX2 (with FMA and F16C) where the CPU has it, else the portable C above; and the matrix products
+ * in AVX-512 with VNNI where it has that too (A's groups of 4 blocks). SPLITLLM_CPU_KERNELS=scalar or avx2 forces the
+ * portable or the AVX2 path (tests compare them on machines that have more). */
 static void pick_kernels(void) {
   static int picked;
   if (picked) return;
@@ -440,11 +659,19 @@ static void pick_kernels(void) {
     swiglu = swiglu_avx2;
     attention_use_avx2();
     kernels = "avx2";
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni") && !(force && strcmp(force, "avx2") == 0)) {
+      a_group = 4;
+      rows = rows512_Q4_1;
+      rows8 = rows512_Q8_0;
+      kernels = "avx512";
+    }
   }
 #endif
 }
 
-/* Which kernels this process runs ("avx2" or "scalar"), for the stage's log (cpu_kernels.py). */
+/* Which kernels this process runs ("avx512", "avx2" or "scalar"), for the stage's log (cpu_kernels.py). */
 __attribute__((visibility("default"))) const char* splitllm_kernels(void) {
   pick_kernels();
   return kernels;

@@ -29,7 +29,8 @@ def library_path() -> str:
 
 @cache
 def kernels() -> str:
-    """Which kernels the library runs in this process: "avx2", or "scalar" (portable C; CPUs without AVX2)."""
+    """Which kernels the library runs in this process: "avx512" (AVX-512 with VNNI: the matrix products; the rest
+    as "avx2"), "avx2", or "scalar" (portable C; CPUs without AVX2). SPLITLLM_CPU_KERNELS=avx2 or scalar forces one."""
     lib = ctypes.CDLL(library_path())
     lib.splitllm_kernels.restype = ctypes.c_char_p
     return lib.splitllm_kernels().decode()
