@@ -694,7 +694,7 @@ enum { ONE_ROW_TILE = 192 };
 static int one_row_tile(int width) {
   int tasks = (width + ONE_ROW_TILE - 1) / ONE_ROW_TILE;
   tasks = (tasks + 3) & ~3;
-  return ((width + tasks - 1) / tasks + 1) & ~1;
+  return ((width + tasks - 1) / tasks + 7) & ~7; /* whole vectors of swiglu: the same bits as in 64-row tiles */
 }
 
 typedef struct {
