@@ -20,6 +20,31 @@ def test_serve_spins_and_sends_one_batch_when_a_stage_takes_every_core(monkeypat
     assert ("--batches-in-flight 1" in args) is alone
 
 
+def test_serve_pins_the_stages_compute_where_they_spin_on_shared_cores(monkeypatch):
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(launcher.os, "sched_getaffinity", lambda pid: {5, 3})  # a container's cpuset
+    p = launcher.Pipeline("unused", stage_threads=2)
+    assert p.stage_spin and p.stage_cpus == (3, 5)
+    assert launcher.Pipeline("unused", stage_threads=2, stage_pin=False).stage_cpus == ()
+    assert launcher.Pipeline("unused", stage_threads=2, stage_spin=False).stage_cpus == ()  # sleeping: unpinned
+    assert launcher.Pipeline("unused", stage_threads=2, backend="qnn").stage_cpus == ()
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: 8)  # each stage has cores of its own: unpinned
+    assert launcher.Pipeline("unused", stage_threads=2).stage_cpus == ()
+
+
+def test_a_stage_refuses_cpus_it_may_not_run_on():
+    import argparse
+    import os
+
+    from splitllm.services.client.cli import cpu_list
+
+    first = min(os.sched_getaffinity(0))
+    assert cpu_list(str(first)) == (first,)
+    for bad in ("9999", "0,x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="CPU"):
+            cpu_list(bad)
+
+
 def test_stage_env_adds_the_huge_page_tunable_and_keeps_the_callers():
     assert launcher.stage_env({})["GLIBC_TUNABLES"] == launcher.HUGE_PAGES
     env = launcher.stage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"})

@@ -68,6 +68,34 @@ def test_one_row_steps_between_prompts_in_one_slot_match_a_fresh_stage(tiny_arti
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_pinned_stage_runs_its_graph_on_its_first_cpu_and_its_workers_on_the_next(tiny_artifacts):
+    """cpus: the thread that runs the graph is pinned on its first run (a gRPC handler thread in a stage), ONNX
+    Runtime's worker to the second CPU; the results are the unpinned stage's."""
+    import os
+    import threading
+
+    from splitllm.services.stage.runtime import session_options
+
+    available = os.sched_getaffinity(0)
+    cpus = tuple(sorted(available))[:2]
+    so = session_options(3, cpus=(4, 6))  # two workers: the CPUs after the first in turn, numbered from 1
+    assert so.get_session_config_entry("session.intra_op_thread_affinities") == "7;7"
+    pinned, free = StageRuntime(tiny_artifacts, 0, threads=2, cpus=cpus), StageRuntime(tiny_artifacts, 0, threads=2)
+    x = inputs(pinned, np.random.default_rng(3), 4)
+    seen: list[set[int]] = []
+    out: list[np.ndarray] = []
+
+    def step() -> None:
+        out.append(pinned.forward(Entry("s", 0, x)))
+        seen.append(os.sched_getaffinity(0))
+
+    t = threading.Thread(target=step)
+    t.start()
+    t.join()
+    assert seen == [{cpus[0]}] and os.sched_getaffinity(0) == available  # the test's own thread: as it was
+    np.testing.assert_array_equal(out[0], free.forward(Entry("s", 0, x)))
+
+
 def test_bad_entry_fails_alone(tiny_artifacts):
     rt = StageRuntime(tiny_artifacts, 0, kv_capacity=4, threads=1)
     rng = np.random.default_rng(0)

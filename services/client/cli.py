@@ -60,11 +60,26 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cpu_list(text: str) -> tuple[int, ...]:
+    """--cpus: comma-separated CPU ids that this process may run on."""
+    import os
+
+    allowed = os.sched_getaffinity(0)
+    try:
+        cpus = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of CPU ids") from None
+    if not cpus or not set(cpus) <= allowed:
+        raise argparse.ArgumentTypeError(f"CPUs {text} are not all available to this process (available: "
+                                         f"{','.join(map(str, sorted(allowed)))})")
+    return cpus
+
+
 def cmd_stage(a: argparse.Namespace) -> int:
     from splitllm.services.stage.server import run
 
     run(a.artifacts, a.stage - 1, a.listen, a.backend, a.kv_capacity, a.metrics_port, a.session_ttl, a.threads,
-        allow_cpu_fallback=a.allow_cpu_fallback, spin=a.spin)
+        allow_cpu_fallback=a.allow_cpu_fallback, spin=a.spin, cpus=a.cpus)
     return 0
 
 
@@ -121,7 +136,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from splitllm.services.client.launcher import serve
 
     return serve(a.artifacts, kv_capacity=a.kv_capacity, backend=a.backend, stage_threads=a.stage_threads,
-                 stage_spin=a.spin)
+                 stage_spin=a.spin, stage_pin=a.pin)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -228,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ONNX Runtime intra-op threads (default 1: stages share the cores, and prompt chunks are "
                     "pipelined across stages so several run at once)")
     st.add_argument("--spin", action="store_true", help=SPIN_HELP)
+    st.add_argument("--cpus", type=cpu_list, default=(),
+                    help="pin the graph's compute, e.g. 0,1: the thread that runs it on the first CPU, ONNX Runtime's "
+                    "other threads on the rest (default: unpinned; splitllm serve pins when the stages share the "
+                    "cores)")
     st.add_argument("--allow-cpu-fallback", action="store_true",
                     help="qnn: run nodes the HTP backend rejects on the CPU (logged) instead of failing")
     st.set_defaults(run=cmd_stage)
@@ -272,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
                     help="stages' idle threads spin up to 50 us within a step (default: when a stage's threads take "
                     "every core, so that one stage computes at a time; launcher.spins_by_default)")
+    se.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
+                    help="pin every stage's compute to the same cores, its calling thread on the first (default: "
+                    "when the stages spin on shared cores; launcher.compute_cpus)")
     se.set_defaults(run=cmd_serve)
 
     de = sub.add_parser("demo", help="serve, then run the model card's three sample prompts")

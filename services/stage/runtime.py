@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,8 @@ class Entry:
 SPIN_US = 50  # how long an idle intra-op thread spins before it sleeps (ONNX Runtime's own default spins longer)
 
 
-def session_options(threads: int, spin: bool = False, kernels: str | None = None) -> ort.SessionOptions:
+def session_options(threads: int, spin: bool = False, kernels: str | None = None,
+                    cpus: Sequence[int] = ()) -> ort.SessionOptions:
     """`spin`: between the nodes of a run, an idle intra-op thread spins for up to SPIN_US before it sleeps, and
     stops when the run returns (force_spinning_stop). A decode step is ~20 small nodes per layer: waking sleeping
     workers at each one costs what the second thread saves (2 sleeping threads decode no faster than 1). Nodes
@@ -48,7 +50,9 @@ def session_options(threads: int, spin: bool = False, kernels: str | None = None
     decode batching). Against 1-thread sleeping stages, with decode batching: TTFT at 32 tokens 88 -> 56 ms, decode
     18.0 -> 14.1 ms per token, 16 streams 250 -> 201 tok/s. Off by default for a stage started alone (1 thread: stages
     share the cores); `splitllm serve` turns it on when one stage computes at a time (launcher.spins_by_default).
-    `kernels`: another build of our CPU kernel library than the package's (bench/kernel_ab.py)."""
+    `kernels`: another build of our CPU kernel library than the package's (bench/kernel_ab.py).
+    `cpus`: the CPUs of the stage's compute (pin_compute): ONNX Runtime's worker threads are pinned to the second
+    and later ones in turn (the first is the calling thread's)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -59,7 +63,21 @@ def session_options(threads: int, spin: bool = False, kernels: str | None = None
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.add_session_config_entry("session.force_spinning_stop", "1")
     so.register_custom_ops_library(kernels or cpu_kernels.library_path())
+    if cpus and threads > 1:
+        workers = cpus[1:] or cpus  # ONNX Runtime numbers logical processors from 1
+        so.add_session_config_entry("session.intra_op_thread_affinities",
+                                    ";".join(str(workers[i % len(workers)] + 1) for i in range(threads - 1)))
     return so
+
+
+_pinned = threading.local()
+
+
+def pin_caller(cpu: int) -> None:
+    """Pin the calling thread to `cpu`, once per thread (a stage's graph runs on gRPC's handler threads)."""
+    if getattr(_pinned, "cpu", None) != cpu:
+        os.sched_setaffinity(0, {cpu})
+        _pinned.cpu = cpu
 
 
 class _OneRowBuffers:
@@ -89,10 +107,11 @@ class _OneRowBuffers:
 class CpuGraph:
     """The stage's dynamic-length CPU graph; KV bound in place, through one reusable I/O binding per slot range."""
 
-    def __init__(self, path: Path, threads: int, output: str, spin: bool = False) -> None:
+    def __init__(self, path: Path, threads: int, output: str, spin: bool = False, cpus: Sequence[int] = ()) -> None:
         self.session = ort.InferenceSession(
-            str(path), session_options(threads, spin), providers=["CPUExecutionProvider"]
+            str(path), session_options(threads, spin, cpus=cpus), providers=["CPUExecutionProvider"]
         )
+        self.cpus = tuple(cpus)
         self.output = output
         meta = next(o for o in self.session.get_outputs() if o.name == output)
         self.width = meta.shape[-1]  # hidden size or vocabulary
@@ -111,6 +130,8 @@ class CpuGraph:
         """Sequences in the KV slots lo..lo+B-1 (B = len(seqlens)), S = rows / B new rows each, the last at
         position seqlens[b]. Returns hidden states [B, S, hidden] or the logits of each last row [B, vocab]."""
         batch, key = len(seqlens), (lo, len(seqlens))
+        if self.cpus:
+            pin_caller(self.cpus[0])
         if self.buffers is None:
             self.buffers = _OneRowBuffers(kv.capacity, self)
         buf = self.buffers
@@ -155,7 +176,10 @@ class StageRuntime:
         verify: bool = True,
         allow_cpu_fallback: bool = False,
         spin: bool = False,
+        cpus: Sequence[int] = (),
     ) -> None:
+        """`cpus`: pin the CPU graph's compute (the thread that runs it to the first, ONNX Runtime's workers to the
+        others; launcher.compute_cpus says when); empty: unpinned."""
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not supported (allowed: {', '.join(BACKENDS)})")
         root = Path(artifacts)
@@ -183,7 +207,7 @@ class StageRuntime:
 
             self.graph = QnnGraph.from_manifest(root, self.manifest, stage, threads, allow_cpu_fallback)
         else:
-            self.graph = CpuGraph(root / g.file, threads, g.outputs[0].name, spin)
+            self.graph = CpuGraph(root / g.file, threads, g.outputs[0].name, spin, cpus)
         self.kv = KVPool(
             range(self.first, self.last), cfg.num_kv_heads, self.context, cfg.head_dim, kv_capacity,
             getattr(self.graph, "kv_shapes", None), getattr(self.graph, "kv_dtype", np.float32),

@@ -337,7 +337,7 @@ def huge_page_bytes(pid: int | str = "self") -> int:
 
 def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capacity: int = 16,
         metrics_port: int | None = None, ttl: float = 600.0, threads: int | None = None,
-        allow_cpu_fallback: bool = False, spin: bool = False) -> None:
+        allow_cpu_fallback: bool = False, spin: bool = False, cpus: tuple[int, ...] = ()) -> None:
     """The `splitllm stage` process: serve (NOT_SERVING while loading), load, serve until SIGTERM/SIGINT."""
     import signal
 
@@ -355,15 +355,16 @@ def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capaci
     metrics = StageMetrics(registry, stage=stage, replica=listen)
     http = serve_metrics(registry, metrics_port, listen_host(listen)) if metrics_port is not None else None
     runtime = StageRuntime(artifacts, stage, backend, kv_capacity, threads, allow_cpu_fallback=allow_cpu_fallback,
-                           spin=spin)
+                           spin=spin, cpus=cpus)
     set_build_info(registry, __version__, runtime.manifest_sha256, backend, stage)
     runtime.kv.on_move = metrics.kv_slot_moves.inc
     metrics.watch_kv(runtime.kv)
     servicer.metrics, servicer.runtime = metrics, runtime
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("stage %d (layers %d..%d) serving on %s; %d MB on transparent huge pages; %s CPU kernels", stage + 1,
-             runtime.first, runtime.last - 1, listen, huge_page_bytes() >> 20, cpu_kernels.kernels())
+    log.info("stage %d (layers %d..%d) serving on %s; %d MB on transparent huge pages; %s CPU kernels; compute %s",
+             stage + 1, runtime.first, runtime.last - 1, listen, huge_page_bytes() >> 20, cpu_kernels.kernels(),
+             f"pinned to CPUs {','.join(map(str, cpus))}" if cpus and backend == "cpu" else "unpinned")
     if backend == "cpu":
         for warning in export_again(runtime.manifest, runtime.graph.batched, cpu_kernels.kernels()):
             log.warning(warning)
