@@ -180,6 +180,21 @@ AVX2 static void quantize_row_avx2(const float* a, const Layout* l, uint8_t* out
  * 10 % faster than none, 16 slower) */
 enum { PREFETCH_ROWS = 4 };
 
+/* weight rows n + PREFETCH_ROWS .. n + PREFETCH_ROWS + count - 1 (those before n1) asked for in the cache: their codes,
+ * d and (Q4_1: wm not NULL) m; wq, wd and wm are row n's. Always inlined: GCC finds that a call of it changes nothing
+ * and drops the call (the one-row kernels ran without prefetches, 1.6-1.9x slower from memory). */
+static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t* wq, const uint16_t* wd,
+                                                                 const uint16_t* wm, size_t row_bytes, size_t nbp,
+                                                                 int n, int n1, int count) {
+  for (int r = 0; r < count; r++)
+    if (n + r + PREFETCH_ROWS < n1) {
+      const size_t ahead = (size_t)(PREFETCH_ROWS + r) * row_bytes;
+      for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char*)(wq + ahead + c), _MM_HINT_T0);
+      _mm_prefetch((const char*)(wd + (PREFETCH_ROWS + r) * nbp), _MM_HINT_T0);
+      if (wm) _mm_prefetch((const char*)(wm + (PREFETCH_ROWS + r) * nbp), _MM_HINT_T0);
+    }
+}
+
 static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     {0, 0, 0, 0, 1, 1, 1, 1}, {2, 2, 2, 2, 3, 3, 3, 3}, {4, 4, 4, 4, 5, 5, 5, 5}, {6, 6, 6, 6, 7, 7, 7, 7}};
 
@@ -258,12 +273,7 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     for (int n = n0; n < n1; n++) {                                                                                   \
       const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                 \
       const uint16_t* wd = d + (size_t)n * nbp;                                                                       \
-      if (n + PREFETCH_ROWS < n1) { /* the hardware's prefetch alone left one-row steps waiting on memory */          \
-        const size_t ahead = PREFETCH_ROWS * row_bytes;                                                               \
-        for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char*)(wq + ahead + c), _MM_HINT_T0);          \
-        _mm_prefetch((const char*)(wd + PREFETCH_ROWS * nbp), _MM_HINT_T0);                                           \
-        if (Q4) _mm_prefetch((const char*)(m + (size_t)(n + PREFETCH_ROWS) * nbp), _MM_HINT_T0);                      \
-      }                                                                                                               \
+      prefetch_ahead(wq, wd, Q4 ? m + (size_t)n * nbp : NULL, row_bytes, nbp, n, n1, 1);                              \
       __m256 even[R], odd[R];                                                                                         \
       for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();                                            \
       for (int g = 0; g < nb; g += 8) {                                                                               \
@@ -319,10 +329,41 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     (void)(SINGLE);                                                                                                   \
   } while (0)
 
+/* The sums of one or two weight rows' accumulators, each reduced to [a0 a1 a2 a3], into y[0] (and y[1]): two rows as
+ * [a0 + a1, a2 + a3, b0 + b1, b2 + b3], then each row's two halves, so that a row's sum is the one it has alone. */
+AVX2 static inline void store_sums(const __m128* s, int rows, float* y) {
+  const __m128 h = _mm_hadd_ps(s[0], rows == 2 ? s[1] : s[0]);
+  if (rows == 2)
+    _mm_storel_pi((__m64*)y, _mm_hadd_ps(h, h));
+  else
+    y[0] = _mm_cvtss_f32(_mm_hadd_ps(h, h));
+}
+
 /* Two weight rows at a time up to this many blocks a row (K = 768): a short row's sum at its end had the core wait
  * (standalone, weights in L1: K = 576 -16 %, but K = 1536 +7 %, so longer rows go one at a time; SmolLM2's stage 2
  * decode step -2.2 / -2.8 / -3.0 % in three lockstep A/Bs of 600 steps, where an A/A gives -0.2 %). */
 enum { TWO_ROWS_MAX_BLOCKS = 24 };
+
+/* what a one-row kernel (one_KIND, one512_KIND) starts with: A's codes q, scales dA and sums sA; weight row n's codes
+ * wq, d and m (wd, wm); the next rows asked for */
+#define ONE_ROW_START                                                                                                 \
+  const size_t nb = (size_t)l->nb, nbp = (size_t)l->nbp;                                                              \
+  const size_t row_bytes = Q4 ? nb * 16 : (size_t)l->pairs * 64;                                                      \
+  const int8_t* q = (const int8_t*)aq;                                                                                \
+  const float *dA = row_scales((uint8_t*)aq, l), *sA = dA + nbp;                                                      \
+  const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                     \
+  const uint16_t *wd = d + (size_t)n * nbp, *wm = Q4 ? m + (size_t)n * nbp : NULL;                                    \
+  prefetch_ahead(wq, wd, wm, row_bytes, nbp, n, n1, ROWS)
+
+/* NAME: weight rows n0..n1 against one row of A, by ONE (two weight rows at a time while the rows are short) */
+#define DEFINE_ONE_ROWS(TARGET, NAME, ONE)                                                                            \
+  TARGET static void NAME(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1, const uint8_t* aq,  \
+                          const Layout* l, float* y) {                                                                \
+    int n = n0;                                                                                                       \
+    if (l->nb <= TWO_ROWS_MAX_BLOCKS)                                                                                 \
+      for (; n + 2 <= n1; n += 2) ONE(qs, d, m, n, n1, aq, l, y, 2);                                                  \
+    for (; n < n1; n++) ONE(qs, d, m, n, n1, aq, l, y, 1);                                                            \
+  }
 
 /* pair P of the group for each of the ROWS weight rows */
 #define ONE_PAIR(KIND, P, ACC, SINGLE)                                                                                \
@@ -336,20 +377,9 @@ enum { TWO_ROWS_MAX_BLOCKS = 24 };
                                                                     const int ROWS) {                                 \
     enum { Q4 = IS_##KIND, PAIR_BYTES = Q4 ? 32 : 64 };                                                               \
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                                         \
-    const size_t nb = (size_t)l->nb, nbp = (size_t)l->nbp, full = nb & ~(size_t)7;                                    \
-    const size_t row_bytes = Q4 ? nb * 16 : (size_t)l->pairs * 64;                                                    \
-    const int8_t* q = (const int8_t*)aq;                                                                              \
-    const float *dA = row_scales((uint8_t*)aq, l), *sA = dA + nbp;                                                    \
     (void)low4;                                                                                                       \
-    const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                   \
-    const uint16_t *wd = d + (size_t)n * nbp, *wm = Q4 ? m + (size_t)n * nbp : NULL;                                  \
-    for (int r = 0; r < ROWS; r++)                                                                                    \
-      if (n + r + PREFETCH_ROWS < n1) {                                                                               \
-        const size_t ahead = (PREFETCH_ROWS + r) * row_bytes;                                                         \
-        for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char*)(wq + ahead + c), _MM_HINT_T0);          \
-        _mm_prefetch((const char*)(wd + (PREFETCH_ROWS + r) * nbp), _MM_HINT_T0);                                     \
-        if (Q4) _mm_prefetch((const char*)(wm + (PREFETCH_ROWS + r) * nbp), _MM_HINT_T0);                             \
-      }                                                                                                               \
+    ONE_ROW_START;                                                                                                    \
+    const size_t full = nb & ~(size_t)7;                                                                              \
     __m256 even[2], odd[2];                                                                                           \
     for (int r = 0; r < ROWS; r++) even[r] = odd[r] = _mm256_setzero_ps();                                           \
     for (size_t g = 0; g < nb; g += 8) {                                                                              \
@@ -381,39 +411,30 @@ enum { TWO_ROWS_MAX_BLOCKS = 24 };
       const __m256 acc = _mm256_add_ps(even[r], odd[r]);                                                              \
       s[r] = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));                                  \
     }                                                                                                                 \
-    if (ROWS == 2) { /* [a0 + a1, a2 + a3, b0 + b1, b2 + b3], then each row's two halves: its sum as one row has it */ \
-      const __m128 h = _mm_hadd_ps(s[0], s[1]);                                                                       \
-      _mm_storel_pi((__m64*)(y + n), _mm_hadd_ps(h, h));                                                              \
-    } else {                                                                                                          \
-      const __m128 h = _mm_hadd_ps(s[0], s[0]);                                                                       \
-      y[n] = _mm_cvtss_f32(_mm_hadd_ps(h, h));                                                                        \
-    }                                                                                                                 \
+    store_sums(s, ROWS, y + n);                                                                                       \
   }                                                                                                                   \
-  AVX2 static void rows_##KIND##_one(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,         \
-                                     const uint8_t* aq, const Layout* l, float* y) {                                  \
-    int n = n0;                                                                                                       \
-    if (l->nb <= TWO_ROWS_MAX_BLOCKS)                                                                                 \
-      for (; n + 2 <= n1; n += 2) one_##KIND(qs, d, m, n, n1, aq, l, y, 2);                                           \
-    for (; n < n1; n++) one_##KIND(qs, d, m, n, n1, aq, l, y, 1);                                                     \
-  }
+  DEFINE_ONE_ROWS(AVX2, rows_##KIND##_one, one_##KIND)
 #define IS_Q4_1 1
 #define IS_Q8_0 0
 DEFINE_ONE(Q4_1)
 DEFINE_ONE(Q8_0)
 
-/* rows_q4_1_avx2 / rows_q8_0_avx2: any count of A rows, 4 at a time */
+/* NAME: any count of A rows, 4 at a time, by PARTS_4, _3, _2 and _one */
+#define DEFINE_ANY_ROWS(NAME, PARTS)                                                                                  \
+  static void NAME(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1, const uint8_t* aq,        \
+                   int count, const Layout* l, float* y, size_t ldy) {                                                \
+    for (; count >= 4; count -= 4, aq += 4 * l->stride, y += 4 * ldy) PARTS##_4(qs, d, m, n0, n1, aq, l, y, ldy);    \
+    if (count == 3) PARTS##_3(qs, d, m, n0, n1, aq, l, y, ldy);                                                       \
+    if (count == 2) PARTS##_2(qs, d, m, n0, n1, aq, l, y, ldy);                                                       \
+    if (count == 1) PARTS##_one(qs, d, m, n0, n1, aq, l, y);                                                          \
+  }
+
+/* rows_q4_1_avx2 / rows_q8_0_avx2: any count of A rows */
 #define DEFINE_KIND(KIND)                                                                                             \
   DEFINE_ROWS(KIND, 2)                                                                                                \
   DEFINE_ROWS(KIND, 3)                                                                                                \
   DEFINE_ROWS(KIND, 4)                                                                                                \
-  static void rows_##KIND##_avx2(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,             \
-                                 const uint8_t* aq, int count, const Layout* l, float* y, size_t ldy) {               \
-    for (; count >= 4; count -= 4, aq += 4 * l->stride, y += 4 * ldy)                                                 \
-      rows_##KIND##_4(qs, d, m, n0, n1, aq, l, y, ldy);                                                               \
-    if (count == 3) rows_##KIND##_3(qs, d, m, n0, n1, aq, l, y, ldy);                                                 \
-    if (count == 2) rows_##KIND##_2(qs, d, m, n0, n1, aq, l, y, ldy);                                                 \
-    if (count == 1) rows_##KIND##_one(qs, d, m, n0, n1, aq, l, y);                                                    \
-  }
+  DEFINE_ANY_ROWS(rows_##KIND##_avx2, rows_##KIND)
 DEFINE_KIND(Q4_1)
 DEFINE_KIND(Q8_0)
 
@@ -465,11 +486,11 @@ AVX512 static inline __m512i negate_where(__m512i a, __mmask64 negative) {
 
 /* the quad's 16 int32 lanes against one row of A (its 128 quantized values at A), as floats */
 #define DOT512(KIND, A)                                                                                               \
-  _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(                                                                             \
-      _mm512_dpbusd_epi32(_mm512_setzero_si512(), X,                                                                  \
-                          IS_##KIND ? _mm512_loadu_si512((const void*)(A))                                            \
-                                    : negate_where(_mm512_loadu_si512((const void*)(A)), SX)),                        \
-      Y, IS_##KIND ? _mm512_loadu_si512((const void*)((A) + 64)) : negate_where(_mm512_loadu_si512((const void*)((A) + 64)), SY)))
+  _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), X, A_HALF(KIND, A, SX)), Y,       \
+                                         A_HALF(KIND, (A) + 64, SY)))
+/* 64 bytes of A, negated where Q8_0's weights are (SIGNS) */
+#define A_HALF(KIND, P, SIGNS)                                                                                        \
+  (IS_##KIND ? _mm512_loadu_si512((const void*)(P)) : negate_where(_mm512_loadu_si512((const void*)(P)), SIGNS))
 
 /* Q4_1's m * dA * sum(q) term of 8 blocks into an accumulator's high half (the AVX2 kernel's odd accumulator) */
 #define M_TERM512(M, SA, ACC)                                                                                         \
@@ -497,12 +518,7 @@ AVX512 static inline __m128 halves512(__m512 acc) {
     for (int n = n0; n < n1; n++) {                                                                                   \
       const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                 \
       const uint16_t* wd = d + (size_t)n * nbp;                                                                       \
-      if (n + PREFETCH_ROWS < n1) {                                                                                   \
-        const size_t ahead = PREFETCH_ROWS * row_bytes;                                                               \
-        for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char*)(wq + ahead + c), _MM_HINT_T0);          \
-        _mm_prefetch((const char*)(wd + PREFETCH_ROWS * nbp), _MM_HINT_T0);                                           \
-        if (Q4) _mm_prefetch((const char*)(m + (size_t)(n + PREFETCH_ROWS) * nbp), _MM_HINT_T0);                      \
-      }                                                                                                               \
+      prefetch_ahead(wq, wd, Q4 ? m + (size_t)n * nbp : NULL, row_bytes, nbp, n, n1, 1);                              \
       __m512 acc[R];                                                                                                  \
       for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                                       \
       for (int g = 0; g < nb; g += 8) {                                                                               \
@@ -548,20 +564,8 @@ AVX512 static inline __m128 halves512(__m512 acc) {
       float* y, const int ROWS) {                                                                                     \
     enum { Q4 = IS_##KIND, QUAD_BYTES = Q4 ? 64 : 128 };                                                              \
     const __m512i low4 = _mm512_set1_epi8(0x0F);                                                                      \
-    const size_t nb = (size_t)l->nb, nbp = (size_t)l->nbp;                                                            \
-    const size_t row_bytes = Q4 ? nb * 16 : (size_t)l->pairs * 64;                                                    \
-    const int8_t* q = (const int8_t*)aq;                                                                              \
-    const float *dA = row_scales((uint8_t*)aq, l), *sA = dA + nbp;                                                    \
     (void)low4;                                                                                                       \
-    const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                   \
-    const uint16_t *wd = d + (size_t)n * nbp, *wm = Q4 ? m + (size_t)n * nbp : NULL;                                  \
-    for (int r = 0; r < ROWS; r++)                                                                                    \
-      if (n + r + PREFETCH_ROWS < n1) {                                                                               \
-        const size_t ahead = (PREFETCH_ROWS + r) * row_bytes;                                                         \
-        for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char*)(wq + ahead + c), _MM_HINT_T0);          \
-        _mm_prefetch((const char*)(wd + (PREFETCH_ROWS + r) * nbp), _MM_HINT_T0);                                     \
-        if (Q4) _mm_prefetch((const char*)(wm + (PREFETCH_ROWS + r) * nbp), _MM_HINT_T0);                             \
-      }                                                                                                               \
+    ONE_ROW_START;                                                                                                    \
     __m512 acc[2];                                                                                                    \
     for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();                                                      \
     for (size_t g = 0; g < nb; g += 8) {                                                                              \
@@ -587,21 +591,9 @@ AVX512 static inline __m128 halves512(__m512 acc) {
     }                                                                                                                 \
     __m128 s[2];                                                                                                      \
     for (int r = 0; r < ROWS; r++) s[r] = halves512(acc[r]);                                                          \
-    if (ROWS == 2) {                                                                                                  \
-      const __m128 h = _mm_hadd_ps(s[0], s[1]);                                                                       \
-      _mm_storel_pi((__m64*)(y + n), _mm_hadd_ps(h, h));                                                              \
-    } else {                                                                                                          \
-      const __m128 h = _mm_hadd_ps(s[0], s[0]);                                                                       \
-      y[n] = _mm_cvtss_f32(_mm_hadd_ps(h, h));                                                                        \
-    }                                                                                                                 \
+    store_sums(s, ROWS, y + n);                                                                                       \
   }                                                                                                                   \
-  AVX512 static void rows512_##KIND##_one(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,   \
-                                          const uint8_t* aq, const Layout* l, float* y) {                             \
-    int n = n0;                                                                                                       \
-    if (l->nb <= TWO_ROWS_MAX_BLOCKS)                                                                                 \
-      for (; n + 2 <= n1; n += 2) one512_##KIND(qs, d, m, n, n1, aq, l, y, 2);                                        \
-    for (; n < n1; n++) one512_##KIND(qs, d, m, n, n1, aq, l, y, 1);                                                  \
-  }
+  DEFINE_ONE_ROWS(AVX512, rows512_##KIND##_one, one512_##KIND)
 
 /* quad H (0 or 1) of the group for each of the ROWS weight rows */
 #define ONE_QUAD512(KIND, H, BLOCKS)                                                                                  \
@@ -614,19 +606,12 @@ AVX512 static inline __m128 halves512(__m512 acc) {
 DEFINE_ONE512(Q4_1)
 DEFINE_ONE512(Q8_0)
 
-/* rows512_q4_1 / rows512_q8_0: any count of A rows, 4 at a time */
+/* rows512_q4_1 / rows512_q8_0: any count of A rows */
 #define DEFINE_KIND512(KIND)                                                                                          \
   DEFINE_ROWS512(KIND, 2)                                                                                             \
   DEFINE_ROWS512(KIND, 3)                                                                                             \
   DEFINE_ROWS512(KIND, 4)                                                                                             \
-  static void rows512_##KIND(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,                 \
-                             const uint8_t* aq, int count, const Layout* l, float* y, size_t ldy) {                   \
-    for (; count >= 4; count -= 4, aq += 4 * l->stride, y += 4 * ldy)                                                 \
-      rows512_##KIND##_4(qs, d, m, n0, n1, aq, l, y, ldy);                                                            \
-    if (count == 3) rows512_##KIND##_3(qs, d, m, n0, n1, aq, l, y, ldy);                                              \
-    if (count == 2) rows512_##KIND##_2(qs, d, m, n0, n1, aq, l, y, ldy);                                              \
-    if (count == 1) rows512_##KIND##_one(qs, d, m, n0, n1, aq, l, y);                                                 \
-  }
+  DEFINE_ANY_ROWS(rows512_##KIND, rows512_##KIND)
 DEFINE_KIND512(Q4_1)
 DEFINE_KIND512(Q8_0)
 
