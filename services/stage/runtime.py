@@ -202,6 +202,9 @@ class StageRuntime:
             raise ValueError(f"{root} runs Attention over a {kv['dtype']} KV cache (exported before its float16 "
                              "cache, which this build's op takes): export the artifact again")
         threads = threads or min(2, os.cpu_count() or 1)
+        if not set(cpus) <= os.sched_getaffinity(0):
+            raise ValueError(f"cpus {','.join(map(str, cpus))} are not all available to this process (available: "
+                             f"{','.join(map(str, sorted(os.sched_getaffinity(0))))})")
         if backend == "qnn":
             from splitllm.services.stage.qnn import QnnGraph
 
