@@ -364,7 +364,9 @@ static void attend_task(void* p, size_t i) {
   for (int x = 0; x < (s1 - s0) * per; x++) m[x] = -INFINITY, l[x] = 0;
   for (int s = s0; s < s1; s++) memset(j->y + (((size_t)b * j->S + s) * j->H + (size_t)g * per) * D, 0, sizeof(float) * per * D);
   const int once = s1 - s0 > 1 && convert_tile && D % 32 == 0 && D <= BLOCK_HEAD_DIM;
-  float kt[once ? KEY_TILE * BLOCK_HEAD_DIM : 1], vf[once ? KEY_TILE * BLOCK_HEAD_DIM : 1];
+  /* aligned to cache lines: a tile row's loads then never straddle two (16 B-aligned, a 512-bit load always did) */
+  float kt[once ? KEY_TILE * BLOCK_HEAD_DIM : 1] __attribute__((aligned(64))),
+      vf[once ? KEY_TILE * BLOCK_HEAD_DIM : 1] __attribute__((aligned(64)));
   for (int t = 0; t < keys0 + s1 - 1; t += KEY_TILE) {
     if (once) { /* the block's last row has the most keys of the tile */
       const int last = keys0 + s1 - 1 - t;
