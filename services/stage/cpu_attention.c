@@ -17,10 +17,10 @@
  * ~27 % of a 1024-token prompt (Zen 3, 2 threads), and needs two reshapes around it. Here one task takes all the q
  * heads of one kv head over a block of rows, FlashAttention-style: key tiles of 64 rows, read once for all those
  * heads, an online softmax, and the next tile's rows prefetched; a block of prompt rows converts each tile to float
- * once for all its rows (head sizes 32 and 64). A decode step of a few sessions, which has fewer
- * (sequence, kv head) tasks than threads want, is split over the keys and merged. bench/attention_speed.py: decode
- * 2-2.8x faster than GroupQueryAttention at positions 160-1000, a 1024-token prompt 1.05x. qkv and Y are the
- * rows the matmuls take and give, so the graph has no reshape.
+ * once for all its rows (head sizes 32 and 64; in 16 lanes where the CPU has AVX-512). A decode step of a few
+ * sessions, which has fewer (sequence, kv head) tasks than threads want, is split over the keys and merged.
+ * bench/attention_speed.py: decode 2-2.8x faster than GroupQueryAttention at positions 160-1000, a 1024-token prompt
+ * 1.05x on Zen 3. qkv and Y are the rows the matmuls take and give, so the graph has no reshape.
  */
 #include "cpu_kernels.h"
 
@@ -302,6 +302,81 @@ AVX2 static void tile_f32_avx2(const float* q, int nq, const float* kt, const fl
   }
 }
 
+/* exp_avx2 on both halves of 16 lanes */
+AVX512 static inline __m512 exp_avx512(__m512 x) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(exp_avx2(_mm512_castps512_ps256(x))),
+                            exp_avx2(_mm512_extractf32x8_ps(x, 1)), 1);
+}
+
+/* tile_f32_n in 16 lanes (AVX-512), the softmax in registers: a query's 64 scores stay in 4 registers for their
+ * maximum and exponentials (keys past n masked off), which are stored once for the values. */
+AVX512 static inline __attribute__((always_inline)) void tile_f32_512_n(const float* q, const int NQ, const float* kt,
+                                                                       const float* vf, int n, int D, float* s,
+                                                                       Running r, const int COLS) {
+  __m512 a[4][4];
+  for (int i = 0; i < NQ; i++)
+    for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_ps();
+  for (int d = 0; d < D; d++) {
+    const float* row = kt + (size_t)d * KEY_TILE;
+    __m512 k[4];
+    for (int c = 0; c < 4; c++) k[c] = _mm512_load_ps(row + 16 * c);
+    for (int i = 0; i < NQ; i++) {
+      const __m512 qd = _mm512_set1_ps(q[i * D + d]);
+      for (int c = 0; c < 4; c++) a[i][c] = _mm512_fmadd_ps(qd, k[c], a[i][c]);
+    }
+  }
+  __mmask16 valid[4];
+  for (int c = 0; c < 4; c++) {
+    const int left = n - 16 * c;
+    valid[c] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+  }
+  __m512 old[4];
+  for (int i = 0; i < NQ; i++) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int c = 0; c < 4; c++) mx = _mm512_mask_max_ps(mx, valid[c], mx, a[i][c]);
+    const float m_new = fmaxf(_mm512_reduce_max_ps(mx), r.m[i]);
+    const float scale = r.m[i] == -INFINITY ? 0.f : expf(r.m[i] - m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < 4; c++) {
+      const __m512 e = _mm512_maskz_mov_ps(valid[c], exp_avx512(_mm512_sub_ps(a[i][c], _mm512_set1_ps(m_new))));
+      _mm512_storeu_ps(s + i * KEY_TILE + 16 * c, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    r.l[i] = r.l[i] * scale + _mm512_reduce_add_ps(sum);
+    r.m[i] = m_new;
+    old[i] = _mm512_set1_ps(scale);
+  }
+  for (int d = 0; d < D; d += 16 * COLS) {
+    __m512 e[4][4];
+    for (int i = 0; i < NQ; i++)
+      for (int c = 0; c < COLS; c++) e[i][c] = _mm512_mul_ps(_mm512_loadu_ps(r.y + i * D + d + 16 * c), old[i]);
+    for (int j = 0; j < n; j++) {
+      __m512 x[4];
+      for (int c = 0; c < COLS; c++) x[c] = _mm512_load_ps(vf + (size_t)j * D + d + 16 * c);
+      for (int i = 0; i < NQ; i++) {
+        const __m512 p = _mm512_set1_ps(s[i * KEY_TILE + j]);
+        for (int c = 0; c < COLS; c++) e[i][c] = _mm512_fmadd_ps(p, x[c], e[i][c]);
+      }
+    }
+    for (int i = 0; i < NQ; i++)
+      for (int c = 0; c < COLS; c++) _mm512_storeu_ps(r.y + i * D + d + 16 * c, e[i][c]);
+  }
+}
+
+/* D is 32 or 64 here (BLOCK_HEAD_DIM): 2 or 4 registers of columns */
+#define TILE_F32_512(NQ) \
+  (D == 64 ? tile_f32_512_n(q, NQ, kt, vf, n, D, s, r, 4) : tile_f32_512_n(q, NQ, kt, vf, n, D, s, r, 2))
+
+AVX512 static void tile_f32_avx512(const float* q, int nq, const float* kt, const float* vf, int n, int D, float* s,
+                                   Running r) {
+  for (; nq > 0; nq -= 4, q += 4 * D, r.m += 4, r.l += 4, r.y += 4 * D) {
+    if (nq >= 4) TILE_F32_512(4);
+    if (nq == 3) TILE_F32_512(3);
+    if (nq == 2) TILE_F32_512(2);
+    if (nq == 1) TILE_F32_512(1);
+  }
+}
+
 AVX2 static void halves_avx2(const float* x, uint16_t* out, int n) {
   int i = 0;
   for (; i + 8 <= n; i += 8)
@@ -322,6 +397,12 @@ void attention_use_avx2(void) {
   convert_tile = convert_tile_avx2;
   tile_block = tile_f32_avx2;
   to_halves = halves_avx2;
+#endif
+}
+
+void attention_use_avx512(void) {
+#ifdef HAVE_X86
+  tile_block = tile_f32_avx512;
 #endif
 }
 

@@ -650,6 +650,7 @@ static void pick_kernels(void) {
       a_group = 4;
       rows = rows512_Q4_1;
       rows8 = rows512_Q8_0;
+      attention_use_avx512();
       kernels = "avx512";
     }
   }

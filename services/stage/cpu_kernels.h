@@ -194,5 +194,6 @@ AVX2 static inline __m256 exp_avx2(__m256 x) {
 /* cpu_attention.c: the Attention op, and its switch to AVX2 (pick_kernels calls it where the CPU has AVX2) */
 extern const OrtCustomOp attention_op;
 void attention_use_avx2(void);
+void attention_use_avx512(void);
 
 #endif
