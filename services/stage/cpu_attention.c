@@ -35,8 +35,7 @@ enum {
   MAX_SPLITS = 8,          /* at most this many a task */
   STACK_Q = 4096,          /* rotated queries on the stack up to this many floats */
   MAX_HEAD_DIM = 1024,
-  BLOCK_HEAD_DIM = 64,     /* a block of rows converts each key tile once up to this head size: K and V then fit
-                              L1 (2 x 16 KB); at 128 (Llama 3 8B) they do not and the per-row tiles are as fast */
+  BLOCK_HEAD_DIM = 128,    /* the largest head size a block of rows converts key tiles for (block_head_dim) */
 };
 
 /* Online softmax over tiles of keys (as FlashAttention): per query, m is the largest score so far, l the sum of
@@ -363,9 +362,9 @@ AVX512 static inline __attribute__((always_inline)) void tile_f32_512_n(const fl
   }
 }
 
-/* D is 32 or 64 here (BLOCK_HEAD_DIM): 2 or 4 registers of columns */
+/* D is 32, 64, 96 or 128 here (BLOCK_HEAD_DIM): columns 4 or 2 registers at a time */
 #define TILE_F32_512(NQ) \
-  (D == 64 ? tile_f32_512_n(q, NQ, kt, vf, n, D, s, r, 4) : tile_f32_512_n(q, NQ, kt, vf, n, D, s, r, 2))
+  (D % 64 == 0 ? tile_f32_512_n(q, NQ, kt, vf, n, D, s, r, 4) : tile_f32_512_n(q, NQ, kt, vf, n, D, s, r, 2))
 
 AVX512 static void tile_f32_avx512(const float* q, int nq, const float* kt, const float* vf, int n, int D, float* s,
                                    Running r) {
@@ -386,8 +385,12 @@ AVX2 static void halves_avx2(const float* x, uint16_t* out, int n) {
 #endif
 
 static Tile tile_fast = tile_scalar; /* for D a multiple of 16; tile_scalar for any other D */
-/* a block of rows: each key tile converted once (AVX2, D a multiple of 32 up to BLOCK_HEAD_DIM), else NULL */
+/* a block of rows: each key tile converted once (AVX2, D a multiple of 32 up to block_head_dim), else NULL */
 static void (*convert_tile)(const uint16_t* k, const uint16_t* v, int n, int D, float* kt, float* vf);
+/* With AVX2 up to 64: K and V then fit L1 (2 x 16 KB); at 128 (Llama 3 8B) they do not, and the per-row tiles were
+ * faster (+4 to +7 % with blocks, Zen 3). In 16 lanes (AVX-512) blocks win at 128 too: Llama 3 8B's heads, one layer of
+ * a 1024-token prompt, -47 % (in-process A/B of two builds, 2 threads, 6 of 6 rounds, Zen 5). */
+static int block_head_dim = 64;
 static void (*tile_block)(const float* q, int nq, const float* kt, const float* vf, int n, int D, float* s, Running r);
 static void (*to_halves)(const float* x, uint16_t* out, int n) = halves_scalar; /* the cache's new rows */
 
@@ -403,6 +406,7 @@ void attention_use_avx2(void) {
 void attention_use_avx512(void) {
 #ifdef HAVE_X86
   tile_block = tile_f32_avx512;
+  block_head_dim = BLOCK_HEAD_DIM;
 #endif
 }
 
@@ -444,10 +448,9 @@ static void attend_task(void* p, size_t i) {
   float scores[4 * KEY_TILE], m[ROW_BLOCK * MAX_GROUP], l[ROW_BLOCK * MAX_GROUP];
   for (int x = 0; x < (s1 - s0) * per; x++) m[x] = -INFINITY, l[x] = 0;
   for (int s = s0; s < s1; s++) memset(j->y + (((size_t)b * j->S + s) * j->H + (size_t)g * per) * D, 0, sizeof(float) * per * D);
-  const int once = s1 - s0 > 1 && convert_tile && D % 32 == 0 && D <= BLOCK_HEAD_DIM;
+  const int once = s1 - s0 > 1 && convert_tile && D % 32 == 0 && D <= block_head_dim;
   /* aligned to cache lines: a tile row's loads then never straddle two (16 B-aligned, a 512-bit load always did) */
-  float kt[once ? KEY_TILE * BLOCK_HEAD_DIM : 1] __attribute__((aligned(64))),
-      vf[once ? KEY_TILE * BLOCK_HEAD_DIM : 1] __attribute__((aligned(64)));
+  float kt[once ? KEY_TILE * D : 1] __attribute__((aligned(64))), vf[once ? KEY_TILE * D : 1] __attribute__((aligned(64)));
   for (int t = 0; t < keys0 + s1 - 1; t += KEY_TILE) {
     if (once) { /* the block's last row has the most keys of the tile */
       const int last = keys0 + s1 - 1 - t;
