@@ -101,7 +101,7 @@ def compute_cpus(stage_threads: int, available: set[int]) -> tuple[int, ...]:
     for the thread that runs the graph, the next for ONNX Runtime's workers). Unpinned, a stage's worker woken at the
     start of a step after the stage idled was at times put on the calling thread's core while the other one idled,
     and the two took turns there. The 4 graphs in one process, a 1 ms sleep before each stage's step (as its idle time
-    in the pipeline; /tmp script): 7.39 / 7.41 -> 5.06 / 4.70 ms a token. `bench/pipeline_ab.py`, serve's settings:
+    in the pipeline; a scratch script): 7.39 / 7.41 -> 5.06 / 4.70 ms a token. `bench/pipeline_ab.py`, serve's settings:
     TPOT -8.3 % (B lower in 9 of 10 rounds) and -3.8 % (10 of 16), TTFT -4.1 / -0.8 %."""
     return tuple(sorted(available)[:stage_threads])
 

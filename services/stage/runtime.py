@@ -51,8 +51,8 @@ def session_options(threads: int, spin: bool = False, kernels: str | None = None
     18.0 -> 14.1 ms per token, 16 streams 250 -> 201 tok/s. Off by default for a stage started alone (1 thread: stages
     share the cores); `splitllm serve` turns it on when one stage computes at a time (launcher.spins_by_default).
     `kernels`: another build of our CPU kernel library than the package's (bench/kernel_ab.py).
-    `cpus`: the CPUs of the stage's compute (pin_compute): ONNX Runtime's worker threads are pinned to the second
-    and later ones in turn (the first is the calling thread's)."""
+    `cpus`: the CPUs of the stage's compute: ONNX Runtime's worker threads are pinned to the second and later ones in
+    turn (the first is the calling thread's: pin_caller)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -64,8 +64,8 @@ def session_options(threads: int, spin: bool = False, kernels: str | None = None
     so.add_session_config_entry("session.force_spinning_stop", "1")
     so.register_custom_ops_library(kernels or cpu_kernels.library_path())
     if cpus and threads > 1:
-        workers = cpus[1:] or cpus  # ONNX Runtime numbers logical processors from 1
-        so.add_session_config_entry("session.intra_op_thread_affinities",
+        workers = cpus[1:] or cpus
+        so.add_session_config_entry("session.intra_op_thread_affinities",  # logical processors numbered from 1
                                     ";".join(str(workers[i % len(workers)] + 1) for i in range(threads - 1)))
     return so
 
