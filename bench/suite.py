@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitllm.bench import machine, report
-from splitllm.services.client.launcher import STAGE_THREADS, spins_by_default, stage_env
+from splitllm.services.client.launcher import STAGE_THREADS, spins_by_default, stage_cpus, stage_env
 
 REFERENCE = Path(__file__).resolve().parents[1] / "../shared/reference/smollm2"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -258,7 +258,10 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
 
     waits = "spin up to 50 us within a step" if spin else "sleep"
     serves = "splitllm serve's default" if spin == spins_by_default(STAGE_THREADS) else "not serve's default"
-    notes.append(f"stages: {STAGE_THREADS} ONNX Runtime threads each that {waits} ({serves}); chain likewise")
+    cpus = stage_cpus(STAGE_THREADS, spin)
+    pinned = f", their compute pinned to CPUs {','.join(map(str, cpus))}" if cpus else ""
+    notes.append(f"stages: {STAGE_THREADS} ONNX Runtime threads each that {waits}{pinned} ({serves}); chain likewise, "
+                 "unpinned")
     if "llamacpp" in runtimes:
         wait = "spin (stock)" if spin else "sleep (OMP_WAIT_POLICY=PASSIVE)"
         notes.append(f"llama.cpp: {llamacpp_threads} threads that {wait} at barriers, as the stages' wait, "

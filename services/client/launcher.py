@@ -106,6 +106,13 @@ def compute_cpus(stage_threads: int, available: set[int]) -> tuple[int, ...]:
     return tuple(sorted(available)[:stage_threads])
 
 
+def stage_cpus(stage_threads: int, spin: bool, pin: bool | None = None, backend: str = "cpu") -> tuple[int, ...]:
+    """What `splitllm serve` passes as each stage's --cpus: compute_cpus when pinned (`pin` None: when the stages
+    spin), else nothing."""
+    pinned = spin if pin is None else pin
+    return compute_cpus(stage_threads, os.sched_getaffinity(0)) if pinned and backend == "cpu" else ()
+
+
 class Pipeline:
     """The running processes of one pipeline; a context manager that always stops them."""
 
@@ -119,8 +126,7 @@ class Pipeline:
         self.kv_capacity, self.backend = kv_capacity, backend
         self.stage_threads = stage_threads
         self.stage_spin = spins_by_default(stage_threads) if stage_spin is None else stage_spin
-        pin = self.stage_spin if stage_pin is None else stage_pin
-        self.stage_cpus = compute_cpus(stage_threads, os.sched_getaffinity(0)) if pin and backend == "cpu" else ()
+        self.stage_cpus = stage_cpus(stage_threads, self.stage_spin, stage_pin, backend)
         self.extra = extra_coordinator_args or []
         self.services: list[Service] = []
 
