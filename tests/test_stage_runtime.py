@@ -94,7 +94,7 @@ def test_a_pinned_stage_runs_its_graph_on_its_first_cpu_and_its_workers_on_the_n
     t.join()
     assert seen == [{cpus[0]}] and os.sched_getaffinity(0) == available  # the test's own thread: as it was
     np.testing.assert_array_equal(out[0], free.forward(Entry("s", 0, x)))
-    with pytest.raises(ValueError, match="cpus 99999 are not all available to this process"):
+    with pytest.raises(ValueError, match="CPUs 99999 are not all available to this process"):
         StageRuntime(tiny_artifacts, 0, threads=2, cpus=(99999,))
 
 

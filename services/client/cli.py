@@ -62,16 +62,16 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def cpu_list(text: str) -> tuple[int, ...]:
     """--cpus: comma-separated CPU ids that this process may run on."""
-    import os
+    from splitllm.services.stage.runtime import check_cpus
 
-    allowed = os.sched_getaffinity(0)
     try:
         cpus = tuple(int(c) for c in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of CPU ids") from None
-    if not cpus or not set(cpus) <= allowed:
-        raise argparse.ArgumentTypeError(f"CPUs {text} are not all available to this process (available: "
-                                         f"{','.join(map(str, sorted(allowed)))})")
+    try:
+        check_cpus(cpus)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return cpus
 
 
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "every core, so that one stage computes at a time; launcher.spins_by_default)")
     se.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
                     help="pin every stage's compute to the same cores, its calling thread on the first (default: "
-                    "when the stages spin on shared cores; launcher.compute_cpus)")
+                    "when the stages spin on shared cores; launcher.stage_cpus)")
     se.set_defaults(run=cmd_serve)
 
     de = sub.add_parser("demo", help="serve, then run the model card's three sample prompts")

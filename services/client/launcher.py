@@ -96,21 +96,16 @@ def spins_by_default(stage_threads: int) -> bool:
     return one_stage_at_a_time(stage_threads) and stage_threads <= (os.cpu_count() or 1)
 
 
-def compute_cpus(stage_threads: int, available: set[int]) -> tuple[int, ...]:
-    """The CPUs a stage's compute is pinned to when the stages share the cores (every stage the same ones: the first
-    for the thread that runs the graph, the next for ONNX Runtime's workers). Unpinned, a stage's worker woken at the
+def stage_cpus(stage_threads: int, spin: bool, pin: bool | None = None, backend: str = "cpu") -> tuple[int, ...]:
+    """What `splitllm serve` passes as each stage's --cpus: when pinned (`pin` None: when the stages spin on shared
+    cores), the first `stage_threads` CPUs this process may use, the same for every stage (the first for the thread
+    that runs the graph, the next for ONNX Runtime's workers); else nothing. Unpinned, a stage's worker woken at the
     start of a step after the stage idled was at times put on the calling thread's core while the other one idled,
     and the two took turns there. The 4 graphs in one process, a 1 ms sleep before each stage's step (as its idle time
     in the pipeline; a scratch script): 7.39 / 7.41 -> 5.06 / 4.70 ms a token. `bench/pipeline_ab.py`, serve's settings:
     TPOT -8.3 % (B lower in 9 of 10 rounds) and -3.8 % (10 of 16), TTFT -4.1 / -0.8 %."""
-    return tuple(sorted(available)[:stage_threads])
-
-
-def stage_cpus(stage_threads: int, spin: bool, pin: bool | None = None, backend: str = "cpu") -> tuple[int, ...]:
-    """What `splitllm serve` passes as each stage's --cpus: compute_cpus when pinned (`pin` None: when the stages
-    spin), else nothing."""
     pinned = spin if pin is None else pin
-    return compute_cpus(stage_threads, os.sched_getaffinity(0)) if pinned and backend == "cpu" else ()
+    return tuple(sorted(os.sched_getaffinity(0))[:stage_threads]) if pinned and backend == "cpu" else ()
 
 
 class Pipeline:
@@ -120,7 +115,7 @@ class Pipeline:
                  metrics_base: int | None = COORDINATOR_METRICS, kv_capacity: int = 16, backend: str = "cpu",
                  stage_threads: int = STAGE_THREADS, stage_spin: bool | None = None, stage_pin: bool | None = None,
                  extra_coordinator_args: list[str] | None = None) -> None:
-        """`stage_spin` None: spins_by_default. `stage_pin` None: pin (compute_cpus) when the stages spin."""
+        """`stage_spin` None: spins_by_default. `stage_pin` None: pin (stage_cpus) when the stages spin."""
         self.artifacts = str(artifacts)
         self.base_port, self.coordinator_port, self.metrics_base = base_port, coordinator_port, metrics_base
         self.kv_capacity, self.backend = kv_capacity, backend

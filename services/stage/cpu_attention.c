@@ -149,7 +149,6 @@ AVX2 static float exps_avx2(float* s, int n, float mx) {
 /* tile_scalar's math for NQ queries at once (the q heads that share a kv head), D a multiple of 16: each key and value
  * row is loaded once for all of them. Scores 2 keys at a time (2 * NQ FMA chains of D / 8), values 16 columns at a
  * time (2 * NQ chains). NQ is a constant in each copy, so the accumulators stay in registers. */
-#define LOAD_HALVES(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p))) /* 8 floats from 8 halves */
 AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const float* q, const int NQ, const uint16_t* k,
                                                                    const uint16_t* v, int n, int D, float* s,
                                                                    Running r, int first) {

@@ -277,9 +277,9 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
       __m256 even[R], odd[R];                                                                                         \
       for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();                                            \
       for (int g = 0; g < nb; g += 8) {                                                                               \
-        __m256 D = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + g)));                                        \
+        __m256 D = LOAD_HALVES(wd + g);                                                                               \
         if (Q4) {                                                                                                     \
-          __m256 M = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + (size_t)n * nbp + g)));                     \
+          __m256 M = LOAD_HALVES(m + (size_t)n * nbp + g);                                                            \
           for (int r = 0; r < R; r++) odd[r] = _mm256_fmadd_ps(M, _mm256_loadu_ps(sA[r] + g), odd[r]);                \
         }                                                                                                             \
         if (nb - g >= 8) {                                                                                            \
@@ -388,9 +388,9 @@ enum { TWO_ROWS_MAX_BLOCKS = 24 };
       const int8_t* ag = q + 32 * g;                                                                                  \
       for (int r = 0; r < ROWS; r++) {                                                                                \
         wg[r] = wq + r * row_bytes + g / 2 * PAIR_BYTES;                                                              \
-        DA[r] = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + r * nbp + g))),                   \
+        DA[r] = _mm256_mul_ps(LOAD_HALVES(wd + r * nbp + g),                                                          \
                               _mm256_loadu_ps(dA + g));                                                               \
-        if (Q4) odd[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wm + r * nbp + g))),        \
+        if (Q4) odd[r] = _mm256_fmadd_ps(LOAD_HALVES(wm + r * nbp + g),                                               \
                                          _mm256_loadu_ps(sA + g), odd[r]);                                            \
       }                                                                                                               \
       if (g < full) {                                                                                                 \
@@ -523,9 +523,9 @@ AVX512 static inline __m128 halves512(__m512 acc) {
       for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                                       \
       for (int g = 0; g < nb; g += 8) {                                                                               \
         const uint8_t *ag = aq + 32 * (size_t)g, *lg = lanes + 16 * (size_t)g, *wg = wq + (size_t)g / 4 * QUAD_BYTES; \
-        const __m512 D = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + g))));         \
+        const __m512 D = _mm512_castps256_ps512(LOAD_HALVES(wd + g));                                                 \
         if (Q4) {                                                                                                     \
-          const __m256 M = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + (size_t)n * nbp + g)));              \
+          const __m256 M = LOAD_HALVES(m + (size_t)n * nbp + g);                                                      \
           const uint8_t* sg = sums + 4 * (size_t)g;                                                                   \
           for (int r = 0; r < R; r++) M_TERM512(M, _mm256_loadu_ps((const float*)(sg + r * stride)), acc[r]);       \
         }                                                                                                             \
@@ -575,9 +575,9 @@ AVX512 static inline __m128 halves512(__m512 acc) {
       for (int r = 0; r < ROWS; r++) {                                                                                \
         wg[r] = wq + r * row_bytes + g / 4 * QUAD_BYTES;                                                              \
         DA[r] = _mm512_castps256_ps512(_mm256_mul_ps(                                                                 \
-            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wd + r * nbp + g))), _mm256_loadu_ps(dA + g)));        \
+            LOAD_HALVES(wd + r * nbp + g), _mm256_loadu_ps(dA + g)));                                                 \
         if (Q4)                                                                                                       \
-          M_TERM512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wm + r * nbp + g))), _mm256_loadu_ps(sA + g),   \
+          M_TERM512(LOAD_HALVES(wm + r * nbp + g), _mm256_loadu_ps(sA + g),                                           \
                     acc[r]);                                                                                          \
       }                                                                                                               \
       const size_t rest = nb - g;                                                                                     \

@@ -172,6 +172,7 @@ static inline uint16_t float_to_half(float f) {
 #ifdef HAVE_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define LOAD_HALVES(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p))) /* 8 floats from 8 halves */
 
 /* exp(x) to ~1 ulp: 2^n * p(r), x = n ln 2 + r (Cephes' expf, the polynomial every SIMD math library uses) */
 AVX2 static inline __m256 exp_avx2(__m256 x) {

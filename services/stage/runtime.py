@@ -70,6 +70,14 @@ def session_options(threads: int, spin: bool = False, kernels: str | None = None
     return so
 
 
+def check_cpus(cpus: Sequence[int]) -> None:
+    """ValueError naming the CPUs this process may use, unless `cpus` are among them."""
+    allowed = os.sched_getaffinity(0)
+    if not set(cpus) <= allowed:
+        raise ValueError(f"CPUs {','.join(map(str, cpus))} are not all available to this process (available: "
+                         f"{','.join(map(str, sorted(allowed)))})")
+
+
 _pinned = threading.local()
 
 
@@ -179,7 +187,7 @@ class StageRuntime:
         cpus: Sequence[int] = (),
     ) -> None:
         """`cpus`: pin the CPU graph's compute (the thread that runs it to the first, ONNX Runtime's workers to the
-        others; launcher.compute_cpus says when); empty: unpinned."""
+        others; launcher.stage_cpus says when); empty: unpinned."""
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not supported (allowed: {', '.join(BACKENDS)})")
         root = Path(artifacts)
@@ -202,9 +210,7 @@ class StageRuntime:
             raise ValueError(f"{root} runs Attention over a {kv['dtype']} KV cache (exported before its float16 "
                              "cache, which this build's op takes): export the artifact again")
         threads = threads or min(2, os.cpu_count() or 1)
-        if not set(cpus) <= os.sched_getaffinity(0):
-            raise ValueError(f"cpus {','.join(map(str, cpus))} are not all available to this process (available: "
-                             f"{','.join(map(str, sorted(os.sched_getaffinity(0))))})")
+        check_cpus(cpus)
         if backend == "qnn":
             from splitllm.services.stage.qnn import QnnGraph
 
