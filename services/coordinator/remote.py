@@ -44,6 +44,10 @@ MIN_CHUNK = 16  # measured: 16-token chunks still win (32-token TTFT 77 -> 70 ms
 # s that a batch's sessions wait for the rest of their group before going out without them. Same-run A/B (5 turns):
 # 0.5 ms lost 11 % at 4 streams and 6 % at 16; 5 ms was within noise of 2 ms (16 streams +3 %, 4 streams 0).
 GROUP_WAIT = 0.002
+# s that submit() waits for its token step to be sent before the caller goes on to the token's text and reply. Without
+# it gRPC's sending thread waited for the GIL while the caller did that work (hop trace: submitted -> sent 170-190 ->
+# 50-60 us; bench/pipeline_ab.py, 30 rounds: TPOT -3.8 %, lower in 23). It only bounds a stream that broke meanwhile.
+SENT_WAIT = 0.005
 
 
 def prefill_chunk(tokens: int, prefill_length: int, stages: int, spread: bool) -> int:
@@ -62,10 +66,11 @@ def prefill_chunk(tokens: int, prefill_length: int, stages: int, spread: bool) -
 class _Pending:
     """One session's entry of a step, until its result or error arrives."""
 
-    __slots__ = ("event", "result", "error", "step_id", "last")
+    __slots__ = ("event", "result", "error", "step_id", "last", "sent")
 
     def __init__(self, last: bool = False) -> None:
         self.event = threading.Event()
+        self.sent: threading.Event | None = None  # set once gRPC has sent the step (decode steps)
         self.result: stage_pb2.EntryResult | None = None
         self.error: ServiceError | None = None
         self.step_id = 0
@@ -279,8 +284,11 @@ class RemotePipeline:
                 continue
             self.pending[req.step_id] = {step.session_id: step.pending for step in batch}
             self.decode_steps.add(req.step_id)
+            sent = threading.Event()
+            for step in batch:
+                step.pending.sent = sent
             trace.event(req.step_id, "submitted")
-            self.out.send(req)
+            self.out.send(req, sent.set)
         if self.queue:  # the timer sends them if their group does not come
             self.cv.notify()
 
@@ -333,6 +341,8 @@ class RemotePipeline:
             self.queue.append(_Step(session_id, position, int(tokens[0]), top_k, p))
             self.expected.discard(session_id)
             self._pump()
+        if p.sent is not None:  # it went out now: let gRPC's thread send it before this one goes on (SENT_WAIT)
+            p.sent.wait(SENT_WAIT)
         return lambda: self._wait(p)
 
     def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0, last: bool = False) -> Logits:
