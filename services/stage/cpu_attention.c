@@ -17,10 +17,11 @@
  * ~27 % of a 1024-token prompt (Zen 3, 2 threads), and needs two reshapes around it. Here one task takes all the q
  * heads of one kv head over a block of rows, FlashAttention-style: key tiles of 64 rows, read once for all those
  * heads, an online softmax, and the next tile's rows prefetched; a block of prompt rows converts each tile to float
- * once for all its rows (head sizes 32 and 64; up to 128 in 16 lanes where the CPU has AVX-512). A decode step of a
- * few sessions, which has fewer (sequence, kv head) tasks than threads want, is split over the keys and merged.
- * bench/attention_speed.py: decode 2-2.8x faster than GroupQueryAttention at positions 160-1000, a 1024-token prompt
- * 1.05x on Zen 3 (AVX2); on Zen 5 decode 2.4-3.4x, a 1024-token prompt 1.13x (SmolLM2) and 1.24x (Llama 3 8B's heads).
+ * once for all its rows (head sizes 32 and 64; up to 128 in 16 lanes where the CPU has AVX-512, which also decodes in
+ * 16 lanes at head sizes that are multiples of 64). A decode step of a few sessions, which has fewer (sequence, kv head)
+ * tasks than threads want, is split over the keys and merged. bench/attention_speed.py: decode 2-2.8x faster than
+ * GroupQueryAttention at positions 160-1000, a 1024-token prompt 1.05x on Zen 3 (AVX2); on Zen 5 decode 2.7-5.4x, a
+ * 1024-token prompt 1.13-1.23x (SmolLM2) and 1.24-1.27x (Llama 3 8B's heads).
  * qkv and Y are the rows the matmuls take and give, so the graph has no reshape.
  */
 #include "cpu_kernels.h"
