@@ -126,6 +126,13 @@ AVX2 static inline float hsum_avx2(__m256 x) {
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
+/* a query's score against one key row of the cache, D a multiple of 8 */
+AVX2 static inline float dot_avx2(const float* q, const uint16_t* k, int D) {
+  __m256 a = _mm256_setzero_ps();
+  for (int d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), LOAD_HALVES(k + d), a);
+  return hsum_avx2(a);
+}
+
 AVX2 static float max_avx2(const float* s, int n) {
   __m256 mx8 = _mm256_set1_ps(-INFINITY);
   int j = 0;
@@ -178,12 +185,7 @@ AVX2 static inline __attribute__((always_inline)) void tile_avx2_n(const float* 
     }
   }
   if (j < n)
-    for (int i = 0; i < NQ; i++) {
-      __m256 a = _mm256_setzero_ps();
-      for (int d = 0; d < D; d += 8)
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * D + d), LOAD_HALVES(k + (size_t)j * D + d), a);
-      s[i * KEY_TILE + j] = hsum_avx2(a);
-    }
+    for (int i = 0; i < NQ; i++) s[i * KEY_TILE + j] = dot_avx2(q + i * D, k + (size_t)j * D, D);
   __m256 old[4];
   for (int i = 0; i < NQ; i++) old[i] = _mm256_set1_ps(rescale(s + i * KEY_TILE, n, max_avx2(s + i * KEY_TILE, n), r.m + i, r.l + i, exps_avx2));
   for (int d = 0; d < D; d += 16) {
@@ -308,6 +310,33 @@ AVX512 static inline __m512 exp_avx512(__m512 x) {
                             exp_avx2(_mm512_extractf32x8_ps(x, 1)), 1);
 }
 
+/* valid[c]: which of keys 16c .. 16c + 15 of a tile are among its first n */
+AVX512 static inline __attribute__((always_inline)) void key_masks(int n, __mmask16 valid[4]) {
+  for (int c = 0; c < 4; c++) {
+    const int left = n - 16 * c;
+    valid[c] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+  }
+}
+
+/* One query's 64 scores of a tile in x (those not `valid` ignored): their exponentials less the new running maximum
+ * stored in s (0 past n), *m and *l updated (as rescale). Returns the factor its y is to be scaled by first. */
+AVX512 static inline __attribute__((always_inline)) __m512 softmax512(const __m512 x[4], const __mmask16 valid[4],
+                                                                     float* s, float* m, float* l) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int c = 0; c < 4; c++) mx = _mm512_mask_max_ps(mx, valid[c], mx, x[c]);
+  const float m_new = fmaxf(_mm512_reduce_max_ps(mx), *m);
+  const float scale = *m == -INFINITY ? 0.f : expf(*m - m_new);
+  __m512 sum = _mm512_setzero_ps();
+  for (int c = 0; c < 4; c++) {
+    const __m512 e = _mm512_maskz_mov_ps(valid[c], exp_avx512(_mm512_sub_ps(x[c], _mm512_set1_ps(m_new))));
+    _mm512_storeu_ps(s + 16 * c, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  *l = *l * scale + _mm512_reduce_add_ps(sum);
+  *m = m_new;
+  return _mm512_set1_ps(scale);
+}
+
 /* tile_f32_n in 16 lanes (AVX-512), the softmax in registers: a query's 64 scores stay in 4 registers for their
  * maximum and exponentials (keys past n masked off), which are stored once for the values. */
 AVX512 static inline __attribute__((always_inline)) void tile_f32_512_n(const float* q, const int NQ, const float* kt,
@@ -326,26 +355,9 @@ AVX512 static inline __attribute__((always_inline)) void tile_f32_512_n(const fl
     }
   }
   __mmask16 valid[4];
-  for (int c = 0; c < 4; c++) {
-    const int left = n - 16 * c;
-    valid[c] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
-  }
+  key_masks(n, valid);
   __m512 old[4];
-  for (int i = 0; i < NQ; i++) {
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int c = 0; c < 4; c++) mx = _mm512_mask_max_ps(mx, valid[c], mx, a[i][c]);
-    const float m_new = fmaxf(_mm512_reduce_max_ps(mx), r.m[i]);
-    const float scale = r.m[i] == -INFINITY ? 0.f : expf(r.m[i] - m_new);
-    __m512 sum = _mm512_setzero_ps();
-    for (int c = 0; c < 4; c++) {
-      const __m512 e = _mm512_maskz_mov_ps(valid[c], exp_avx512(_mm512_sub_ps(a[i][c], _mm512_set1_ps(m_new))));
-      _mm512_storeu_ps(s + i * KEY_TILE + 16 * c, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    r.l[i] = r.l[i] * scale + _mm512_reduce_add_ps(sum);
-    r.m[i] = m_new;
-    old[i] = _mm512_set1_ps(scale);
-  }
+  for (int i = 0; i < NQ; i++) old[i] = softmax512(a[i], valid, s + i * KEY_TILE, r.m + i, r.l + i);
   for (int d = 0; d < D; d += 16 * COLS) {
     __m512 e[4][4];
     for (int i = 0; i < NQ; i++)
@@ -390,7 +402,7 @@ AVX512 static inline __m128 sums4_512(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 
 /* tile_avx2_n in 16 lanes (AVX-512), D a multiple of 64: scores 4 keys at a time (4 * NQ FMA chains of D / 16, reduced
- * together), the softmax in registers as tile_f32_512_n's, values 64 columns at a time (4 * NQ chains). */
+ * together), the softmax in registers (softmax512), values 64 columns at a time (4 * NQ chains). */
 AVX512 static inline __attribute__((always_inline)) void tile512_n(const float* q, const int NQ, const uint16_t* k,
                                                                   const uint16_t* v, int n, int D, float* s,
                                                                   Running r, int first) {
@@ -415,37 +427,15 @@ AVX512 static inline __attribute__((always_inline)) void tile512_n(const float* 
     }
     for (int i = 0; i < NQ; i++) _mm_storeu_ps(s + i * KEY_TILE + j, sums4_512(a[i][0], a[i][1], a[i][2], a[i][3]));
   }
-  for (; j < n; j++)
-    for (int i = 0; i < NQ; i++) {
-      __m512 a = _mm512_setzero_ps();
-      for (int d = 0; d < D; d += 16)
-        a = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * D + d), LOAD_HALVES512(k + (size_t)j * D + d), a);
-      s[i * KEY_TILE + j] = _mm512_reduce_add_ps(a);
-    }
+  for (; j < n; j++) /* the last 1-3 keys */
+    for (int i = 0; i < NQ; i++) s[i * KEY_TILE + j] = dot_avx2(q + i * D, k + (size_t)j * D, D);
   __mmask16 valid[4];
-  for (int c = 0; c < 4; c++) {
-    const int left = n - 16 * c;
-    valid[c] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
-  }
+  key_masks(n, valid);
   __m512 old[4];
   for (int i = 0; i < NQ; i++) {
-    float* si = s + i * KEY_TILE;
-    __m512 x[4], mx = _mm512_set1_ps(-INFINITY);
-    for (int c = 0; c < 4; c++) {
-      x[c] = _mm512_maskz_loadu_ps(valid[c], si + 16 * c);
-      mx = _mm512_mask_max_ps(mx, valid[c], mx, x[c]);
-    }
-    const float m_new = fmaxf(_mm512_reduce_max_ps(mx), r.m[i]);
-    const float scale = r.m[i] == -INFINITY ? 0.f : expf(r.m[i] - m_new);
-    __m512 sum = _mm512_setzero_ps();
-    for (int c = 0; c < 4; c++) {
-      const __m512 e = _mm512_maskz_mov_ps(valid[c], exp_avx512(_mm512_sub_ps(x[c], _mm512_set1_ps(m_new))));
-      _mm512_storeu_ps(si + 16 * c, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    r.l[i] = r.l[i] * scale + _mm512_reduce_add_ps(sum);
-    r.m[i] = m_new;
-    old[i] = _mm512_set1_ps(scale);
+    __m512 x[4];
+    for (int c = 0; c < 4; c++) x[c] = _mm512_maskz_loadu_ps(valid[c], s + i * KEY_TILE + 16 * c);
+    old[i] = softmax512(x, valid, s + i * KEY_TILE, r.m + i, r.l + i);
   }
   for (int d = 0; d < D; d += 64) {
     __m512 e[4][4];
