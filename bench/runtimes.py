@@ -254,6 +254,14 @@ class LlamaCpp:
         self._eval(tokens)
         return time.perf_counter() - t0
 
+    def margin(self, tokens: list[int]) -> float:
+        """The gap between the two largest logits after `tokens`: how near a tie its greedy pick there was."""
+        self.llm.reset()
+        self.llm.eval(tokens)
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
+        second, first = np.partition(logits, -2)[-2:]
+        return float(first - second)
+
     def generate(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
         self.llm.reset()
         out, times = [], []

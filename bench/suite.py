@@ -130,6 +130,15 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
 
 
+def greedy_note(runtime: str, tokens: int, at: int | None, margin: float | None = None) -> str:
+    """How `runtime`'s greedy tokens compare with llama.cpp's; `margin`: llama.cpp's two best logits' gap where they
+    first differ (a near-tie there is rounding, a wide gap a fault)."""
+    if at is None:
+        return f"{runtime}: greedy {tokens} tokens identical to llama.cpp's"
+    gap = "" if margin is None else f", where llama.cpp's two best logits are {margin:.3f} apart"
+    return f"{runtime}: greedy {tokens} tokens first differ from llama.cpp's at token {at}{gap}"
+
+
 def clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
@@ -225,6 +234,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
     children = {r: Child(r, out_dir / f"{r}.log", *args) for r in runtimes}
     samples: dict[str, dict[str, list]] = {r: {} for r in runtimes}
     results: dict[str, dict] = {r: {} for r in runtimes}
+    margins: dict[str, float] = {}
     try:
         for c in children.values():
             c.ready()
@@ -251,6 +261,11 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         for r in [r for r in runtimes if r in ("chain", "llamacpp")]:
             print(f"[{elapsed()}] perplexity: {r} ...", flush=True)
             results[r]["perplexity"] = children[r].call("perplexity", tokens=ppl_tokens, ctx=512)["value"]
+        if "llamacpp" in runtimes:  # how near a tie llama.cpp's pick was where ours first differ from it
+            for r in [r for r in runtimes if r in ("pipeline", "chain")]:
+                if (d := first_divergence(samples[r]["greedy"], samples["llamacpp"]["greedy"])) is not None:
+                    before = prompts[32] + samples["llamacpp"]["greedy"][:d]
+                    margins[r] = children["llamacpp"].call("margin", tokens=before)["value"]
         outside_share = outside.share()
     finally:
         for c in children.values():
@@ -271,8 +286,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
                          "reference; the targets compare with the one whose threads wait as the stages' do")
         for r in [r for r in runtimes if r in ("pipeline", "chain")]:
             d = first_divergence(samples[r]["greedy"], samples["llamacpp"]["greedy"])
-            notes.append(f"{r}: greedy {plan.gen_tokens} tokens " + (
-                "identical to llama.cpp's" if d is None else f"first differ from llama.cpp's at token {d}"))
+            notes.append(greedy_note(r, plan.gen_tokens, d, margins.get(r)))
     else:
         results["llamacpp"] = {"perplexity": reference_perplexity(len(ppl_tokens) // 512)}
         notes.append("llama.cpp perplexity quoted from the reference JSON (same text and windows)")

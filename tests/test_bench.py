@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from splitllm.bench import report
-from splitllm.bench.suite import REFERENCE, first_divergence, oversubscribed, reference_perplexity
+from splitllm.bench.suite import REFERENCE, first_divergence, greedy_note, oversubscribed, reference_perplexity
 
 
 def fig(median: float) -> dict:
@@ -111,6 +111,13 @@ def test_reference_perplexity_is_the_geometric_mean_of_equal_chunks():
 def test_first_divergence():
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+
+
+def test_greedy_note_says_how_near_a_tie_the_first_difference_was():
+    assert greedy_note("chain", 128, None) == "chain: greedy 128 tokens identical to llama.cpp's"
+    assert greedy_note("pipeline", 128, 1, 0.0172) == ("pipeline: greedy 128 tokens first differ from llama.cpp's at "
+                                                       "token 1, where llama.cpp's two best logits are 0.017 apart")
+    assert greedy_note("chain", 64, 3).endswith("at token 3")
 
 
 def test_oversubscription_warning(monkeypatch):
