@@ -529,14 +529,7 @@ AVX512 static inline __m128 halves512(__m512 acc) {
           const uint8_t* sg = sums + 4 * (size_t)g;                                                                   \
           for (int r = 0; r < R; r++) M_TERM512(M, _mm256_loadu_ps((const float*)(sg + r * stride)), acc[r]);       \
         }                                                                                                             \
-        const int rest = nb - g;                                                                                      \
-        if (rest >= 8) {                                                                                              \
-          QUADS512(KIND, 0, 4);                                                                                       \
-          QUADS512(KIND, 1, 4);                                                                                       \
-        } else {                                                                                                      \
-          QUADS512(KIND, 0, rest < 4 ? rest : 4);                                                                     \
-          if (rest > 4) QUADS512(KIND, 1, rest - 4);                                                                  \
-        }                                                                                                             \
+        GROUP512(QUADS512, KIND, nb - g);                                                                             \
       }                                                                                                               \
       for (int r = 0; r < R; r++) {                                                                                   \
         __m128 s = halves512(acc[r]);                                                                                 \
@@ -546,6 +539,19 @@ AVX512 static inline __m128 halves512(__m512 acc) {
       }                                                                                                               \
     }                                                                                                                 \
   }
+
+/* a group of 8 blocks as its quads 0 and 1 through QUAD(KIND, H, BLOCKS); the row's last group may hold fewer (REST) */
+#define GROUP512(QUAD, KIND, REST)                                                                                    \
+  do {                                                                                                                \
+    const int rest_ = (int)(REST);                                                                                    \
+    if (rest_ >= 8) {                                                                                                 \
+      QUAD(KIND, 0, 4);                                                                                               \
+      QUAD(KIND, 1, 4);                                                                                               \
+    } else {                                                                                                          \
+      QUAD(KIND, 0, rest_ < 4 ? rest_ : 4);                                                                           \
+      if (rest_ > 4) QUAD(KIND, 1, rest_ - 4);                                                                        \
+    }                                                                                                                 \
+  } while (0)
 
 /* the group's quad H (0 or 1) against every row of A */
 #define QUADS512(KIND, H, BLOCKS)                                                                                     \
@@ -580,14 +586,7 @@ AVX512 static inline __m128 halves512(__m512 acc) {
           M_TERM512(LOAD_HALVES(wm + r * nbp + g), _mm256_loadu_ps(sA + g),                                           \
                     acc[r]);                                                                                          \
       }                                                                                                               \
-      const size_t rest = nb - g;                                                                                     \
-      if (rest >= 8) {                                                                                                \
-        ONE_QUAD512(KIND, 0, 4);                                                                                      \
-        ONE_QUAD512(KIND, 1, 4);                                                                                      \
-      } else {                                                                                                        \
-        ONE_QUAD512(KIND, 0, rest < 4 ? (int)rest : 4);                                                               \
-        if (rest > 4) ONE_QUAD512(KIND, 1, (int)rest - 4);                                                            \
-      }                                                                                                               \
+      GROUP512(ONE_QUAD512, KIND, nb - g);                                                                            \
     }                                                                                                                 \
     __m128 s[2];                                                                                                      \
     for (int r = 0; r < ROWS; r++) s[r] = halves512(acc[r]);                                                          \
