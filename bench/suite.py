@@ -234,7 +234,8 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
     children = {r: Child(r, out_dir / f"{r}.log", *args) for r in runtimes}
     samples: dict[str, dict[str, list]] = {r: {} for r in runtimes}
     results: dict[str, dict] = {r: {} for r in runtimes}
-    margins: dict[str, float] = {}
+    firsts: dict[str, int | None] = {}  # where the pipeline's and chain's greedy tokens first differ from llama.cpp's
+    margins: dict[str, float] = {}  # llama.cpp's gap between its two best logits there
     try:
         for c in children.values():
             c.ready()
@@ -263,7 +264,8 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
             results[r]["perplexity"] = children[r].call("perplexity", tokens=ppl_tokens, ctx=512)["value"]
         if "llamacpp" in runtimes:  # how near a tie llama.cpp's pick was where ours first differ from it
             for r in [r for r in runtimes if r in ("pipeline", "chain")]:
-                if (d := first_divergence(samples[r]["greedy"], samples["llamacpp"]["greedy"])) is not None:
+                firsts[r] = d = first_divergence(samples[r]["greedy"], samples["llamacpp"]["greedy"])
+                if d is not None:
                     before = prompts[32] + samples["llamacpp"]["greedy"][:d]
                     margins[r] = children["llamacpp"].call("margin", tokens=before)["value"]
         outside_share = outside.share()
@@ -284,9 +286,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         if other in runtimes:
             notes.append(f"{report.RUNTIMES[other]}: the same llama.cpp with its threads waiting the other way, for "
                          "reference; the targets compare with the one whose threads wait as the stages' do")
-        for r in [r for r in runtimes if r in ("pipeline", "chain")]:
-            d = first_divergence(samples[r]["greedy"], samples["llamacpp"]["greedy"])
-            notes.append(greedy_note(r, plan.gen_tokens, d, margins.get(r)))
+        notes += [greedy_note(r, plan.gen_tokens, d, margins.get(r)) for r, d in firsts.items()]
     else:
         results["llamacpp"] = {"perplexity": reference_perplexity(len(ppl_tokens) // 512)}
         notes.append("llama.cpp perplexity quoted from the reference JSON (same text and windows)")
