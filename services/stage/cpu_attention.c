@@ -337,6 +337,33 @@ AVX512 static inline __attribute__((always_inline)) __m512 softmax512(const __m5
   return _mm512_set1_ps(scale);
 }
 
+#define LOAD_HALVES512(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p))) /* 16 floats from 16 halves */
+
+/* The NQ queries' y = y * old + the tile's exponentials (s) times its n value rows, COLS registers of columns at a
+ * time: rows of D floats (converted, 64-byte aligned) or, with HALVES, of D halves (the cache's). */
+AVX512 static inline __attribute__((always_inline)) void values512(const float* s, const void* v, int n, int D,
+                                                                  const int NQ, Running r, const __m512 old[4],
+                                                                  const int COLS, const int HALVES) {
+  for (int d = 0; d < D; d += 16 * COLS) {
+    __m512 e[4][4];
+    for (int i = 0; i < NQ; i++)
+      for (int c = 0; c < COLS; c++) e[i][c] = _mm512_mul_ps(_mm512_loadu_ps(r.y + i * D + d + 16 * c), old[i]);
+    for (int j = 0; j < n; j++) {
+      const size_t at = (size_t)j * D + d;
+      __m512 x[4];
+      for (int c = 0; c < COLS; c++)
+        x[c] = HALVES ? LOAD_HALVES512((const uint16_t*)v + at + 16 * c)
+                      : _mm512_load_ps((const float*)v + at + 16 * c);
+      for (int i = 0; i < NQ; i++) {
+        const __m512 p = _mm512_set1_ps(s[i * KEY_TILE + j]);
+        for (int c = 0; c < COLS; c++) e[i][c] = _mm512_fmadd_ps(p, x[c], e[i][c]);
+      }
+    }
+    for (int i = 0; i < NQ; i++)
+      for (int c = 0; c < COLS; c++) _mm512_storeu_ps(r.y + i * D + d + 16 * c, e[i][c]);
+  }
+}
+
 /* tile_f32_n in 16 lanes (AVX-512), the softmax in registers: a query's 64 scores stay in 4 registers for their
  * maximum and exponentials (keys past n masked off), which are stored once for the values. */
 AVX512 static inline __attribute__((always_inline)) void tile_f32_512_n(const float* q, const int NQ, const float* kt,
@@ -358,21 +385,7 @@ AVX512 static inline __attribute__((always_inline)) void tile_f32_512_n(const fl
   key_masks(n, valid);
   __m512 old[4];
   for (int i = 0; i < NQ; i++) old[i] = softmax512(a[i], valid, s + i * KEY_TILE, r.m + i, r.l + i);
-  for (int d = 0; d < D; d += 16 * COLS) {
-    __m512 e[4][4];
-    for (int i = 0; i < NQ; i++)
-      for (int c = 0; c < COLS; c++) e[i][c] = _mm512_mul_ps(_mm512_loadu_ps(r.y + i * D + d + 16 * c), old[i]);
-    for (int j = 0; j < n; j++) {
-      __m512 x[4];
-      for (int c = 0; c < COLS; c++) x[c] = _mm512_load_ps(vf + (size_t)j * D + d + 16 * c);
-      for (int i = 0; i < NQ; i++) {
-        const __m512 p = _mm512_set1_ps(s[i * KEY_TILE + j]);
-        for (int c = 0; c < COLS; c++) e[i][c] = _mm512_fmadd_ps(p, x[c], e[i][c]);
-      }
-    }
-    for (int i = 0; i < NQ; i++)
-      for (int c = 0; c < COLS; c++) _mm512_storeu_ps(r.y + i * D + d + 16 * c, e[i][c]);
-  }
+  values512(s, vf, n, D, NQ, r, old, COLS, 0);
 }
 
 /* D is 32, 64, 96 or 128 here (BLOCK_HEAD_DIM): columns 4 or 2 registers at a time */
@@ -389,8 +402,6 @@ AVX512 static void tile_f32_avx512(const float* q, int nq, const float* kt, cons
   }
 }
 
-#define LOAD_HALVES512(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p))) /* 16 floats from 16 halves */
-
 /* [sum of a's lanes, b's, c's, d's] */
 AVX512 static inline __m128 sums4_512(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
@@ -398,11 +409,12 @@ AVX512 static inline __m128 sums4_512(__m512 a, __m512 b, __m512 c, __m512 d) {
   __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD)); /* a b c d by 128 */
   x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));
   x = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1)); /* each 128-bit lane's sum in all its 4 floats */
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), x));
+  const __m512i firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, x));
 }
 
 /* tile_avx2_n in 16 lanes (AVX-512), D a multiple of 64: scores 4 keys at a time (4 * NQ FMA chains of D / 16, reduced
- * together), the softmax in registers (softmax512), values 64 columns at a time (4 * NQ chains). */
+ * together), the softmax in registers (softmax512), values 64 columns at a time (values512: 4 * NQ chains). */
 AVX512 static inline __attribute__((always_inline)) void tile512_n(const float* q, const int NQ, const uint16_t* k,
                                                                   const uint16_t* v, int n, int D, float* s,
                                                                   Running r, int first) {
@@ -437,21 +449,7 @@ AVX512 static inline __attribute__((always_inline)) void tile512_n(const float* 
     for (int c = 0; c < 4; c++) x[c] = _mm512_maskz_loadu_ps(valid[c], s + i * KEY_TILE + 16 * c);
     old[i] = softmax512(x, valid, s + i * KEY_TILE, r.m + i, r.l + i);
   }
-  for (int d = 0; d < D; d += 64) {
-    __m512 e[4][4];
-    for (int i = 0; i < NQ; i++)
-      for (int c = 0; c < 4; c++) e[i][c] = _mm512_mul_ps(_mm512_loadu_ps(r.y + i * D + d + 16 * c), old[i]);
-    for (j = 0; j < n; j++) {
-      __m512 x[4];
-      for (int c = 0; c < 4; c++) x[c] = LOAD_HALVES512(v + (size_t)j * D + d + 16 * c);
-      for (int i = 0; i < NQ; i++) {
-        const __m512 p = _mm512_set1_ps(s[i * KEY_TILE + j]);
-        for (int c = 0; c < 4; c++) e[i][c] = _mm512_fmadd_ps(p, x[c], e[i][c]);
-      }
-    }
-    for (int i = 0; i < NQ; i++)
-      for (int c = 0; c < 4; c++) _mm512_storeu_ps(r.y + i * D + d + 16 * c, e[i][c]);
-  }
+  values512(s, v, n, D, NQ, r, old, 4, 1);
 }
 
 /* tile_avx2 in 16 lanes where D is a multiple of 64 (decode steps, and prompt rows that take no block) */
