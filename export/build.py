@@ -316,6 +316,8 @@ def _write(
             "groups": weights.groups,
             "accuracy_level": accuracy_level,
             "cpu_kernels": "splitllm" if own_kernels else "onnxruntime",
+            # MatMulQ4_1 / MatMulQ8_0's d and m: [N, K/32] (before 2026-12-07 padded to a multiple of 8 blocks)
+            **({"block_scales": "K/32 a row"} if own_kernels else {}),
         },
         tokenizer={
             "file": "tokenizer.json",

@@ -137,20 +137,17 @@ def block_sum_rows(k: int, block_size: int) -> NBitsWeight:
     return NBitsWeight(4, block_size, _pack(codes, 4), np.ones((blocks, blocks), np.float32))
 
 
-def _pad_blocks(per_block: np.ndarray) -> np.ndarray:
-    """[N, K/32] block values zero-padded to a multiple of 8 blocks: our kernels read them 8 at a time."""
-    return np.pad(per_block, ((0, 0), (0, -per_block.shape[1] % 8)))
-
-
 @dataclass(frozen=True)
 class Q4_1Blocks:
     """A [N, K] weight in the layout of splitllm's MatMulQ4_1 op (services/stage/cpu_kernels.c), GGUF's Q4_1:
     W[n, 32b + j] = d[n, b] * code + m[n, b], code j < 16 in the low nibble of qs[n, 16b + j], j >= 16 in the high
-    nibble of qs[n, 16b + j - 16]; d and m float16, zero-padded to a multiple of 8 blocks."""
+    nibble of qs[n, 16b + j - 16]; d and m float16 (GGUF's 20 bytes a block of 32: the kernels also take d and m
+    zero-padded to a multiple of 8 blocks, as artifacts exported before 2026-12-07 have them, 6 % more bytes at
+    K = 576)."""
 
     qs: np.ndarray  # uint8 [N, K/2]
-    d: np.ndarray  # float16 [N, nbp]
-    m: np.ndarray  # float16 [N, nbp]
+    d: np.ndarray  # float16 [N, K/32]
+    m: np.ndarray  # float16 [N, K/32]
 
 
 def q4_1_blocks(w: NBitsWeight) -> Q4_1Blocks | None:
@@ -167,17 +164,17 @@ def q4_1_blocks(w: NBitsWeight) -> Q4_1Blocks | None:
         return None
     codes = _unpack(w.packed, 4).reshape(n, nb, 32)
     qs = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8).reshape(n, k // 2)
-    return Q4_1Blocks(qs, _pad_blocks(d16), _pad_blocks(m16))
+    return Q4_1Blocks(qs, d16, m16)
 
 
 @dataclass(frozen=True)
 class Q8_0Blocks:
     """A [N, K] weight in the layout of splitllm's MatMulQ8_0 op, GGUF's Q8_0: W[n, 32b + j] = d[n, b] * q[n, b, j].
     q int8 in pairs of blocks: the first halves of blocks 2p and 2p+1, then their second halves (an odd count of
-    blocks ends with a zero block); d float16, zero-padded to a multiple of 8 blocks."""
+    blocks ends with a zero block); d float16."""
 
     qs: np.ndarray  # int8 [N, 64 * ceil(K/64)]
-    d: np.ndarray  # float16 [N, nbp]
+    d: np.ndarray  # float16 [N, K/32]
 
 
 def is_q8_0(w: NBitsWeight) -> bool:
@@ -199,7 +196,7 @@ def q8_0_blocks(w: NBitsWeight) -> Q8_0Blocks | None:
         q = np.concatenate([q, np.zeros((n, 1, 32), np.int8)], axis=1)
     pairs = q.reshape(n, -1, 2, 2, 16)  # [n, pair, block in pair, half, 16]
     qs = np.ascontiguousarray(pairs.transpose(0, 1, 3, 2, 4)).reshape(n, -1)
-    return Q8_0Blocks(qs, _pad_blocks(w.scales.astype(np.float16)))
+    return Q8_0Blocks(qs, w.scales.astype(np.float16))
 
 
 def concat_rows(ws: list[NBitsWeight]) -> NBitsWeight | None:

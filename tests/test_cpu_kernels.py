@@ -35,12 +35,16 @@ def q8_0_weight(rng: np.random.Generator, n: int, k: int) -> NBitsWeight:
     return NBitsWeight(8, 32, q.view(np.uint8) ^ np.uint8(0x80), d)
 
 
-def session(w: NBitsWeight, threads: int = 2, swiglu: bool = False) -> ort.InferenceSession:
+def session(w: NBitsWeight, threads: int = 2, swiglu: bool = False, padded: bool = False) -> ort.InferenceSession:
+    """`padded`: d and m zero-padded to a multiple of 8 blocks, as artifacts exported before 2026-12-07 hold them."""
     n, k = w.shape
     blocks = q4_1_blocks(w) if w.bits == 4 else q8_0_blocks(w)
     assert blocks is not None
     names = ("qs", "d", "m") if w.bits == 4 else ("qs", "d")
-    inits = [numpy_helper.from_array(getattr(blocks, f), f) for f in names]
+    arrays = {f: getattr(blocks, f) for f in names}
+    if padded:
+        arrays.update({f: np.pad(arrays[f], ((0, 0), (0, -arrays[f].shape[1] % 8))) for f in names[1:]})
+    inits = [numpy_helper.from_array(a, f) for f, a in arrays.items()]
     op = "MatMulQ4_1" if w.bits == 4 else "MatMulQ8_0"
     attrs = {"K": k, "N": n, **({"swiglu": 1} if swiglu else {})}
     node = helper.make_node(op, ["a", *names], ["y"], domain="ai.splitllm", **attrs)
@@ -69,19 +73,18 @@ def reference(w: NBitsWeight, a: np.ndarray) -> np.ndarray:
 def test_q4_1_blocks_hold_the_weight_exactly():
     w = q4_1_weight(np.random.default_rng(0), 5, 96)
     b = q4_1_blocks(w)
-    assert b is not None and b.qs.shape == (5, 48) and b.d.shape == b.m.shape == (5, 8)
+    assert b is not None and b.qs.shape == (5, 48) and b.d.shape == b.m.shape == (5, 3)
     codes = np.concatenate([b.qs.reshape(5, 3, 16) & 15, b.qs.reshape(5, 3, 16) >> 4], axis=-1)
-    dense = codes * b.d[:, :3, None].astype(np.float32) + b.m[:, :3, None].astype(np.float32)
+    dense = codes * b.d[:, :, None].astype(np.float32) + b.m[:, :, None].astype(np.float32)
     assert np.array_equal(dense.reshape(5, 96), w.dequantize())
-    assert not b.d[:, 3:].any() and not b.m[:, 3:].any()
 
 
 def test_q8_0_blocks_hold_the_weight_exactly_in_pair_order():
     w = q8_0_weight(np.random.default_rng(0), 3, 96)  # 3 blocks: the last pair is padded with a zero block
     b = q8_0_blocks(w)
-    assert b is not None and b.qs.shape == (3, 128) and b.qs.dtype == np.int8 and b.d.shape == (3, 8)
+    assert b is not None and b.qs.shape == (3, 128) and b.qs.dtype == np.int8 and b.d.shape == (3, 3)
     halves = b.qs.reshape(3, 2, 2, 2, 16).transpose(0, 1, 3, 2, 4).reshape(3, 4, 32)  # back to block order
-    assert np.array_equal((halves[:, :3] * b.d[:, :3, None].astype(np.float32)).reshape(3, 96), w.dequantize())
+    assert np.array_equal((halves[:, :3] * b.d[:, :, None].astype(np.float32)).reshape(3, 96), w.dequantize())
     assert not halves[:, 3].any()
     assert q8_0_blocks(q4_1_weight(np.random.default_rng(0), 3, 96)) is None
 
@@ -160,6 +163,48 @@ def test_the_avx512_kernels_give_the_avx2_kernels_bits(tmp_path):
     assert sorted(fast.files) == sorted(avx2.files)
     for name in fast.files:
         assert np.array_equal(fast[name], avx2[name]), name
+
+
+def check_padded_scales_give_the_same_bits() -> None:
+    """d and m padded to a multiple of 8 blocks (older artifacts) or not: the same products, the same bits."""
+    rng = np.random.default_rng(11)
+    for n, k in [(9, 96), (33, 160), (200, 576), (130, 1536)]:
+        for w in (q4_1_weight(rng, n, k), q8_0_weight(rng, n, k)):
+            pairs = [(session(w), session(w, padded=True))]
+            if w.bits == 4 and n % 2 == 0:
+                pairs.append((session(w, swiglu=True), session(w, swiglu=True, padded=True)))
+            for tight, padded in pairs:
+                for rows in (1, 2, 3, 4, 5, 65):
+                    a = rng.normal(0, 1, (rows, k)).astype(np.float32)
+                    y, want = tight.run(None, {"a": a})[0], padded.run(None, {"a": a})[0]
+                    assert np.array_equal(y, want), (w.bits, n, k, rows)
+
+
+@pytest.mark.parametrize("kernels", ["", "avx2", "scalar"])
+def test_scales_padded_or_not_give_the_same_bits(kernels):
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from test_cpu_kernels import check_padded_scales_give_the_same_bits\n"
+        "check_padded_scales_give_the_same_bits()"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SPLITLLM_CPU_KERNELS": kernels}, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_matmul_q4_1_refuses_scales_of_another_width():
+    w = q4_1_weight(np.random.default_rng(3), 16, 96)
+    b = q4_1_blocks(w)
+    assert b is not None
+    op = helper.make_node("MatMulQ4_1", ["a", "qs", "d", "m"], ["y"], domain="ai.splitllm", K=96, N=16)
+    inits = [numpy_helper.from_array(b.qs, "qs"), numpy_helper.from_array(np.pad(b.d, ((0, 0), (0, 1))), "d"),
+             numpy_helper.from_array(np.pad(b.m, ((0, 0), (0, 1))), "m")]
+    graph = helper.make_graph([op], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.splitllm", 1)],
+                              ir_version=10)
+    s = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match=r"weight input 2 is not \[16, 8\] .*d and m: \[N, K/32\] or \[N, 8\]"):
+        s.run(None, {"a": np.ones((1, 96), np.float32)})
 
 
 def test_swiglu_returns_silu_of_the_gate_rows_times_the_up_rows():

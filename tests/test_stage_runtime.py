@@ -177,6 +177,10 @@ def test_a_stage_says_when_its_artifact_should_be_exported_again(smollm2_artifac
     ]
     assert m.kv["attention"] == "ai.splitllm Attention" and m.kv["dtype"] == "float16"
     assert m.kv["bytes_per_token_per_layer"] == 2 * m.model.num_kv_heads * m.model.head_dim * 2
+    padded = dataclasses.replace(m, quantization={k: v for k, v in m.quantization.items() if k != "block_scales"})
+    assert [r.split(" (")[0] for r in export_again(padded, batched=True, kernels="avx2")] == [
+        "the artifact pads its Q4_1 and Q8_0 block scales to 8 blocks a row"
+    ]
     gqa = dataclasses.replace(m, kv={k: v for k, v in m.kv.items() if k != "attention"})
     assert [r.split(" (")[0] for r in export_again(gqa, batched=True, kernels="avx2")] == [
         "the artifact runs GroupQueryAttention"

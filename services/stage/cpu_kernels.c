@@ -1,13 +1,14 @@
 /* splitllm's CPU kernels, an ONNX Runtime custom op library (SessionOptions.register_custom_ops_library).
  *
- * ai.splitllm MatMulQ4_1(A float [..., K], qs uint8 [N, K/2], d float16 [N, nbp], m float16 [N, nbp]) -> Y [..., N]
+ * ai.splitllm MatMulQ4_1(A float [..., K], qs uint8 [N, K/2], d float16 [N, K/32], m float16 [N, K/32]) -> Y [..., N]
  *     Y = A @ W.T with W[n, 32b + j] = d[n, b] * code[n, b, j] + m[n, b]     (GGUF's Q4_1, exactly)
  *     qs holds block b of row n in bytes [16b, 16b + 16): code j < 16 in the low nibble of byte j, code j + 16
- *     in its high nibble (GGUF's order). d and m are zero-padded from K/32 to nbp = a multiple of 8 blocks.
+ *     in its high nibble (GGUF's order). d and m may also be zero-padded to nbp = a multiple of 8 blocks (artifacts
+ *     exported before 2026-12-07 are): 6 % more bytes a row at K = 576, and decode streams its weights.
  *     Attribute swiglu = 1: W stacks a gate and an up projection (N/2 rows each) and Y [..., N/2] = silu(gate) * up,
  *     the MLP's activation in the same pass (three graph nodes fewer a layer).
  *
- * ai.splitllm MatMulQ8_0(A float [..., K], qs int8 [N, 64 * pairs], d float16 [N, nbp]) -> Y [..., N]
+ * ai.splitllm MatMulQ8_0(A float [..., K], qs int8 [N, 64 * pairs], d float16 [N, K/32 or nbp]) -> Y [..., N]
  *     W[n, 32b + j] = d[n, b] * q[n, b, j]                                   (GGUF's Q8_0, exactly)
  *     qs in A's pair order (below): per pair of blocks, the first halves of both blocks, then their second halves;
  *     an odd K / 32 pads the last pair with a zero block. (SmolLM2's tied lm_head: read in place, where MatMulNBits
@@ -37,6 +38,7 @@ typedef struct {
   int K, nb, nbp, pairs; /* pairs: Q8_0's weight rows hold (nb + 1) / 2 pairs of blocks, whatever G */
   int group, groups;     /* G, and the groups of a row: (nb + G - 1) / G */
   size_t stride;         /* bytes per quantized row */
+  int ws;                /* the weights' d (and m) per row: nb, or nbp where they are padded */
 } Layout;
 
 static int a_group = 2; /* G of the kernels this process runs (pick_kernels) */
@@ -51,6 +53,7 @@ static Layout layout(int K) {
   l.groups = (l.nb + l.group - 1) / l.group;
   const size_t blocks = (size_t)l.groups * l.group;
   l.stride = blocks * 32 + (size_t)l.nbp * 8 + blocks * 16;
+  l.ws = l.nbp;
   return l;
 }
 
@@ -116,8 +119,8 @@ static void rows_scalar(const uint8_t* qs, const uint16_t* d, const uint16_t* m,
             dot += w[j] * a[j] + w[32 + j] * a[second + j];
           }
         }
-        acc += half_to_float(d[(size_t)n * l->nbp + b]) * dA[b] * (float)dot;
-        if (q4) acc += half_to_float(m[(size_t)n * l->nbp + b]) * sA[b];
+        acc += half_to_float(d[(size_t)n * l->ws + b]) * dA[b] * (float)dot;
+        if (q4) acc += half_to_float(m[(size_t)n * l->ws + b]) * sA[b];
       }
       y[(size_t)r * ldy + n] = acc;
     }
@@ -184,15 +187,24 @@ enum { PREFETCH_ROWS = 4 };
  * d and (Q4_1: wm not NULL) m; wq, wd and wm are row n's. Always inlined: GCC finds that a call of it changes nothing
  * and drops the call (the one-row kernels ran without prefetches, 1.6-1.9x slower from memory). */
 static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t* wq, const uint16_t* wd,
-                                                                 const uint16_t* wm, size_t row_bytes, size_t nbp,
+                                                                 const uint16_t* wm, size_t row_bytes, size_t ws,
                                                                  int n, int n1, int count) {
   for (int r = 0; r < count; r++)
     if (n + r + PREFETCH_ROWS < n1) {
       const size_t ahead = (size_t)(PREFETCH_ROWS + r) * row_bytes;
       for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char*)(wq + ahead + c), _MM_HINT_T0);
-      _mm_prefetch((const char*)(wd + (PREFETCH_ROWS + r) * nbp), _MM_HINT_T0);
-      if (wm) _mm_prefetch((const char*)(wm + (PREFETCH_ROWS + r) * nbp), _MM_HINT_T0);
+      _mm_prefetch((const char*)(wd + (PREFETCH_ROWS + r) * ws), _MM_HINT_T0);
+      if (wm) _mm_prefetch((const char*)(wm + (PREFETCH_ROWS + r) * ws), _MM_HINT_T0);
     }
+}
+
+/* 8 of a weight row's d (or m) as floats, `left` of them in the row: zeros past its end, as padded scales would be
+ * (the row's last group of fewer than 8 blocks; a plain load would read the next row's, or past the tensor) */
+AVX2 static inline __m256 load_scales(const uint16_t* p, int left) {
+  if (left >= 8) return LOAD_HALVES(p);
+  uint16_t tail[8] = {0};
+  memcpy(tail, p, (size_t)left * sizeof *p);
+  return LOAD_HALVES(tail);
 }
 
 static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
@@ -259,7 +271,7 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
                                      const uint8_t* aq, const Layout* l, float* y, size_t ldy) {                      \
     enum { ROWS = R, Q4 = IS_##KIND };                                                                                \
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);                                         \
-    const int nb = l->nb, nbp = l->nbp;                                                                               \
+    const int nb = l->nb, nbp = l->nbp, ws = l->ws;                                                                   \
     const size_t row_bytes = Q4 ? (size_t)nb * 16 : (size_t)l->pairs * 64;                                           \
     const int8_t* q[R];                                                                                               \
     const float *sA[R], *dAx[R];                                                                                      \
@@ -272,14 +284,14 @@ static const int32_t PAIR_LANES[4][8] __attribute__((aligned(32))) = {
     }                                                                                                                 \
     for (int n = n0; n < n1; n++) {                                                                                   \
       const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                 \
-      const uint16_t* wd = d + (size_t)n * nbp;                                                                       \
-      prefetch_ahead(wq, wd, Q4 ? m + (size_t)n * nbp : NULL, row_bytes, nbp, n, n1, 1);                              \
+      const uint16_t* wd = d + (size_t)n * ws;                                                                        \
+      prefetch_ahead(wq, wd, Q4 ? m + (size_t)n * ws : NULL, row_bytes, ws, n, n1, 1);                                \
       __m256 even[R], odd[R];                                                                                         \
       for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();                                            \
       for (int g = 0; g < nb; g += 8) {                                                                               \
-        __m256 D = LOAD_HALVES(wd + g);                                                                               \
+        __m256 D = load_scales(wd + g, ws - g);                                                                       \
         if (Q4) {                                                                                                     \
-          __m256 M = LOAD_HALVES(m + (size_t)n * nbp + g);                                                            \
+          __m256 M = load_scales(m + (size_t)n * ws + g, ws - g);                                                     \
           for (int r = 0; r < R; r++) odd[r] = _mm256_fmadd_ps(M, _mm256_loadu_ps(sA[r] + g), odd[r]);                \
         }                                                                                                             \
         if (nb - g >= 8) {                                                                                            \
@@ -347,13 +359,13 @@ enum { TWO_ROWS_MAX_BLOCKS = 24 };
 /* what a one-row kernel (one_KIND, one512_KIND) starts with: A's codes q, scales dA and sums sA; weight row n's codes
  * wq, d and m (wd, wm); the next rows asked for */
 #define ONE_ROW_START                                                                                                 \
-  const size_t nb = (size_t)l->nb, nbp = (size_t)l->nbp;                                                              \
+  const size_t nb = (size_t)l->nb, nbp = (size_t)l->nbp, ws = (size_t)l->ws;                                          \
   const size_t row_bytes = Q4 ? nb * 16 : (size_t)l->pairs * 64;                                                      \
   const int8_t* q = (const int8_t*)aq;                                                                                \
   const float *dA = row_scales((uint8_t*)aq, l), *sA = dA + nbp;                                                      \
   const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                     \
-  const uint16_t *wd = d + (size_t)n * nbp, *wm = Q4 ? m + (size_t)n * nbp : NULL;                                    \
-  prefetch_ahead(wq, wd, wm, row_bytes, nbp, n, n1, ROWS)
+  const uint16_t *wd = d + (size_t)n * ws, *wm = Q4 ? m + (size_t)n * ws : NULL;                                      \
+  prefetch_ahead(wq, wd, wm, row_bytes, ws, n, n1, ROWS)
 
 /* NAME: weight rows n0..n1 against one row of A, by ONE (two weight rows at a time while the rows are short) */
 #define DEFINE_ONE_ROWS(TARGET, NAME, ONE)                                                                            \
@@ -388,9 +400,9 @@ enum { TWO_ROWS_MAX_BLOCKS = 24 };
       const int8_t* ag = q + 32 * g;                                                                                  \
       for (int r = 0; r < ROWS; r++) {                                                                                \
         wg[r] = wq + r * row_bytes + g / 2 * PAIR_BYTES;                                                              \
-        DA[r] = _mm256_mul_ps(LOAD_HALVES(wd + r * nbp + g),                                                          \
+        DA[r] = _mm256_mul_ps(load_scales(wd + r * ws + g, (int)(ws - g)),                                            \
                               _mm256_loadu_ps(dA + g));                                                               \
-        if (Q4) odd[r] = _mm256_fmadd_ps(LOAD_HALVES(wm + r * nbp + g),                                               \
+        if (Q4) odd[r] = _mm256_fmadd_ps(load_scales(wm + r * ws + g, (int)(ws - g)),                                 \
                                          _mm256_loadu_ps(sA + g), odd[r]);                                            \
       }                                                                                                               \
       if (g < full) {                                                                                                 \
@@ -497,6 +509,12 @@ AVX512 static inline __m512i negate_where(__m512i a, __mmask64 negative) {
   ACC = _mm512_mask3_fmadd_ps(_mm512_broadcast_f32x8(M), _mm512_broadcast_f32x8(SA), ACC, (__mmask16)0xFF00)
 
 /* the sum of an accumulator's lanes, as the AVX2 kernel sums its even and odd ones */
+/* load_scales by a masked load */
+AVX512 static inline __m256 load_scales512(const uint16_t* p, int left) {
+  if (left >= 8) return LOAD_HALVES(p);
+  return _mm256_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << left) - 1), p));
+}
+
 AVX512 static inline __m128 halves512(__m512 acc) {
   const __m256 s = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
@@ -510,22 +528,22 @@ AVX512 static inline __m128 halves512(__m512 acc) {
                                           const uint8_t* aq, const Layout* l, float* y, size_t ldy) {                 \
     enum { ROWS = R, Q4 = IS_##KIND, QUAD_BYTES = Q4 ? 64 : 128 };                                                    \
     const __m512i low4 = _mm512_set1_epi8(0x0F);                                                                      \
-    const int nb = l->nb, nbp = l->nbp;                                                                               \
+    const int nb = l->nb, nbp = l->nbp, ws = l->ws;                                                                   \
     const size_t row_bytes = Q4 ? (size_t)nb * 16 : (size_t)l->pairs * 64, stride = l->stride;                        \
     const uint8_t* sums = (const uint8_t*)(row_scales((uint8_t*)aq, l) + nbp); /* sA of row 0, then its lanes */      \
     const uint8_t* lanes = sums + 4 * (size_t)nbp;                                                                    \
     (void)low4;                                                                                                       \
     for (int n = n0; n < n1; n++) {                                                                                   \
       const uint8_t* wq = qs + (size_t)n * row_bytes;                                                                 \
-      const uint16_t* wd = d + (size_t)n * nbp;                                                                       \
-      prefetch_ahead(wq, wd, Q4 ? m + (size_t)n * nbp : NULL, row_bytes, nbp, n, n1, 1);                              \
+      const uint16_t* wd = d + (size_t)n * ws;                                                                        \
+      prefetch_ahead(wq, wd, Q4 ? m + (size_t)n * ws : NULL, row_bytes, ws, n, n1, 1);                                \
       __m512 acc[R];                                                                                                  \
       for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                                       \
       for (int g = 0; g < nb; g += 8) {                                                                               \
         const uint8_t *ag = aq + 32 * (size_t)g, *lg = lanes + 16 * (size_t)g, *wg = wq + (size_t)g / 4 * QUAD_BYTES; \
-        const __m512 D = _mm512_castps256_ps512(LOAD_HALVES(wd + g));                                                 \
+        const __m512 D = _mm512_castps256_ps512(load_scales512(wd + g, ws - g));                                      \
         if (Q4) {                                                                                                     \
-          const __m256 M = LOAD_HALVES(m + (size_t)n * nbp + g);                                                      \
+          const __m256 M = load_scales512(m + (size_t)n * ws + g, ws - g);                                            \
           const uint8_t* sg = sums + 4 * (size_t)g;                                                                   \
           for (int r = 0; r < R; r++) M_TERM512(M, _mm256_loadu_ps((const float*)(sg + r * stride)), acc[r]);       \
         }                                                                                                             \
@@ -581,9 +599,9 @@ AVX512 static inline __m128 halves512(__m512 acc) {
       for (int r = 0; r < ROWS; r++) {                                                                                \
         wg[r] = wq + r * row_bytes + g / 4 * QUAD_BYTES;                                                              \
         DA[r] = _mm512_castps256_ps512(_mm256_mul_ps(                                                                 \
-            LOAD_HALVES(wd + r * nbp + g), _mm256_loadu_ps(dA + g)));                                                 \
+            load_scales512(wd + r * ws + g, (int)(ws - g)), _mm256_loadu_ps(dA + g)));                                \
         if (Q4)                                                                                                       \
-          M_TERM512(LOAD_HALVES(wm + r * nbp + g), _mm256_loadu_ps(sA + g),                                           \
+          M_TERM512(load_scales512(wm + r * ws + g, (int)(ws - g)), _mm256_loadu_ps(sA + g),                          \
                     acc[r]);                                                                                          \
       }                                                                                                               \
       GROUP512(ONE_QUAD512, KIND, nb - g);                                                                            \
@@ -716,7 +734,7 @@ static void matmul_task(void* p, size_t i) {
   const size_t row_bytes = (size_t)j->l.nb * 16, half = (size_t)width;
   for (int k = 0; k < 2; k++) {
     const size_t at = n0 + k * half;
-    j->rows(j->qs + at * row_bytes, j->d + at * j->l.nbp, j->m + at * j->l.nbp, 0, n1 - n0, aq, r1 - r0, &j->l,
+    j->rows(j->qs + at * row_bytes, j->d + at * j->l.ws, j->m + at * j->l.ws, 0, n1 - n0, aq, r1 - r0, &j->l,
             k ? up : gate, TILE_ROWS);
   }
   for (int r = 0; r < r1 - r0; r++)
@@ -735,13 +753,16 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
              rank ? (long long)dims[rank - 1] : 0LL, (long long)k->K);
     return error(ORT_INVALID_ARGUMENT, msg);
   }
-  const Layout l = layout((int)k->K);
-  const int64_t expect[3][2] = {{k->N, k->q8 ? 64 * l.pairs : k->K / 2}, {k->N, l.nbp}, {k->N, l.nbp}};
+  Layout l = layout((int)k->K);
+  CHECK(tensor(ctx, 2, &w[1], wdims, &wrank));
+  if (wrank == 2 && wdims[1] == l.nb) l.ws = l.nb; /* else padded to nbp, or refused below */
+  const int64_t expect[3][2] = {{k->N, k->q8 ? 64 * l.pairs : k->K / 2}, {k->N, l.ws}, {k->N, l.ws}};
   for (int i = 0; i < (k->q8 ? 2 : 3); i++) {
     CHECK(tensor(ctx, 1 + i, &w[i], wdims, &wrank));
     if (wrank != 2 || wdims[0] != expect[i][0] || wdims[1] != expect[i][1]) {
-      snprintf(msg, sizeof msg, "%s: weight input %d is not [%lld, %lld] (K = %lld, N = %lld)", k->name, i + 1,
-               (long long)expect[i][0], (long long)expect[i][1], (long long)k->K, (long long)k->N);
+      snprintf(msg, sizeof msg, "%s: weight input %d is not [%lld, %lld] (K = %lld, N = %lld; d%s: [N, K/32] or [N, %d])",
+               k->name, i + 1, (long long)expect[i][0], (long long)expect[i][1], (long long)k->K, (long long)k->N,
+               k->q8 ? "" : " and m", l.nbp);
       return error(ORT_INVALID_ARGUMENT, msg);
     }
   }

@@ -320,6 +320,9 @@ def export_again(manifest: Manifest, batched: bool, kernels: str) -> list[str]:
     ):
         reasons.append("the artifact runs its Q4_1 layers as MatMulNBits and an offset Gemm (exported before "
                        "MatMulQ4_1): export it again for ~30 % faster token steps")
+    if q.get("cpu_kernels") == "splitllm" and "block_scales" not in q:
+        reasons.append("the artifact pads its Q4_1 and Q8_0 block scales to 8 blocks a row (exported before "
+                       "2026-12-07): export it again for ~3 % faster token steps (6 % fewer weight bytes at K = 576)")
     if q.get("cpu_kernels") == "splitllm" and "attention" not in manifest.kv:
         reasons.append("the artifact runs GroupQueryAttention (exported before our Attention op): export it again for "
                        "faster token steps, the more so the longer the context")
