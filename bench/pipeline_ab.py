@@ -3,6 +3,7 @@
 
     python bench/pipeline_ab.py --artifacts artifacts/smollm2-ctx2048            # huge pages off (A) / on (B)
     python bench/pipeline_ab.py --a X=1 --b-python /tmp/vb/bin/python            # this checkout against another
+    python bench/pipeline_ab.py --a X=1 --a-artifacts OLD --b-artifacts NEW      # two exports
     python bench/pipeline_ab.py --b PYTHONMALLOC=malloc --rounds 20
 
 On this project's noisy 2-core hosts a change to the serving path moves TPOT by less than the host moves it
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--a", action="append", default=None,
                     help="NAME=VALUE for side A (default: GLIBC_TUNABLES=glibc.malloc.hugetlb=0, huge pages off)")
     ap.add_argument("--b", action="append", default=None, help="NAME=VALUE for side B (default: none)")
+    ap.add_argument("--a-artifacts", help="side A's artifact directory (default: --artifacts)")
+    ap.add_argument("--b-artifacts", help="side B's artifact directory (default: --artifacts): an export A/B")
     ap.add_argument("--a-python", default=sys.executable)
     ap.add_argument("--b-python", default=sys.executable)
     ap.add_argument("--rounds", type=int, default=10)
@@ -45,9 +48,10 @@ def main() -> None:
     python = {"A": a.a_python, "B": a.b_python}
     prompt = reference_tokens(Path(a.artifacts))[:32]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    args = ["--artifacts", a.artifacts] + (["--spin"] if a.spin else [])
-    kids = {s: Child("pipeline", RESULTS.parent / f"pipeline_ab_{s}.log", *args, python=python[s],
-                     env=environment(pairs)) for s, pairs in sides.items()}
+    artifacts = {"A": a.a_artifacts or a.artifacts, "B": a.b_artifacts or a.artifacts}
+    kids = {s: Child("pipeline", RESULTS.parent / f"pipeline_ab_{s}.log", "--artifacts", artifacts[s],
+                     *(["--spin"] if a.spin else []), python=python[s], env=environment(pairs))
+            for s, pairs in sides.items()}
     samples: dict[str, dict[str, list[float]]] = {s: {"ttft_ms": [], "tpot_ms": []} for s in kids}
     try:
         for k in kids.values():
@@ -63,11 +67,12 @@ def main() -> None:
     finally:
         for k in kids.values():
             k.close()
-    print(f"{a.rounds} rounds; A: {' '.join(sides['A']) or '-'} ({python['A']}); "
-          f"B: {' '.join(sides['B']) or '-'} ({python['B']})")
+    print(f"{a.rounds} rounds; A: {' '.join(sides['A']) or '-'} ({python['A']}, {artifacts['A']}); "
+          f"B: {' '.join(sides['B']) or '-'} ({python['B']}, {artifacts['B']})")
     medians = {name: compare(name, samples["A"][name], samples["B"][name]) for name in ("ttft_ms", "tpot_ms")}
     print(f"  peak RSS A {rss['A']:.0f} MB, B {rss['B']:.0f} MB")
     RESULTS.write_text(json.dumps({"rounds": a.rounds, "tokens": a.tokens, "sides": sides, "python": python,
+                                   "artifacts": artifacts,
                                    "medians": medians, "samples": samples, "peak_rss_mb": rss}, indent=1))
     print(f"wrote {RESULTS}")
 
