@@ -32,12 +32,10 @@ COORDINATOR_METRICS, STAGE_METRICS = 9400, 9401  # stages: 9401, 9402, ...
 # threads with one batch in flight ahead of both.
 STAGE_THREADS = 2
 # With this in a stage's GLIBC_TUNABLES, glibc's malloc backs big blocks with transparent huge pages (THP "madvise"
-# or "always"): ONNX Runtime's prepacked weights, which a decode step streams through, take ~500x fewer TLB entries.
-# Same-run A/B on the Zen 3 host (`python bench/env_ab.py`: two processes taking turns, 12-16 rounds): stage 4's
-# decode step (the 8-bit lm_head) -12 / -13 %, stages 1-3 within the noise; the in-process chain's token -4.7 /
-# -4.9 %, its prompts unchanged; +2-3 MB RSS a stage. Through the pipeline (`python bench/pipeline_ab.py`, 20-24
-# rounds) TPOT -1.2 / -2.9 %, where an A/A run differs by 1.6 %. glibc reads it when a process starts, so it goes in
-# the stage's environment.
+# or "always"). It was for ONNX Runtime's prepacked weights (Zen 3: the chain's token -4.7 %); our kernels now read the
+# weights in place from the mapped file, and what it backs is the heap of ONNX Runtime's runs: on the Zen 5 host
+# (`python bench/pipeline_ab.py`, 12 rounds) TTFT -13.8 % (lower in 9), TPOT +0.0 %, peak RSS +8 MB. glibc reads it
+# when a process starts, so it goes in the stage's environment.
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
