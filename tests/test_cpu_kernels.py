@@ -35,15 +35,15 @@ def q8_0_weight(rng: np.random.Generator, n: int, k: int) -> NBitsWeight:
     return NBitsWeight(8, 32, q.view(np.uint8) ^ np.uint8(0x80), d)
 
 
-def session(w: NBitsWeight, threads: int = 2, swiglu: bool = False, padded: bool = False) -> ort.InferenceSession:
-    """`padded`: d and m zero-padded to a multiple of 8 blocks, as artifacts exported before 2026-12-07 hold them."""
+def session(w: NBitsWeight, threads: int = 2, swiglu: bool = False, pad: int = 0) -> ort.InferenceSession:
+    """`pad`: d and m zero-padded to a multiple of `pad` blocks (8: as artifacts exported before 2026-12-07 have)."""
     n, k = w.shape
     blocks = q4_1_blocks(w) if w.bits == 4 else q8_0_blocks(w)
     assert blocks is not None
     names = ("qs", "d", "m") if w.bits == 4 else ("qs", "d")
     arrays = {f: getattr(blocks, f) for f in names}
-    if padded:
-        arrays.update({f: np.pad(arrays[f], ((0, 0), (0, -arrays[f].shape[1] % 8))) for f in names[1:]})
+    if pad:
+        arrays.update({f: np.pad(arrays[f], ((0, 0), (0, -arrays[f].shape[1] % pad))) for f in names[1:]})
     inits = [numpy_helper.from_array(a, f) for f, a in arrays.items()]
     op = "MatMulQ4_1" if w.bits == 4 else "MatMulQ8_0"
     attrs = {"K": k, "N": n, **({"swiglu": 1} if swiglu else {})}
@@ -117,19 +117,24 @@ def test_matmul_q4_1_matches_its_math(n, k):
     check_against_reference(n, k)
 
 
+def with_kernels(kernels: str, code: str) -> str:
+    """Runs `code` in a process whose library runs `kernels` (SPLITLLM_CPU_KERNELS; the library picks its kernels once
+    per process); returns what it printed."""
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SPLITLLM_CPU_KERNELS": kernels}, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
 def test_the_portable_kernels_match_it_too():
-    """The scalar path (CPUs without AVX2). The library picks its kernels once per process, so in a process of its
-    own; it reports which it picked."""
+    """The scalar path (CPUs without AVX2), in a process of its own; it reports which kernels it picked."""
     code = (
         "import sys; sys.path.insert(0, 'tests'); from test_cpu_kernels import SHAPES, check_against_reference\n"
         "from splitllm.services.stage.cpu_kernels import kernels\n"
         "for n, k in SHAPES: check_against_reference(n, k)\n"
         "print(kernels())"
     )
-    env = {**os.environ, "SPLITLLM_CPU_KERNELS": "scalar"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split() == ["scalar"]
+    assert with_kernels("scalar", code).split() == ["scalar"]
 
 
 def outputs_of(kernels: str, path: Path) -> str:
@@ -147,10 +152,7 @@ def outputs_of(kernels: str, path: Path) -> str:
         "            out[f'{w.bits}-{n}-{k}-{rows}'] = s.run(None, {'a': a})[0]\n"
         f"np.savez({str(path)!r}, **out); print(kernels())"
     )
-    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SPLITLLM_CPU_KERNELS": kernels}, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout.strip()
+    return with_kernels(kernels, code).strip()
 
 
 def test_the_avx512_kernels_give_the_avx2_kernels_bits(tmp_path):
@@ -170,9 +172,9 @@ def check_padded_scales_give_the_same_bits() -> None:
     rng = np.random.default_rng(11)
     for n, k in [(9, 96), (33, 160), (200, 576), (130, 1536)]:
         for w in (q4_1_weight(rng, n, k), q8_0_weight(rng, n, k)):
-            pairs = [(session(w), session(w, padded=True))]
+            pairs = [(session(w), session(w, pad=8))]
             if w.bits == 4 and n % 2 == 0:
-                pairs.append((session(w, swiglu=True), session(w, swiglu=True, padded=True)))
+                pairs.append((session(w, swiglu=True), session(w, swiglu=True, pad=8)))
             for tight, padded in pairs:
                 for rows in (1, 2, 3, 4, 5, 65):
                     a = rng.normal(0, 1, (rows, k)).astype(np.float32)
@@ -182,27 +184,13 @@ def check_padded_scales_give_the_same_bits() -> None:
 
 @pytest.mark.parametrize("kernels", ["", "avx2", "scalar"])
 def test_scales_padded_or_not_give_the_same_bits(kernels):
-    code = (
-        "import sys; sys.path.insert(0, 'tests'); from test_cpu_kernels import check_padded_scales_give_the_same_bits\n"
-        "check_padded_scales_give_the_same_bits()"
-    )
-    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SPLITLLM_CPU_KERNELS": kernels}, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    with_kernels(kernels, "import sys; sys.path.insert(0, 'tests')\n"
+                 "from test_cpu_kernels import check_padded_scales_give_the_same_bits\n"
+                 "check_padded_scales_give_the_same_bits()")
 
 
 def test_matmul_q4_1_refuses_scales_of_another_width():
-    w = q4_1_weight(np.random.default_rng(3), 16, 96)
-    b = q4_1_blocks(w)
-    assert b is not None
-    op = helper.make_node("MatMulQ4_1", ["a", "qs", "d", "m"], ["y"], domain="ai.splitllm", K=96, N=16)
-    inits = [numpy_helper.from_array(b.qs, "qs"), numpy_helper.from_array(np.pad(b.d, ((0, 0), (0, 1))), "d"),
-             numpy_helper.from_array(np.pad(b.m, ((0, 0), (0, 1))), "m")]
-    graph = helper.make_graph([op], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.splitllm", 1)],
-                              ir_version=10)
-    s = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    s = session(q4_1_weight(np.random.default_rng(3), 16, 96), pad=4)  # 3 blocks a row, d and m of 4: neither shape
     with pytest.raises(Exception, match=r"weight input 2 is not \[16, 8\] .*d and m: \[N, K/32\] or \[N, 8\]"):
         s.run(None, {"a": np.ones((1, 96), np.float32)})
 

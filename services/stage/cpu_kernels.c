@@ -508,13 +508,14 @@ AVX512 static inline __m512i negate_where(__m512i a, __mmask64 negative) {
 #define M_TERM512(M, SA, ACC)                                                                                         \
   ACC = _mm512_mask3_fmadd_ps(_mm512_broadcast_f32x8(M), _mm512_broadcast_f32x8(SA), ACC, (__mmask16)0xFF00)
 
-/* the sum of an accumulator's lanes, as the AVX2 kernel sums its even and odd ones */
-/* load_scales by a masked load */
+/* load_scales by a masked load: the several-row kernel takes a row's last group per weight row, and its zeroed copy
+ * made a 128-row product 8.9 % slower (`bench/kernel_ab.py --rows 1,32,128`, 24 rounds; one row within the noise) */
 AVX512 static inline __m256 load_scales512(const uint16_t* p, int left) {
   if (left >= 8) return LOAD_HALVES(p);
   return _mm256_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << left) - 1), p));
 }
 
+/* the sum of an accumulator's lanes, as the AVX2 kernel sums its even and odd ones */
 AVX512 static inline __m128 halves512(__m512 acc) {
   const __m256 s = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
