@@ -13,8 +13,8 @@ whose order alternates, each answers a 32-token prompt with max_tokens=1 (TTFT a
 generates --tokens greedy tokens after it (TPOT). Each side has its own environment (this process's plus
 NAME=VALUE pairs, repeatable; the stages get it through the launcher) and may run another interpreter
 (--a-python / --b-python: a venv whose editable install is another checkout, for a same-run code A/B).
-Prints each side's medians, in how many rounds B's figure was the lower, and each side's peak RSS; writes
-bench/results/pipeline_ab.json. Figures, never pass/fail.
+Prints each side's medians, the median of the rounds' B/A ratios, in how many rounds B's figure was the lower,
+and each side's peak RSS; writes bench/results/pipeline_ab.json. Figures, never pass/fail.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def test_one_row_steps_between_prompts_in_one_slot_match_a_fresh_stage(tiny_arti
 
 
 def test_a_pinned_stage_runs_its_graph_on_its_first_cpu_and_its_workers_on_the_next(tiny_artifacts):
-    """cpus: the thread that runs the graph is pinned on its first run (a gRPC handler thread in a stage), ONNX
+    """cpus: the thread that runs the graph is pinned on its first run (a stage's event loop or prompt worker), ONNX
     Runtime's worker to the second CPU; the results are the unpinned stage's."""
     import os
     import threading

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import sys
 import threading
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health
+from grpc_health.v1.health import aio as health_aio
 
 from splitllm.bench.runtimes import free_port_block
 from splitllm.protos import stage_pb2, stage_pb2_grpc
@@ -19,10 +20,34 @@ from splitllm.services.common.errors import ServiceError
 from splitllm.services.common.grpc_util import CHANNEL_OPTIONS
 from splitllm.services.common.manifest import load_manifest
 from splitllm.services.common.streams import OutStream, Subscribers, after_sent
+from splitllm.services.common.tensor import to_proto
 from splitllm.services.coordinator import remote as remote_module
 from splitllm.services.coordinator.remote import RemotePipeline, _Pending
 from splitllm.services.stage.runtime import StageRuntime
-from splitllm.services.stage.server import StageServicer, serve_stage
+from splitllm.services.stage.server import LOOP_STALL, StageServicer, serve_stage
+
+
+class LoopThread:
+    """An event loop in a thread of its own, where the tests' stage servers (grpc.aio) run."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="stage-servers", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def serve(self, servicer: StageServicer, listen: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
+        return self.run(serve_stage(servicer, listen, health_aio.HealthServicer(), ttl=60))
+
+    def stop(self, server: grpc.aio.Server) -> None:
+        self.run(server.stop(None))
+
+
+@pytest.fixture(scope="module")
+def stages() -> LoopThread:
+    return LoopThread()
 
 
 def dead_address() -> str:
@@ -50,22 +75,22 @@ def feeding_threads() -> int:
     return sum(inside(f) for f in sys._current_frames().values())
 
 
-def test_out_stream_breaks_each_time_its_receiver_is_gone_without_blocking_or_leaking_threads():
+def test_out_stream_breaks_each_time_its_receiver_is_gone_without_blocking_or_leaking_threads(stages):
     """The receiver stops (three times) while the stream is open; then later sends each try a new call. Once
     the channel has failed, a new call fails at once and gRPC runs the done-callback inside send(): this used
     to deadlock on the stream's lock (found as a wedged stage after its neighbour restarted)."""
-    server, port = serve_stage(StageServicer(None), "127.0.0.1:0", health.HealthServicer(), ttl=60)
+    server, port = stages.serve(StageServicer(None))
     addr = f"127.0.0.1:{port}"
     breaks: queue.SimpleQueue = queue.SimpleQueue()
     with grpc.insecure_channel(addr, CHANNEL_OPTIONS) as ch:
         out = OutStream(stage_pb2_grpc.StageStub(ch), addr, on_break=lambda a, _: breaks.put(a))
         for step in range(1, 4):
             if step > 1:
-                server, _ = serve_stage(StageServicer(None), addr, health.HealthServicer(), ttl=60)
+                server, _ = stages.serve(StageServicer(None), addr)
             grpc.channel_ready_future(ch).result(timeout=10)  # else the call may fail on the last backoff
             out.send(stage_pb2.ForwardRequest(step_id=step))  # a live call (the loading stage fails the step)
             assert settle(lambda: feeding_threads() == 1), feeding_threads()  # gRPC's thread waits for requests
-            server.stop(None)
+            stages.stop(server)
             assert breaks.get(timeout=10) == addr
         for step in range(4, 12):
             sender = threading.Thread(target=out.send, args=(stage_pb2.ForwardRequest(step_id=step),), daemon=True)
@@ -77,21 +102,21 @@ def test_out_stream_breaks_each_time_its_receiver_is_gone_without_blocking_or_le
 
 
 @pytest.fixture
-def loading_stages(smollm2_artifacts):
+def loading_stages(smollm2_artifacts, stages):
     """The default model's four stage servers while they load (no runtime yet): Results streams work."""
     manifest, _ = load_manifest(smollm2_artifacts, verify=[])
-    stages = []
+    servers = []
     for _ in range(manifest.num_stages):
         servicer = StageServicer(None)
-        server, port = serve_stage(servicer, "127.0.0.1:0", health.HealthServicer(), ttl=60)
-        stages.append((servicer, server, f"127.0.0.1:{port}"))
-    yield [(servicer, addr) for servicer, _, addr in stages]
-    for _, server, _ in stages:
-        server.stop(None)
+        server, port = stages.serve(servicer)
+        servers.append((servicer, server, f"127.0.0.1:{port}"))
+    yield [(servicer, addr) for servicer, _, addr in servers]
+    for _, server, _ in servers:
+        stages.stop(server)
 
 
 def test_a_broken_stream_between_stages_fails_the_steps_of_the_coordinators_that_used_it(
-        smollm2_artifacts, loading_stages):
+        smollm2_artifacts, loading_stages, stages):
     """Steps sent on a stream that broke may be lost anywhere downstream, with every stage still alive: the
     stage tells the coordinators whose steps went on it (step_id 0 with a code), and they fail their steps
     in flight at once. A coordinator that sent nothing on that stream keeps its steps."""
@@ -106,8 +131,8 @@ def test_a_broken_stream_between_stages_fails_the_steps_of_the_coordinators_that
         with bystander.cv:
             bystander.pending[7] = {"s": other}
         lost = dead_address()
-        loading_stages[1][0].downstream.stream(lost, None).send(
-            stage_pb2.ForwardRequest(step_id=7, reply_to=sender.subscriber_id))
+        stages.run(loading_stages[1][0].downstream.send(
+            lost, stage_pb2.ForwardRequest(step_id=7, reply_to=sender.subscriber_id)))
         assert in_flight.event.wait(10)
         assert in_flight.error is not None and in_flight.error.code == grpc.StatusCode.UNAVAILABLE
         assert addrs[1] in in_flight.error.message and lost in in_flight.error.message
@@ -119,7 +144,7 @@ def test_a_broken_stream_between_stages_fails_the_steps_of_the_coordinators_that
 
 
 @pytest.fixture
-def tiny_remote(tiny_artifacts):
+def tiny_remote(tiny_artifacts, stages):
     """The tiny model's two stages serving on loopback, a RemotePipeline over them, and each stage's batches
     (the session ids of every forward_many call)."""
     manifest, sha = load_manifest(tiny_artifacts, verify=[])
@@ -133,7 +158,7 @@ def tiny_remote(tiny_artifacts):
             return run(entries)
 
         rt.forward_many = spy
-        server, port = serve_stage(StageServicer(rt), "127.0.0.1:0", health.HealthServicer(), ttl=60)
+        server, port = stages.serve(StageServicer(rt))
         servers.append(server)
         addrs.append(f"127.0.0.1:{port}")
         calls.append(seen)
@@ -142,7 +167,7 @@ def tiny_remote(tiny_artifacts):
     yield remote, calls
     remote.close()
     for server in servers:
-        server.stop(None)
+        stages.stop(server)
 
 
 def test_a_group_goes_out_as_one_batch_and_a_bad_entry_fails_alone(tiny_remote):
@@ -274,20 +299,56 @@ def test_a_last_step_frees_its_session_on_every_stage_and_release_then_calls_non
     assert done.wait(10) and released == ["failed", "failed"] and in_use() == [0, 0]
 
 
+def test_a_prompt_step_runs_on_the_event_loop_unless_it_would_hold_it_for_long(tiny_artifacts):
+    """Token steps and prompt steps expected to take less than LOOP_STALL (at the last prompt step's speed a row)
+    run on the loop's thread; the first prompt step and longer ones run in the prompt worker, so that the loop
+    goes on answering health checks meanwhile."""
+    rt = StageRuntime(tiny_artifacts, 0, kv_capacity=4, threads=1)
+    ran_in: list[str] = []
+    run = rt.forward_many
+    rt.forward_many = lambda entries: ran_in.append(threading.current_thread().name) or run(entries)
+    servicer = StageServicer(rt)
+
+    def step(session_id: str, position: int, tokens: list[int]) -> stage_pb2.ForwardRequest:
+        request = stage_pb2.ForwardRequest(route=["127.0.0.1:1"], step_id=1)
+        entry = request.entries.add(session_id=session_id, position=position, num_tokens=len(tokens))
+        to_proto(np.array(tokens, np.int32), entry.input)
+        return request
+
+    async def steps() -> None:
+        for request, row_seconds in ((step("a", 0, [1, 2, 3]), None), (step("a", 3, [4]), None),
+                                     (step("b", 0, [1, 2, 3, 4]), None),
+                                     (step("c", 0, [1, 2, 3, 4]), LOOP_STALL / 4),
+                                     (step("d", 0, [1, 2, 3]), LOOP_STALL / 4)):
+            if row_seconds is not None:  # as if the last prompt step had run at that speed
+                servicer.row_seconds = row_seconds
+            answer, onward, _ = await servicer._run(request)
+            assert answer is None and len(onward.entries) == 1
+
+    asyncio.run(steps())
+    loop, worker = threading.current_thread().name, "prompt-steps_0"
+    assert ran_in == [worker, loop, loop, worker, loop]
+
+
 def test_work_after_a_message_runs_once_it_is_sent_or_the_stream_ends():
-    """AFTER_SENT (streams.py): a stage's metrics and the freeing of finished sessions run in the sending thread
-    once gRPC asks for the next message (the previous one is sent), and still run when the stream ends first."""
+    """AFTER_SENT (streams.py): a stage's metrics and the freeing of finished sessions run once gRPC resumes the
+    Results stream after sending the message (or, on the coordinator's stream to stage 1, asks for the next one),
+    and still run when the stream ends first."""
     ran: list[int] = []
-    subs = Subscribers()
-    results = subs.stream("coordinator", SimpleNamespace(is_active=lambda: True))
-    assert next(results).step_id == 0
-    for step in (1, 2):
-        subs.push("coordinator", stage_pb2.ForwardResponse(step_id=step), lambda step=step: ran.append(step))
-        assert next(results).step_id == step and ran == list(range(1, step))  # handed to gRPC, not yet sent
-    subs.push("coordinator", stage_pb2.ForwardResponse(step_id=3), lambda: ran.append(3))
-    results.close()  # the call ends: the message in flight and the one queued still run theirs
-    assert ran == [1, 2, 3]
-    assert not subs.push("gone", stage_pb2.ForwardResponse(step_id=4), lambda: ran.append(4)) and ran[-1] == 4
+
+    async def results_stream() -> None:
+        subs = Subscribers()
+        results = subs.stream("coordinator")
+        assert (await anext(results)).step_id == 0
+        for step in (1, 2):
+            subs.push("coordinator", stage_pb2.ForwardResponse(step_id=step), lambda step=step: ran.append(step))
+            assert (await anext(results)).step_id == step and ran == list(range(1, step))  # handed over, not sent
+        subs.push("coordinator", stage_pb2.ForwardResponse(step_id=3), lambda: ran.append(3))
+        await results.aclose()  # the call ends: the message in flight and the one queued still run theirs
+        assert ran == [1, 2, 3] and "coordinator" not in subs.queues
+        assert not subs.push("gone", stage_pb2.ForwardResponse(step_id=4), lambda: ran.append(4)) and ran[-1] == 4
+
+    asyncio.run(results_stream())
 
     ran.clear()
     q: queue.SimpleQueue = queue.SimpleQueue()
@@ -297,27 +358,3 @@ def test_work_after_a_message_runs_once_it_is_sent_or_the_stream_ends():
         assert next(requests).step_id == step and ran == list(range(1, step))
     requests.close()
     assert ran == [1, 2]
-
-
-def test_an_answer_pushed_while_its_stream_closes_still_runs_its_after_work():
-    """A stage pushes an answer while the coordinator's Results stream is closing: close() drains the stream's
-    queue, so the push must not put into it once drained. Here close() is started between push's lookup of the
-    stream and its put, and given 0.2 s: before the fix it drained the empty queue in that time, the answer
-    went into a queue nobody reads, and its after-work (freeing a finished session's KV) never ran."""
-
-    class Racing(dict):
-        def get(self, key, default=None):
-            q = super().get(key, default)
-            if q is not None and closing.ident is None:  # push's lookup (the first): start close()
-                closing.start()
-                closing.join(0.2)
-            return q
-
-    ran: list[str] = []
-    subs = Subscribers()
-    subs.queues = Racing()
-    q = subs.open("coordinator")
-    closing = threading.Thread(target=subs.close, args=("coordinator", q))
-    assert subs.push("coordinator", stage_pb2.ForwardResponse(step_id=7), lambda: ran.append("freed"))
-    closing.join(5)
-    assert ran == ["freed"] and "coordinator" not in subs.queues

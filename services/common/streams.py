@@ -1,16 +1,18 @@
 """Plumbing of the streamed data path (DESIGN.md transport; measured in bench/transport.py).
 
-OutStream: one long-lived ForwardStream call to a receiver, fed from a queue (gRPC's own thread sends).
-Subscribers: the Results streams that coordinators hold open on a stage, by subscriber id.
+OutStream: one long-lived ForwardStream call to a receiver, fed from a queue (gRPC's own thread sends): the
+coordinator's stream to stage 1.
+Subscribers: the Results streams that coordinators hold open on a stage (grpc.aio), by subscriber id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import TypeVar
 
 import grpc
@@ -25,10 +27,9 @@ M = TypeVar("M")
 
 def after_sent(items: Generator[tuple[M, Callable[[], None] | None], None, None]) -> Iterator[M]:
     """AFTER_SENT: the messages of a stream that gRPC's sync API sends, each with the work it leaves for after it
-    has been sent (a stage's metrics, freeing a finished session's KV). That work runs in the sending thread when
-    gRPC asks for the next message, which it does once this one is sent, or when the stream ends with the message
-    in flight. Done by the thread that handed the message over, it held the GIL while gRPC's sending thread waited
-    for it (TTFT trace: the hand-off to gRPC 70 -> 350-430 us)."""
+    has been sent (the coordinator: that a step went out). That work runs in the sending thread when gRPC asks
+    for the next message, which it does once this one is sent, or when the stream ends with the message in flight.
+    A stage's Results streams do the same on its event loop (Subscribers.stream)."""
     after = None
     try:
         for message, after in items:
@@ -100,59 +101,46 @@ class OutStream:
 
 
 class Subscribers:
-    """Results streams by subscriber id: where answers and per-step errors are pushed."""
+    """Results streams by subscriber id, where answers and per-step errors are pushed; on a stage's event loop."""
 
     def __init__(self) -> None:
-        self.queues: dict[str, queue.SimpleQueue] = {}
-        self.lock = threading.Lock()
-
-    def open(self, subscriber_id: str) -> queue.SimpleQueue:
-        q: queue.SimpleQueue = queue.SimpleQueue()
-        with self.lock:
-            self.queues[subscriber_id] = q
-        return q
-
-    def close(self, subscriber_id: str, q: queue.SimpleQueue) -> None:
-        with self.lock:
-            if self.queues.get(subscriber_id) is q:
-                del self.queues[subscriber_id]
-        while True:  # what was pushed and will not be sent still runs its `after`
-            try:
-                _, after = q.get_nowait()
-            except queue.Empty:
-                return
-            if after is not None:
-                after()
+        self.queues: dict[str, asyncio.Queue] = {}
 
     def push(self, subscriber_id: str, response: stage_pb2.ForwardResponse,
              after: Callable[[], None] | None = None) -> bool:
-        """Queue `response` on the subscriber's stream; its thread runs `after` once it is sent (AFTER_SENT), or
+        """Queue `response` on the subscriber's stream, whose writer runs `after` once it is sent (AFTER_SENT), or
         at once when there is no such subscriber."""
-        with self.lock:  # else close() could drain the queue between this lookup and the put, and lose `after`
-            q = self.queues.get(subscriber_id)
-            if q is not None:
-                q.put((response, after))
-                return True
+        q = self.queues.get(subscriber_id)
+        if q is not None:
+            q.put_nowait((response, after))
+            return True
         log.warning("no Results subscriber %r for step %d", subscriber_id, response.step_id)
         if after is not None:
             after()
         return False
 
-    def stream(self, subscriber_id: str, context: grpc.ServicerContext) -> Iterator[stage_pb2.ForwardResponse]:
-        """The body of a Results call: confirm (step_id 0), then forward pushed messages until the peer leaves."""
-        return after_sent(self._pushed(subscriber_id, context))
-
-    def _pushed(self, subscriber_id: str, context: grpc.ServicerContext
-                ) -> Generator[tuple[stage_pb2.ForwardResponse, Callable[[], None] | None], None, None]:
-        q = self.open(subscriber_id)
+    async def stream(self, subscriber_id: str) -> AsyncIterator[stage_pb2.ForwardResponse]:
+        """The body of a Results call: confirm (step_id 0), then the pushed messages until the call ends. gRPC
+        resumes the generator once the last message is sent, which is when that message's `after` runs; when
+        the call ends, the message in flight and those still queued run theirs."""
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues[subscriber_id] = q
+        after = None
         try:
-            yield stage_pb2.ForwardResponse(step_id=0), None
-            while context.is_active():
-                try:
-                    response, after = q.get(timeout=0.5)
-                except queue.Empty:
-                    continue
+            yield stage_pb2.ForwardResponse(step_id=0)
+            while True:
+                response, after = await q.get()
                 trace.event(response.step_id, "answered")
-                yield response, after
+                yield response
+                after, run = None, after
+                if run is not None:
+                    run()
         finally:
-            self.close(subscriber_id, q)
+            if self.queues.get(subscriber_id) is q:
+                del self.queues[subscriber_id]
+            if after is not None:
+                after()
+            while not q.empty():
+                _, after = q.get_nowait()
+                if after is not None:
+                    after()

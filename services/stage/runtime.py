@@ -82,7 +82,8 @@ _pinned = threading.local()
 
 
 def pin_caller(cpu: int) -> None:
-    """Pin the calling thread to `cpu`, once per thread (a stage's graph runs on gRPC's handler threads)."""
+    """Pin the calling thread to `cpu`, once per thread (a stage runs token steps on its event loop's thread and
+    prompt steps in a worker)."""
     if getattr(_pinned, "cpu", None) != cpu:
         os.sched_setaffinity(0, {cpu})
         _pinned.cpu = cpu

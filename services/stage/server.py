@@ -1,25 +1,33 @@
-"""The stage gRPC service: a thin layer over StageRuntime, plus forwarding to the next stage.
+"""The stage gRPC service on grpc.aio: a thin layer over StageRuntime, plus forwarding to the next stage.
 
 Transport (measured in bench/transport.py): long-lived ForwardStream calls. A stage runs each request's
-entries and sends the hidden states on its stream to the next stage of the route; the last stage pushes
+entries and writes the hidden states on its stream to the next stage of the route; the last stage pushes
 the answer (logits or their top-k) to the Results stream that the request's coordinator holds open.
 Forward is the unary form of a step (tests, tools): it calls the next stage and returns its answer.
 Channels and streams to downstream stages are kept open and reused.
+
+One event loop does all of this. A token step runs on the loop's thread and its onward message is written from
+there: gRPC's sync server woke a handler thread and then a sending thread at every hop. A step with a prompt chunk
+(an entry of more than one row) runs there too when the last one says it will take less than LOOP_STALL, else in a
+worker thread, so that the loop goes on answering health checks and Info (an 8B model's chunk takes seconds on a
+CPU).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import NamedTuple
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from splitllm.protos import stage_pb2, stage_pb2_grpc
@@ -29,7 +37,7 @@ from splitllm.services.common.grpc_util import CHANNEL_OPTIONS, SERVER_OPTIONS, 
 from splitllm.services.common.heap import proc_bytes
 from splitllm.services.common.manifest import Manifest
 from splitllm.services.common.metrics import StageMetrics
-from splitllm.services.common.streams import OutStream, Subscribers
+from splitllm.services.common.streams import Subscribers
 from splitllm.services.common.tensor import from_proto, to_proto
 from splitllm.services.common.topk import top_k
 from splitllm.services.stage import cpu_kernels
@@ -37,38 +45,65 @@ from splitllm.services.stage.runtime import Entry, StageRuntime
 
 log = logging.getLogger("splitllm.stage")
 SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
+LOOP_STALL = 0.05  # s: the longest a prompt step is expected to take and still run on the event loop
+Step = tuple["stage_pb2.ForwardResponse | None", "stage_pb2.ForwardRequest | None", "_After"]
 
 
 class Downstream:
-    """Open channels and data streams to next stages, by address."""
+    """Open channels and data streams to next stages, by address; used on the server's event loop only."""
 
     def __init__(self, on_break: Callable[[str, set[str]], None] | None = None) -> None:
+        """`on_break(address, reply_to)`: the stream to `address` ended; reply_to holds its requests' reply_to."""
         self.on_break = on_break
         self.stubs: dict[str, stage_pb2_grpc.StageStub] = {}
-        self.streams: dict[str, OutStream] = {}
-        self.lock = threading.Lock()
-
-    def stream(self, address: str, metrics: StageMetrics | None) -> OutStream:
-        with self.lock:
-            s = self.streams.get(address)
-        if s is None:
-            on_sent = (lambda dt, req: metrics.hop_seconds[step_mode(req)].observe(dt)) if metrics else None
-            s = OutStream(self.stub(address), address, on_sent, self.on_break)
-            with self.lock:
-                s = self.streams.setdefault(address, s)
-        return s
+        self.calls: dict[str, aio.StreamUnaryCall] = {}
+        self.reply_to: dict[str, set[str]] = {}  # of the requests written on each address's current call
+        self.reports: set[asyncio.Task] = set()
 
     def stub(self, address: str) -> stage_pb2_grpc.StageStub:
-        with self.lock:
-            s = self.stubs.get(address)
-            if s is None:
-                s = self.stubs[address] = stage_pb2_grpc.StageStub(grpc.insecure_channel(address, CHANNEL_OPTIONS))
-            return s
+        s = self.stubs.get(address)
+        if s is None:
+            s = self.stubs[address] = stage_pb2_grpc.StageStub(aio.insecure_channel(address, CHANNEL_OPTIONS))
+        return s
+
+    async def send(self, address: str, request: stage_pb2.ForwardRequest) -> None:
+        """Write `request` on the stream to `address` (a new call once the last one ended); returns when gRPC has
+        sent it. A call that ends reports itself (on_break), so a failed write is only logged here."""
+        call = self.calls.get(address)
+        if call is None:
+            call = self.calls[address] = self.stub(address).ForwardStream()
+            self.reply_to[address] = set()
+            call.add_done_callback(partial(self._ended, address))
+        self.reply_to[address].add(request.reply_to)
+        try:
+            await call.write(request)
+        except (grpc.RpcError, asyncio.InvalidStateError) as err:
+            log.debug("step %d to %s not sent: %s", request.step_id, address, err)
+
+    def _ended(self, address: str, call: aio.StreamUnaryCall) -> None:
+        if self.calls.get(address) is not call:
+            return
+        del self.calls[address]
+        task = asyncio.get_running_loop().create_task(self._report(address, call, self.reply_to.pop(address)))
+        self.reports.add(task)
+        task.add_done_callback(self.reports.discard)
+
+    async def _report(self, address: str, call: aio.StreamUnaryCall, reply_to: set[str]) -> None:
+        code = await call.code()
+        if code != grpc.StatusCode.OK:
+            log.warning("stream to %s broke: %s", address, code.name)
+            if self.on_break:
+                self.on_break(address, reply_to)
 
 
 def step_mode(request: stage_pb2.ForwardRequest) -> str:
-    """The metrics label of a step that _step built (num_tokens always set): prompt or token."""
-    return "prompt" if any(e.num_tokens > 1 for e in request.entries) else "token"
+    """The metrics label of a step: prompt (an entry of more than one row) or token."""
+    return "prompt" if any(rows(e) > 1 for e in request.entries) else "token"
+
+
+def rows(entry: stage_pb2.ForwardEntry) -> int:
+    """An entry's rows: num_tokens when set (stages set it; a padded chunk has more), else its input's first dim."""
+    return entry.num_tokens or (entry.input.shape[0] if entry.input.shape else 1)
 
 
 def put_logits(logits: np.ndarray, k: int, out: stage_pb2.EntryResult) -> None:
@@ -79,7 +114,7 @@ def put_logits(logits: np.ndarray, k: int, out: stage_pb2.EntryResult) -> None:
 
 
 class _After(NamedTuple):
-    """What a step leaves for after it has been sent on (_after, run by the sending thread: AFTER_SENT)."""
+    """What a step leaves for after it has been sent on (_after: AFTER_SENT in streams.py)."""
 
     mode: str  # prompt or token, for the metrics
     seconds: float  # the graph runs
@@ -90,13 +125,16 @@ class _After(NamedTuple):
 
 
 class StageServicer(stage_pb2_grpc.StageServicer):
-    """`runtime` is None while the graphs load: calls then fail with UNAVAILABLE."""
+    """`runtime` is None while the graphs load: calls then fail with UNAVAILABLE. Serves on one event loop."""
 
     def __init__(self, runtime: StageRuntime | None, metrics: StageMetrics | None = None) -> None:
         self.runtime = runtime
         self.metrics = metrics
         self.downstream = Downstream(self._stream_broke)
         self.subscribers = Subscribers()
+        self.prompt_worker = ThreadPoolExecutor(1, thread_name_prefix="prompt-steps")
+        self.reaper: asyncio.Task | None = None  # serve_stage's (a task nothing references may be dropped)
+        self.row_seconds = float("inf")  # the last prompt step's compute a row; until there is one, the worker
 
     @property
     def rt(self) -> StageRuntime:
@@ -123,8 +161,14 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             entries.append(Entry(pe.session_id, pe.position, data))
         return entries
 
-    def _step(self, request: stage_pb2.ForwardRequest) -> tuple[stage_pb2.ForwardResponse | None,
-                                                                stage_pb2.ForwardRequest | None, _After]:
+    async def _run(self, request: stage_pb2.ForwardRequest) -> Step:
+        """_step on the loop's thread, or in the prompt worker for a prompt step expected to take LOOP_STALL or
+        more (a handover wakes the worker, then the loop: two thread wake-ups a stage that a short step saves)."""
+        if step_mode(request) == "token" or sum(map(rows, request.entries)) * self.row_seconds < LOOP_STALL:
+            return self._step(request)
+        return await asyncio.get_running_loop().run_in_executor(self.prompt_worker, self._step, request)
+
+    def _step(self, request: stage_pb2.ForwardRequest) -> Step:
         """Run the entries. Returns (answer, onward, after): the answer holds the last stage's results and every
         entry that failed here (None when there are neither); onward is the request for the next stage with the
         entries that ran (None when none did); pass `after` to _after once the step has been sent on. A bad
@@ -138,6 +182,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         outs = [e if isinstance(e, ServiceError) else next(ran) for e in decoded]
         seconds = time.perf_counter() - t0
         trace.event(request.step_id, "ran")
+        if mode == "prompt":
+            self.row_seconds = seconds / sum(e.data.shape[0] for e in entries)
         answer = stage_pb2.ForwardResponse(step_id=request.step_id)
         nxt = None if self.rt.is_last else stage_pb2.ForwardRequest(
             route=request.route[1:], step_id=request.step_id, reply_to=request.reply_to)
@@ -168,17 +214,19 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             m.received_bytes.inc(a.received.ByteSize())  # ByteSize serializes: ~30 us for a prompt chunk
             m.sent_bytes.inc(a.sent.ByteSize())
 
-    def Forward(self, request: stage_pb2.ForwardRequest, context: grpc.ServicerContext) -> stage_pb2.ForwardResponse:
+    async def Forward(self, request: stage_pb2.ForwardRequest,
+                      context: aio.ServicerContext) -> stage_pb2.ForwardResponse:
         """Unary form (tests, tools): runs here, then calls the next stage and returns its answer."""
         try:
-            answer, onward, after = self._step(request)
+            answer, onward, after = await self._run(request)
             self._after(after)
             answer = answer or stage_pb2.ForwardResponse()
             if onward is not None:
                 t1 = time.perf_counter()
-                left = context.time_remaining()  # no deadline reads as a huge number, which gRPC cannot take
+                left = context.time_remaining()  # no deadline: None or a huge number, which gRPC cannot take
                 try:
-                    resp = self.downstream.stub(request.route[0]).Forward(onward, timeout=left if left < 1e6 else None)
+                    resp = await self.downstream.stub(request.route[0]).Forward(
+                        onward, timeout=left if left is not None and left < 1e6 else None)
                 except grpc.RpcError as err:
                     raise self._downstream_error(request.route[0], err) from None
                 if self.metrics:
@@ -186,28 +234,34 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 answer.results.extend(resp.results)
             if all(r.code for r in answer.results):  # every entry failed (each counted once): so does the call
                 first = from_code(answer.results[0].code, answer.results[0].message)
-                context.abort(first.code, first.message)
+                await context.abort(first.code, first.message)
             return answer
         except ServiceError as e:
             if self.metrics:
                 self.metrics.error(e.code)
-            context.abort(e.code, e.message)
+            await context.abort(e.code, e.message)
 
-    def ForwardStream(self, request_iterator, context: grpc.ServicerContext) -> stage_pb2.ForwardStreamSummary:
+    async def ForwardStream(self, request_iterator, context: aio.ServicerContext) -> stage_pb2.ForwardStreamSummary:
         """The data path: each step runs here and goes on to the next stage's stream, or (last stage) to the
         coordinator's Results stream; a failed step or entry is reported there too and the stream goes on."""
         steps = 0
-        for request in request_iterator:
+        async for request in request_iterator:
             steps += 1
             trace.event(request.step_id, "received")
             try:
-                answer, onward, after = self._step(request)
-                done = partial(self._after, after)  # once the step is out (AFTER_SENT in streams.py)
-                if onward is not None:
-                    self.downstream.stream(request.route[0], self.metrics).send(onward, done)
-                if answer is not None:
-                    self.subscribers.push(request.reply_to, answer, None if onward is not None else done)
+                answer, onward, after = await self._run(request)
                 trace.event(request.step_id, "handed_off")
+                if onward is not None:
+                    trace.event(request.step_id, "sent")
+                    t = time.perf_counter()
+                    await self.downstream.send(request.route[0], onward)
+                    if self.metrics:
+                        self.metrics.hop_seconds[after.mode].observe(time.perf_counter() - t)
+                if answer is not None:  # the Results stream's writer runs `after` once it has sent the answer
+                    self.subscribers.push(request.reply_to, answer, None if onward is not None else
+                                          partial(self._after, after))
+                if onward is not None:
+                    self._after(after)
             except ServiceError as e:
                 if self.metrics:
                     self.metrics.error(e.code)
@@ -228,10 +282,11 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         for subscriber in reply_to:
             self.subscribers.push(subscriber, lost)
 
-    def Results(self, request: stage_pb2.ResultsRequest, context: grpc.ServicerContext):
+    async def Results(self, request: stage_pb2.ResultsRequest, context: aio.ServicerContext):
         if not request.subscriber_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subscriber_id is empty")
-        yield from self.subscribers.stream(request.subscriber_id, context)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subscriber_id is empty")
+        async for response in self.subscribers.stream(request.subscriber_id):
+            yield response
 
     def _downstream_error(self, address: str, err: grpc.RpcError) -> ServiceError:
         code = err.code()
@@ -239,14 +294,16 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             return unavailable(f"stage at {address} is unavailable: {err.details()}")
         return ServiceError(code, err.details() or code.name)
 
-    def Release(self, request: stage_pb2.ReleaseRequest, context: grpc.ServicerContext) -> stage_pb2.ReleaseResponse:
+    async def Release(self, request: stage_pb2.ReleaseRequest,
+                      context: aio.ServicerContext) -> stage_pb2.ReleaseResponse:
         if self.runtime is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the stage is still loading its graphs")
-        released = self.rt.release(request.session_id)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the stage is still loading its graphs")
+        # In a thread: the runtime's lock may be held by a prompt step in the worker.
+        released = await asyncio.to_thread(self.rt.release, request.session_id)
         route = list(request.route)
         while route:  # hand the rest of the route to the next stage; skip stages that are down
             try:
-                self.downstream.stub(route[0]).Release(
+                await self.downstream.stub(route[0]).Release(
                     stage_pb2.ReleaseRequest(session_id=request.session_id, route=route[1:]), timeout=5
                 )
                 break
@@ -255,9 +312,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 route = route[1:]
         return stage_pb2.ReleaseResponse(released=released)
 
-    def Info(self, request: stage_pb2.InfoRequest, context: grpc.ServicerContext) -> stage_pb2.StageInfo:
+    async def Info(self, request: stage_pb2.InfoRequest, context: aio.ServicerContext) -> stage_pb2.StageInfo:
         if self.runtime is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the stage is still loading its graphs")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the stage is still loading its graphs")
         rt, kv = self.rt, self.rt.kv
         return stage_pb2.StageInfo(
             stage_index=rt.stage,
@@ -284,10 +341,10 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 self.metrics.sessions_expired.inc()
 
 
-def serve_stage(servicer: StageServicer, listen: str, health_servicer: health.HealthServicer, max_workers: int = 32,
-                ttl: float = 600.0) -> tuple[grpc.Server, int]:
-    """Start the gRPC server (stage service, health, reflection) and the idle-session reaper."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
+async def serve_stage(servicer: StageServicer, listen: str, health_servicer: health_aio.HealthServicer,
+                      ttl: float = 600.0) -> tuple[aio.Server, int]:
+    """Start the gRPC server (stage service, health, reflection) and the idle-session reaper on this loop."""
+    server = aio.server(options=SERVER_OPTIONS)
     stage_pb2_grpc.add_StageServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -296,14 +353,14 @@ def serve_stage(servicer: StageServicer, listen: str, health_servicer: health.He
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
-    server.start()
+    await server.start()
 
-    def reap() -> None:
+    async def reap() -> None:
         while True:
-            time.sleep(min(ttl / 4, 30.0))
-            servicer.expire(ttl)
+            await asyncio.sleep(min(ttl / 4, 30.0))
+            await asyncio.to_thread(servicer.expire, ttl)  # the runtime's lock may be held by a prompt step
 
-    threading.Thread(target=reap, name="kv-reaper", daemon=True).start()
+    servicer.reaper = asyncio.get_running_loop().create_task(reap())
     return server, port
 
 
@@ -342,6 +399,12 @@ def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capaci
         metrics_port: int | None = None, ttl: float = 600.0, threads: int | None = None,
         allow_cpu_fallback: bool = False, spin: bool = False, cpus: tuple[int, ...] = ()) -> None:
     """The `splitllm stage` process: serve (NOT_SERVING while loading), load, serve until SIGTERM/SIGINT."""
+    asyncio.run(_serve(artifacts, stage, listen, backend, kv_capacity, metrics_port, ttl, threads,
+                       allow_cpu_fallback, spin, cpus))
+
+
+async def _serve(artifacts: str, stage: int, listen: str, backend: str, kv_capacity: int, metrics_port: int | None,
+                 ttl: float, threads: int | None, allow_cpu_fallback: bool, spin: bool, cpus: tuple[int, ...]) -> None:
     import signal
 
     from prometheus_client import CollectorRegistry
@@ -349,33 +412,33 @@ def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capaci
     from splitllm.services import __version__
     from splitllm.services.common.metrics import serve_metrics, set_build_info
 
-    health_servicer = health.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     servicer = StageServicer(None)
-    server, port = serve_stage(servicer, listen, health_servicer, ttl=ttl)
+    server, port = await serve_stage(servicer, listen, health_servicer, ttl=ttl)
     registry = CollectorRegistry()
     metrics = StageMetrics(registry, stage=stage, replica=listen)
     http = serve_metrics(registry, metrics_port, listen_host(listen)) if metrics_port is not None else None
-    runtime = StageRuntime(artifacts, stage, backend, kv_capacity, threads, allow_cpu_fallback=allow_cpu_fallback,
-                           spin=spin, cpus=cpus)
+    runtime = await asyncio.to_thread(StageRuntime, artifacts, stage, backend, kv_capacity, threads,
+                                      allow_cpu_fallback=allow_cpu_fallback, spin=spin, cpus=cpus)
     set_build_info(registry, __version__, runtime.manifest_sha256, backend, stage)
     runtime.kv.on_move = metrics.kv_slot_moves.inc
     metrics.watch_kv(runtime.kv)
     servicer.metrics, servicer.runtime = metrics, runtime
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("stage %d (layers %d..%d) serving on %s; %d MB on transparent huge pages; %s CPU kernels; compute %s",
              stage + 1, runtime.first, runtime.last - 1, listen, huge_page_bytes() >> 20, cpu_kernels.kernels(),
              f"pinned to CPUs {','.join(map(str, cpus))}" if cpus and backend == "cpu" else "unpinned")
     if backend == "cpu":
         for warning in export_again(runtime.manifest, runtime.graph.batched, cpu_kernels.kernels()):
             log.warning(warning)
-    stop = threading.Event()
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace=2).wait()
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=2)
     if http:
         http.shutdown()
