@@ -302,11 +302,19 @@ def test_a_last_step_frees_its_session_on_every_stage_and_release_then_calls_non
 def test_a_prompt_step_runs_on_the_event_loop_unless_it_would_hold_it_for_long(tiny_artifacts):
     """Token steps and prompt steps expected to take less than LOOP_STALL (at the last prompt step's speed a row)
     run on the loop's thread; the first prompt step and longer ones run in the prompt worker, so that the loop
-    goes on answering health checks meanwhile."""
-    rt = StageRuntime(tiny_artifacts, 0, kv_capacity=4, threads=1)
+    goes on answering health checks meanwhile, and so do the steps that come while the worker has one."""
+    rt = StageRuntime(tiny_artifacts, 0, kv_capacity=8, threads=1)
     ran_in: list[str] = []
+    gate = threading.Event()
     run = rt.forward_many
-    rt.forward_many = lambda entries: ran_in.append(threading.current_thread().name) or run(entries)
+
+    def spy(entries):
+        ran_in.append(threading.current_thread().name)
+        if entries[0].session_id == "slow":
+            assert gate.wait(10)
+        return run(entries)
+
+    rt.forward_many = spy
     servicer = StageServicer(rt)
 
     def step(session_id: str, position: int, tokens: list[int]) -> stage_pb2.ForwardRequest:
@@ -324,10 +332,18 @@ def test_a_prompt_step_runs_on_the_event_loop_unless_it_would_hold_it_for_long(t
                 servicer.row_seconds = row_seconds
             answer, onward, _ = await servicer._run(request)
             assert answer is None and len(onward.entries) == 1
+        servicer.row_seconds = float("inf")
+        slow = asyncio.ensure_future(servicer._run(step("slow", 0, [1, 2, 3])))
+        await asyncio.sleep(0.1)
+        token = asyncio.ensure_future(servicer._run(step("a", 4, [5])))
+        await asyncio.sleep(0.1)  # the loop is free: the token step waits in the worker's queue, not on the lock
+        assert not token.done() and ran_in[-1] == "prompt-steps_0"
+        gate.set()
+        assert len((await slow)[1].entries) == len((await token)[1].entries) == 1
 
     asyncio.run(steps())
     loop, worker = threading.current_thread().name, "prompt-steps_0"
-    assert ran_in == [worker, loop, loop, worker, loop]
+    assert ran_in == [worker, loop, loop, worker, loop, worker, worker]
 
 
 def test_work_after_a_message_runs_once_it_is_sent_or_the_stream_ends():

@@ -10,7 +10,8 @@ One event loop does all of this. A token step runs on the loop's thread and its 
 there: gRPC's sync server woke a handler thread and then a sending thread at every hop. A step with a prompt chunk
 (an entry of more than one row) runs there too when the last one says it will take less than LOOP_STALL, else in a
 worker thread, so that the loop goes on answering health checks and Info (an 8B model's chunk takes seconds on a
-CPU).
+CPU); while the worker has a step, the steps after it queue there too rather than wait for the runtime's lock on
+the loop.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self.downstream = Downstream(self._stream_broke)
         self.subscribers = Subscribers()
         self.prompt_worker = ThreadPoolExecutor(1, thread_name_prefix="prompt-steps")
+        self.in_worker = 0  # steps handed to the prompt worker and not back yet
         self.reaper: asyncio.Task | None = None  # serve_stage's (a task nothing references may be dropped)
         self.row_seconds = float("inf")  # the last prompt step's compute a row; until there is one, the worker
 
@@ -164,9 +166,14 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     async def _run(self, request: stage_pb2.ForwardRequest) -> Step:
         """_step on the loop's thread, or in the prompt worker for a prompt step expected to take LOOP_STALL or
         more (a handover wakes the worker, then the loop: two thread wake-ups a stage that a short step saves)."""
-        if step_mode(request) == "token" or sum(map(rows, request.entries)) * self.row_seconds < LOOP_STALL:
+        if not self.in_worker and (step_mode(request) == "token"
+                                   or sum(map(rows, request.entries)) * self.row_seconds < LOOP_STALL):
             return self._step(request)
-        return await asyncio.get_running_loop().run_in_executor(self.prompt_worker, self._step, request)
+        self.in_worker += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.prompt_worker, self._step, request)
+        finally:
+            self.in_worker -= 1
 
     def _step(self, request: stage_pb2.ForwardRequest) -> Step:
         """Run the entries. Returns (answer, onward, after): the answer holds the last stage's results and every
@@ -207,7 +214,10 @@ class StageServicer(stage_pb2_grpc.StageServicer):
 
     def _after(self, a: _After) -> None:
         for session_id in a.free:
-            self.rt.release(session_id)
+            if self.in_worker:  # behind the worker's steps: the runtime's lock is theirs meanwhile
+                self.prompt_worker.submit(self.rt.release, session_id)
+            else:
+                self.rt.release(session_id)
         if m := self.metrics:
             m.forward_seconds[a.mode].observe(a.seconds)
             m.batch_size[a.mode].observe(a.entries)
@@ -279,7 +289,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         it fail theirs in flight at once (not after STEP_TIMEOUT), even while every stage is still up."""
         lost = stage_pb2.ForwardResponse(step_id=0, code=grpc.StatusCode.UNAVAILABLE.value[0],
                                          message=f"the data stream to the next stage at {address} broke")
-        for subscriber in reply_to:
+        for subscriber in reply_to & self.subscribers.queues.keys():  # the others have left (the pipeline stops)
             self.subscribers.push(subscriber, lost)
 
     async def Results(self, request: stage_pb2.ResultsRequest, context: aio.ServicerContext):
