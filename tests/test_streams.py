@@ -101,6 +101,25 @@ def test_out_stream_breaks_each_time_its_receiver_is_gone_without_blocking_or_le
         assert settle(lambda: feeding_threads() == 0), f"{feeding_threads()} broken calls' threads are left waiting"
 
 
+def test_a_stopping_stage_ends_its_streams_to_the_next_as_finished_streams(stages):
+    """At shutdown a stage ends its streams to the next stages as a finished stream ends: the next stage's handler
+    returns its summary, and no break is reported (at a pipeline's stop every stage stops at once)."""
+    upstream, downstream = StageServicer(None), StageServicer(None)
+    server, port = stages.serve(downstream)
+    addr, breaks = f"127.0.0.1:{port}", []
+    upstream.downstream.on_break = lambda address, _: breaks.append(address)
+    stages.run(upstream.downstream.send(addr, stage_pb2.ForwardRequest(step_id=1, reply_to="coordinator")))
+    call = upstream.downstream.calls[addr]
+
+    async def summary() -> stage_pb2.ForwardStreamSummary:
+        return await call
+
+    stages.run(upstream.downstream.close())
+    assert stages.run(summary(), timeout=10).steps == 1
+    assert settle(lambda: not upstream.downstream.calls) and not upstream.downstream.reports and breaks == []
+    stages.stop(server)
+
+
 @pytest.fixture
 def loading_stages(smollm2_artifacts, stages):
     """The default model's four stage servers while they load (no runtime yet): Results streams work."""

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from functools import partial
 from typing import NamedTuple
 
@@ -60,6 +61,7 @@ class Downstream:
         self.calls: dict[str, aio.StreamUnaryCall] = {}
         self.reply_to: dict[str, set[str]] = {}  # of the requests written on each address's current call
         self.reports: set[asyncio.Task] = set()
+        self.closing = False
 
     def stub(self, address: str) -> stage_pb2_grpc.StageStub:
         s = self.stubs.get(address)
@@ -81,6 +83,14 @@ class Downstream:
         except (grpc.RpcError, asyncio.InvalidStateError) as err:
             log.debug("step %d to %s not sent: %s", request.step_id, address, err)
 
+    async def close(self) -> None:
+        """At shutdown: end the streams to next stages as a finished stream ends (their handlers return), and
+        report no break from here on: at a pipeline's stop every stage stops at once."""
+        self.closing = True
+        for call in list(self.calls.values()):
+            with suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await call.done_writing()
+
     def _ended(self, address: str, call: aio.StreamUnaryCall) -> None:
         if self.calls.get(address) is not call:
             return
@@ -91,7 +101,7 @@ class Downstream:
 
     async def _report(self, address: str, call: aio.StreamUnaryCall, reply_to: set[str]) -> None:
         code = await call.code()
-        if code != grpc.StatusCode.OK:
+        if code != grpc.StatusCode.OK and not self.closing:
             log.warning("stream to %s broke: %s", address, code.name)
             if self.on_break:
                 self.on_break(address, reply_to)
@@ -449,6 +459,7 @@ async def _serve(artifacts: str, stage: int, listen: str, backend: str, kv_capac
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
+    await servicer.downstream.close()
     await server.stop(grace=2)
     if http:
         http.shutdown()
