@@ -239,6 +239,9 @@ def test_stage_validation_errors_touch_nothing(pipeline):
         tensor_pb2.Tensor(dtype=tensor_pb2.INT32, shape=[3], data=b"\0" * 5)
     )
     expect(inv, lambda: s1.Forward(bad), "entries[0].input", "5 bytes")
+    scalar = stage_pb2.ForwardRequest(route=route)  # no row dimension: the runtime's shape check, not a crash
+    to_proto(np.array(4, np.int32), scalar.entries.add(session_id="x", position=0, num_tokens=1).input)
+    expect(inv, lambda: s1.Forward(scalar), "token ids of shape [n]")
     expect(grpc.StatusCode.NOT_FOUND, lambda: forward(s1, "ghost", 3, ids, route), "ghost")
     r = forward(s1, "keep", 3, np.array([4], np.int32), route)  # still intact, continues at position 3
     assert r.results[0].token_ids.shape == [1]

@@ -76,10 +76,13 @@ def cpu_list(text: str) -> tuple[int, ...]:
 
 
 def cmd_stage(a: argparse.Namespace) -> int:
-    from splitllm.services.stage.server import run
+    import asyncio
 
-    run(a.artifacts, a.stage - 1, a.listen, a.backend, a.kv_capacity, a.metrics_port, a.session_ttl, a.threads,
-        allow_cpu_fallback=a.allow_cpu_fallback, spin=a.spin, cpus=a.cpus)
+    from splitllm.services.stage.server import stage_process
+
+    asyncio.run(stage_process(a.artifacts, a.stage - 1, a.listen, a.backend, a.kv_capacity, a.metrics_port,
+                              a.session_ttl, a.threads, allow_cpu_fallback=a.allow_cpu_fallback, spin=a.spin,
+                              cpus=a.cpus))
     return 0
 
 

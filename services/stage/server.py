@@ -168,7 +168,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             except ServiceError as err:
                 entries.append(err)
                 continue
-            if pe.num_tokens and pe.num_tokens < data.shape[0]:  # padded chunk: only the valid rows run here
+            if pe.num_tokens and data.ndim and pe.num_tokens < data.shape[0]:  # padded chunk: its valid rows run
                 data = data[: pe.num_tokens]
             entries.append(Entry(pe.session_id, pe.position, data))
         return entries
@@ -192,15 +192,17 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         request as a whole raises ServiceError."""
         decoded = self._decode(request)
         entries = [e for e in decoded if isinstance(e, Entry)]
-        mode = "prompt" if any(e.data.shape[0] > 1 for e in entries) else "token"
         trace.event(request.step_id, "run")
         t0 = time.perf_counter()
         ran = iter(self.rt.forward_many(entries))
         outs = [e if isinstance(e, ServiceError) else next(ran) for e in decoded]
         seconds = time.perf_counter() - t0
         trace.event(request.step_id, "ran")
+        # rows of the entries that ran: those passed the runtime's checks (any other may lack a row dimension)
+        rows_ran = [e.data.shape[0] for e, out in zip(decoded, outs, strict=True) if not isinstance(out, ServiceError)]
+        mode = "prompt" if any(n > 1 for n in rows_ran) else "token"
         if mode == "prompt":
-            self.row_seconds = seconds / sum(e.data.shape[0] for e in entries)
+            self.row_seconds = seconds / sum(rows_ran)
         answer = stage_pb2.ForwardResponse(step_id=request.step_id)
         nxt = None if self.rt.is_last else stage_pb2.ForwardRequest(
             route=request.route[1:], step_id=request.step_id, reply_to=request.reply_to)
@@ -250,7 +252,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 except grpc.RpcError as err:
                     raise self._downstream_error(request.route[0], err) from None
                 if self.metrics:
-                    self.metrics.hop_seconds[step_mode(onward)].observe(time.perf_counter() - t1)
+                    self.metrics.hop_seconds[after.mode].observe(time.perf_counter() - t1)
                 answer.results.extend(resp.results)
             if all(r.code for r in answer.results):  # every entry failed (each counted once): so does the call
                 first = from_code(answer.results[0].code, answer.results[0].message)
@@ -415,16 +417,11 @@ def huge_page_bytes(pid: int | str = "self") -> int:
     return proc_bytes(f"/proc/{pid}/smaps_rollup", "AnonHugePages") or 0
 
 
-def run(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capacity: int = 16,
-        metrics_port: int | None = None, ttl: float = 600.0, threads: int | None = None,
-        allow_cpu_fallback: bool = False, spin: bool = False, cpus: tuple[int, ...] = ()) -> None:
-    """The `splitllm stage` process: serve (NOT_SERVING while loading), load, serve until SIGTERM/SIGINT."""
-    asyncio.run(_serve(artifacts, stage, listen, backend, kv_capacity, metrics_port, ttl, threads,
-                       allow_cpu_fallback, spin, cpus))
-
-
-async def _serve(artifacts: str, stage: int, listen: str, backend: str, kv_capacity: int, metrics_port: int | None,
-                 ttl: float, threads: int | None, allow_cpu_fallback: bool, spin: bool, cpus: tuple[int, ...]) -> None:
+async def stage_process(artifacts: str, stage: int, listen: str, backend: str = "cpu", kv_capacity: int = 16,
+                        metrics_port: int | None = None, ttl: float = 600.0, threads: int | None = None,
+                        allow_cpu_fallback: bool = False, spin: bool = False, cpus: tuple[int, ...] = ()) -> None:
+    """The `splitllm stage` process (on its event loop): serve (NOT_SERVING while loading), load, serve until
+    SIGTERM/SIGINT."""
     import signal
 
     from prometheus_client import CollectorRegistry
