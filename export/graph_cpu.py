@@ -16,9 +16,10 @@ every node counts: a decode step runs ~6 nodes per layer at a few microseconds e
 Inputs: input_ids int32 [B, S] (first stage) or hidden_in float32 [B, S, H]; seqlens_k int32 [B]
 (= position + S - 1 per sequence); total_sequence_length int32 [] (the largest; GroupQueryAttention's, unused by
 ours); past_key.{i}/past_value.{i} [B, kv_heads, C, head_dim], float16 for our Attention, float32 for
-GroupQueryAttention (whose float16 cache is ~3x slower on the CPU). Outputs: hidden_out [B, S, H], or logits
-[B, vocab] of each sequence's last row (last stage); present_key.{i}/present_value.{i} (the same buffers as past
-when bound in place). B is 1 for a prompt chunk; B > 1 runs one token of each of B sessions whose KV are
+GroupQueryAttention (whose float16 cache is ~3x slower on the CPU); logit_rows int64 [1] (last stage: how many of
+each sequence's last rows get logits, 1 but for a speculative step's draft tokens). Outputs: hidden_out [B, S, H], or
+logits [B * logit_rows, vocab] (last stage); present_key.{i}/present_value.{i} (the same buffers as past when bound
+in place). B is 1 for a prompt chunk; B > 1 runs one token of each of B sessions whose KV are
 consecutive slots of one buffer (decode batching: the weights are read once for all B tokens).
 """
 
@@ -40,7 +41,7 @@ from splitllm.export.quantize import (
     q8_0_blocks,
     split_rows,
 )
-from splitllm.services.common.manifest import ModelConfig, TensorSpec
+from splitllm.services.common.manifest import LOGIT_ROWS, ModelConfig, TensorSpec
 from splitllm.services.common.rope import cos_sin
 
 MS = "com.microsoft"
@@ -221,6 +222,7 @@ class CpuStageGraph:
             else TensorSpec("hidden_in", "float32", [B, S, H]),
             TensorSpec("seqlens_k", "int32", [B]),
             TensorSpec("total_sequence_length", "int32", []),
+            *([TensorSpec(LOGIT_ROWS, "int64", [1])] if has_lm_head else []),
         ]
         for i in range(first, last):
             ins += [
@@ -242,11 +244,12 @@ class CpuStageGraph:
             on_layer()
         x = b.op("Add", [x, delta])  # every stage holds at least one layer
         x = self.batched(x, H)
-        if has_lm_head:  # logits of each sequence's last row only: slice before the final norm and lm_head
-            x = b.op("Slice", [x, b.const([-1], "start"), b.const([2**62], "end"), b.const([1], "axis")])
+        if has_lm_head:  # logits of each sequence's last logit_rows rows only: slice before the final norm and lm_head
+            start = b.op("Neg", [LOGIT_ROWS])
+            x = b.op("Slice", [x, start, b.const([2**62], "end"), b.const([1], "axis")])
             x = b.op("Reshape", [x, b.const([-1, H], "tokens")])
             y = self.linear(self.norm(x, weight("norm"), "norm"), weight("lm_head"), "lm_head")
-            out = TensorSpec("logits", "float32", [B, c.vocab_size])
+            out = TensorSpec("logits", "float32", ["logit_rows_total", c.vocab_size])
             b.output(y, out.name, out.dtype, out.shape)
         else:
             out = TensorSpec("hidden_out", "float32", [B, S, H])

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitllm.protos import tensor_pb2 as tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bstage.proto\x12\x0bsplitllm.v1\x1a\x0ctensor.proto\"\x1e\n\rLogitsRequest\x12\r\n\x05top_k\x18\x01 \x01(\x05\"\xa9\x01\n\x0c\x46orwardEntry\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\"\n\x05input\x18\x04 \x01(\x0b\x32\x13.splitllm.v1.Tensor\x12*\n\x06logits\x18\x05 \x01(\x0b\x32\x1a.splitllm.v1.LogitsRequest\x12\x0f\n\x07release\x18\x06 \x01(\x08\"n\n\x0e\x46orwardRequest\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.splitllm.v1.ForwardEntry\x12\r\n\x05route\x18\x02 \x03(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x10\n\x08reply_to\x18\x04 \x01(\t\"\x8d\x01\n\x0b\x45ntryResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06logits\x18\x02 \x01(\x0b\x32\x13.splitllm.v1.Tensor\x12&\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.splitllm.v1.Tensor\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"l\n\x0f\x46orwardResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.splitllm.v1.EntryResult\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"\'\n\x0eResultsRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\"%\n\x14\x46orwardStreamSummary\x12\r\n\x05steps\x18\x01 \x01(\x04\"3\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05route\x18\x02 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\xb7\x02\n\tStageInfo\x12\x13\n\x0bstage_index\x18\x01 \x01(\x05\x12\x12\n\nnum_stages\x18\x02 \x01(\x05\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\x05\x12\x12\n\nlast_layer\x18\x04 \x01(\x05\x12\x17\n\x0fmanifest_sha256\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x1c\n\x14kv_capacity_sessions\x18\x07 \x01(\x05\x12\x17\n\x0fsessions_in_use\x18\x08 \x01(\x05\x12\x19\n\x11kv_bytes_capacity\x18\t \x01(\x03\x12\x17\n\x0fkv_bytes_in_use\x18\n \x01(\x03\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\x05\x12\x16\n\x0eprefill_length\x18\x0c \x01(\x05\x12\x13\n\x0bhidden_size\x18\r \x01(\x05\x32\xe8\x02\n\x05Stage\x12\x44\n\x07\x46orward\x12\x1b.splitllm.v1.ForwardRequest\x1a\x1c.splitllm.v1.ForwardResponse\x12Q\n\rForwardStream\x12\x1b.splitllm.v1.ForwardRequest\x1a!.splitllm.v1.ForwardStreamSummary(\x01\x12\x46\n\x07Results\x12\x1b.splitllm.v1.ResultsRequest\x1a\x1c.splitllm.v1.ForwardResponse0\x01\x12\x44\n\x07Release\x12\x1b.splitllm.v1.ReleaseRequest\x1a\x1c.splitllm.v1.ReleaseResponse\x12\x38\n\x04Info\x12\x18.splitllm.v1.InfoRequest\x1a\x16.splitllm.v1.StageInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bstage.proto\x12\x0bsplitllm.v1\x1a\x0ctensor.proto\",\n\rLogitsRequest\x12\r\n\x05top_k\x18\x01 \x01(\x05\x12\x0c\n\x04rows\x18\x02 \x01(\x05\"\xa9\x01\n\x0c\x46orwardEntry\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\"\n\x05input\x18\x04 \x01(\x0b\x32\x13.splitllm.v1.Tensor\x12*\n\x06logits\x18\x05 \x01(\x0b\x32\x1a.splitllm.v1.LogitsRequest\x12\x0f\n\x07release\x18\x06 \x01(\x08\"n\n\x0e\x46orwardRequest\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.splitllm.v1.ForwardEntry\x12\r\n\x05route\x18\x02 \x03(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x10\n\x08reply_to\x18\x04 \x01(\t\"\x8d\x01\n\x0b\x45ntryResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06logits\x18\x02 \x01(\x0b\x32\x13.splitllm.v1.Tensor\x12&\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.splitllm.v1.Tensor\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"l\n\x0f\x46orwardResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.splitllm.v1.EntryResult\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"\'\n\x0eResultsRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\"%\n\x14\x46orwardStreamSummary\x12\r\n\x05steps\x18\x01 \x01(\x04\"3\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05route\x18\x02 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\xb7\x02\n\tStageInfo\x12\x13\n\x0bstage_index\x18\x01 \x01(\x05\x12\x12\n\nnum_stages\x18\x02 \x01(\x05\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\x05\x12\x12\n\nlast_layer\x18\x04 \x01(\x05\x12\x17\n\x0fmanifest_sha256\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x1c\n\x14kv_capacity_sessions\x18\x07 \x01(\x05\x12\x17\n\x0fsessions_in_use\x18\x08 \x01(\x05\x12\x19\n\x11kv_bytes_capacity\x18\t \x01(\x03\x12\x17\n\x0fkv_bytes_in_use\x18\n \x01(\x03\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\x05\x12\x16\n\x0eprefill_length\x18\x0c \x01(\x05\x12\x13\n\x0bhidden_size\x18\r \x01(\x05\x32\xe8\x02\n\x05Stage\x12\x44\n\x07\x46orward\x12\x1b.splitllm.v1.ForwardRequest\x1a\x1c.splitllm.v1.ForwardResponse\x12Q\n\rForwardStream\x12\x1b.splitllm.v1.ForwardRequest\x1a!.splitllm.v1.ForwardStreamSummary(\x01\x12\x46\n\x07Results\x12\x1b.splitllm.v1.ResultsRequest\x1a\x1c.splitllm.v1.ForwardResponse0\x01\x12\x44\n\x07Release\x12\x1b.splitllm.v1.ReleaseRequest\x1a\x1c.splitllm.v1.ReleaseResponse\x12\x38\n\x04Info\x12\x18.splitllm.v1.InfoRequest\x1a\x16.splitllm.v1.StageInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOGITSREQUEST']._serialized_start=42
-  _globals['_LOGITSREQUEST']._serialized_end=72
-  _globals['_FORWARDENTRY']._serialized_start=75
-  _globals['_FORWARDENTRY']._serialized_end=244
-  _globals['_FORWARDREQUEST']._serialized_start=246
-  _globals['_FORWARDREQUEST']._serialized_end=356
-  _globals['_ENTRYRESULT']._serialized_start=359
-  _globals['_ENTRYRESULT']._serialized_end=500
-  _globals['_FORWARDRESPONSE']._serialized_start=502
-  _globals['_FORWARDRESPONSE']._serialized_end=610
-  _globals['_RESULTSREQUEST']._serialized_start=612
-  _globals['_RESULTSREQUEST']._serialized_end=651
-  _globals['_FORWARDSTREAMSUMMARY']._serialized_start=653
-  _globals['_FORWARDSTREAMSUMMARY']._serialized_end=690
-  _globals['_RELEASEREQUEST']._serialized_start=692
-  _globals['_RELEASEREQUEST']._serialized_end=743
-  _globals['_RELEASERESPONSE']._serialized_start=745
-  _globals['_RELEASERESPONSE']._serialized_end=780
-  _globals['_INFOREQUEST']._serialized_start=782
-  _globals['_INFOREQUEST']._serialized_end=795
-  _globals['_STAGEINFO']._serialized_start=798
-  _globals['_STAGEINFO']._serialized_end=1109
-  _globals['_STAGE']._serialized_start=1112
-  _globals['_STAGE']._serialized_end=1472
+  _globals['_LOGITSREQUEST']._serialized_end=86
+  _globals['_FORWARDENTRY']._serialized_start=89
+  _globals['_FORWARDENTRY']._serialized_end=258
+  _globals['_FORWARDREQUEST']._serialized_start=260
+  _globals['_FORWARDREQUEST']._serialized_end=370
+  _globals['_ENTRYRESULT']._serialized_start=373
+  _globals['_ENTRYRESULT']._serialized_end=514
+  _globals['_FORWARDRESPONSE']._serialized_start=516
+  _globals['_FORWARDRESPONSE']._serialized_end=624
+  _globals['_RESULTSREQUEST']._serialized_start=626
+  _globals['_RESULTSREQUEST']._serialized_end=665
+  _globals['_FORWARDSTREAMSUMMARY']._serialized_start=667
+  _globals['_FORWARDSTREAMSUMMARY']._serialized_end=704
+  _globals['_RELEASEREQUEST']._serialized_start=706
+  _globals['_RELEASEREQUEST']._serialized_end=757
+  _globals['_RELEASERESPONSE']._serialized_start=759
+  _globals['_RELEASERESPONSE']._serialized_end=794
+  _globals['_INFOREQUEST']._serialized_start=796
+  _globals['_INFOREQUEST']._serialized_end=809
+  _globals['_STAGEINFO']._serialized_start=812
+  _globals['_STAGEINFO']._serialized_end=1123
+  _globals['_STAGE']._serialized_start=1126
+  _globals['_STAGE']._serialized_end=1486
 # @@protoc_insertion_point(module_scope)

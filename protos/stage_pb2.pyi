@@ -8,10 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LogitsRequest(_message.Message):
-    __slots__ = ("top_k",)
+    __slots__ = ("top_k", "rows")
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     top_k: int
-    def __init__(self, top_k: _Optional[int] = ...) -> None: ...
+    rows: int
+    def __init__(self, top_k: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class ForwardEntry(_message.Message):
     __slots__ = ("session_id", "position", "num_tokens", "input", "logits", "release")

@@ -153,6 +153,24 @@ def test_long_decode_steps_split_over_the_keys_and_agree(seqlens):
         assert np.abs(got - want).max() < 1e-5
 
 
+@pytest.mark.parametrize("last", [20, 700, 1900])  # serial; over the threads; split over the keys (AVX2)
+def test_a_short_step_gives_each_row_the_bits_of_one_row_at_a_time(last):
+    """A speculative step (a token and a few draft tokens) must yield the tokens of one step at a time: its rows
+    attend one by one, as decode steps do, where a prompt chunk's block of rows sums in another order."""
+    h, g, d, context = 9, 3, 64, 2048
+    ours = session("Attention", h, g, d, context)
+    for rows in (2, 4, 8):
+        f = feed(np.random.default_rng(rows), h, g, d, [last], rows, context)
+        y, k, v = ours.run(None, f)
+        cache, alone = {"past_key": f["past_key"], "past_value": f["past_value"]}, []
+        for r in range(rows):
+            one = {**f, **cache, "qkv": f["qkv"][r : r + 1], "seqlens_k": np.array([last - rows + 1 + r], np.int32)}
+            y1, cache["past_key"], cache["past_value"] = ours.run(None, one)
+            alone.append(y1)
+        assert np.array_equal(y, np.concatenate(alone)), rows
+        assert np.array_equal(k, cache["past_key"]) and np.array_equal(v, cache["past_value"])
+
+
 def test_the_cache_is_written_in_place_when_past_and_present_share_a_buffer():
     """As the stage binds them: only the new positions change, and the next step reads them."""
     h, g, d = 9, 3, 64

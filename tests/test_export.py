@@ -79,7 +79,9 @@ def test_manifest_contract(smollm2_artifacts):
         pp, tg = s.graph("cpu", "pp"), s.graph("cpu", "tg")
         assert pp.weights == tg.weights and pp.max_tokens == 128 and tg.max_tokens == 1
     last = m.stages[-1].graph("cpu", "pp").outputs[0]
-    assert last.name == "logits" and last.shape == ["batch", m.model.vocab_size]  # each sequence's last position
+    # each sequence's last logit_rows positions (1 but for a speculative step's draft tokens)
+    assert last.name == "logits" and last.shape == ["logit_rows_total", m.model.vocab_size]
+    assert m.multi_row_logits("cpu") and not m.multi_row_logits("qnn")
     seqlens = next(t for t in m.stages[1].graph("cpu", "pp").inputs if t.name == "seqlens_k")
     assert seqlens.shape == ["batch"]  # decode steps of several sessions in one run
     groups = m.quantization["groups"]

@@ -199,3 +199,55 @@ def test_an_artifact_with_the_earlier_float32_cache_is_refused_with_what_to_do(t
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="float32 KV cache .* export the artifact again"):
         StageRuntime(tmp_path, 1)
+
+
+def test_a_speculative_step_answers_each_rows_logits_and_a_step_back_drops_the_rest(tiny_artifacts):
+    """logit_rows > 1 (a token and draft tokens after it): the last stage answers the logits of each of those rows,
+    as steps of one row would; a step at an earlier position then continues the session from there, as if the rows
+    after it had never run."""
+    last = StageRuntime(tiny_artifacts, 1, kv_capacity=4, threads=1)
+    assert last.is_last and last.multi_row_logits
+    rng = np.random.default_rng(3)
+    x, y = inputs(last, rng, 9), inputs(last, rng, 1)
+    for sid in ("a", "b", "c"):
+        last.forward(Entry(sid, 0, x[:5]))
+    ones = np.stack([last.forward(Entry("a", 5 + i, x[5 + i : 6 + i])) for i in range(4)])
+    rows = last.forward(Entry("b", 5, x[5:9], 4))
+    assert rows.shape == ones.shape == (4, last.manifest.model.vocab_size)
+    np.testing.assert_allclose(rows, ones, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(last.forward(Entry("c", 5, x[5:9], 2)), rows[2:])  # the last 2 rows of the same step
+    assert last.kv.get("b").length == 9
+    back = last.forward(Entry("b", 6, y))  # keeps x[5] only: positions 6.. are dropped and written anew
+    last.release("a")
+    last.forward(Entry("a", 0, x[:6]))
+    np.testing.assert_allclose(back, last.forward(Entry("a", 6, y)), rtol=1e-5, atol=1e-5)
+    assert last.kv.get("b").length == 7
+
+
+def test_logit_rows_beyond_the_step_or_the_artifact_are_refused_and_change_nothing(tmp_path, tiny_artifacts):
+    import json
+
+    rng = np.random.default_rng(4)
+    for stage in (0, 1):  # every stage checks, so that a refused step changes no stage
+        rt = StageRuntime(tiny_artifacts, stage, kv_capacity=2, threads=1)
+        rt.forward(Entry("a", 0, inputs(rt, rng, 4)))
+        for bad in (0, -1, 3):
+            with pytest.raises(ServiceError, match=f"logits.rows must be 0 or 1 .* 2 rows; got {bad}") as e:
+                rt.forward(Entry("a", 4, inputs(rt, rng, 2), bad))
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and rt.kv.get("a").length == 4
+        with pytest.raises(ServiceError, match="at position 4; got a step at 5") as e:
+            rt.forward(Entry("a", 5, inputs(rt, rng, 1)))  # a step may go back, never skip ahead
+    # an artifact whose last stage answers the last row only (exported before logit_rows)
+    for f in tiny_artifacts.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    graph = manifest["stages"][-1]["graphs"]["cpu"]["pp"]
+    graph["inputs"] = [t for t in graph["inputs"] if t["name"] != "logit_rows"]
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    rt = StageRuntime(tmp_path, 0, kv_capacity=2, threads=1)
+    assert not rt.multi_row_logits
+    rt.forward(Entry("a", 0, inputs(rt, rng, 4)))
+    with pytest.raises(ServiceError, match="answers the last row's logits only") as e:
+        rt.forward(Entry("a", 4, inputs(rt, rng, 2), 2))
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and rt.kv.get("a").length == 4

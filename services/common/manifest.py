@@ -12,6 +12,7 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODES = ("pp", "tg")
 TARGETS = ("cpu", "qnn")
+LOGIT_ROWS = "logit_rows"  # the last stage's input: logits for a sequence's last n rows (a speculative step's drafts)
 
 
 class ManifestError(ValueError):
@@ -91,6 +92,12 @@ class Manifest:
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    def multi_row_logits(self, backend: str) -> bool:
+        """Whether the last stage's graph for `backend` answers logits for more than a sequence's last row (exported
+        after 2026-12-07, CPU): what a speculative step needs to verify its draft tokens."""
+        graphs = self.stages[-1].graphs.get(backend, {})
+        return "pp" in graphs and any(t.name == LOGIT_ROWS for t in graphs["pp"].inputs)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)

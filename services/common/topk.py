@@ -31,3 +31,11 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
         cand = np.concatenate([cand, np.arange(whole, n)])
         ids = cand[np.argpartition(logits[cand], -k)[-k:]]
     return logits[ids], ids.astype(np.int32)
+
+
+def top_k_rows(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """top_k of logits [n], or of each row of logits [rows, n] (stacked: [rows, k] values and ids)."""
+    if logits.ndim == 1:
+        return top_k(logits, k)
+    picks = [top_k(row, k) for row in logits]
+    return np.stack([v for v, _ in picks]), None if picks[0][1] is None else np.stack([i for _, i in picks])

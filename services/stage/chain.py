@@ -30,11 +30,12 @@ class LocalChain:
         self.manifest = first.manifest
         self.prefill = self.manifest.prefill_length
 
-    def step(self, session_id: str, position: int, tokens: np.ndarray) -> np.ndarray:
-        """Run up to P tokens through every stage; logits [vocab] of the last one."""
+    def step(self, session_id: str, position: int, tokens: np.ndarray, logit_rows: int = 1) -> np.ndarray:
+        """Run up to P tokens through every stage; logits [vocab] of the last one ([logit_rows, vocab] of the last
+        logit_rows when more than 1)."""
         x: np.ndarray = tokens.astype(np.int32)
         for stage in self.stages:
-            x = stage.forward(Entry(session_id, position, x))
+            x = stage.forward(Entry(session_id, position, x, logit_rows))
         return x
 
     def prefill_tokens(self, session_id: str, tokens: list[int]) -> np.ndarray:

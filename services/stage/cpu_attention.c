@@ -38,6 +38,7 @@ enum {
   STACK_Q = 4096,          /* rotated queries on the stack up to this many floats */
   MAX_HEAD_DIM = 1024,
   BLOCK_HEAD_DIM = 128,    /* the largest head size a block of rows converts key tiles for (block_head_dim) */
+  EXACT_ROWS = 8,          /* up to this many rows of one sequence attend one by one, as decode steps would */
 };
 
 /* Online softmax over tiles of keys (as FlashAttention): per query, m is the largest score so far, l the sum of
@@ -626,6 +627,25 @@ static void merge_splits(const AttnJob* j) {
     }
 }
 
+/* the rotated rows' attention: serially below SERIAL_PAIRS (row, key, head) triples, else over the threads, a decode
+ * step with too few (sequence, kv head) tasks split over the keys */
+static OrtStatus* attend(OrtKernelContext* ctx, AttnJob* j, int64_t pairs) {
+  const size_t tasks = (size_t)j->B * j->G * j->blocks;
+  if (pairs < SERIAL_PAIRS) {
+    for (size_t i = 0; i < tasks; i++) attend_task(j, i);
+    return NULL;
+  }
+  KernelContext_ParallelFor_t parallel_for = (KernelContext_ParallelFor_t)API(KernelContext_ParallelFor);
+  if (j->S == 1 && tasks < SPLIT_BELOW) j->splits = key_runs(j->seqlens, j->B, &j->split_keys); /* too few to share */
+  if (j->splits <= 1) return parallel_for(ctx, attend_task, tasks, 0, j);
+  j->part = (float*)malloc(sizeof(float) * tasks * j->splits * (j->H / j->G) * (j->D + 2));
+  if (!j->part) return error(ORT_FAIL, "Attention: out of memory for the split sums");
+  OrtStatus* s = parallel_for(ctx, split_task, tasks * j->splits, 0, j);
+  if (!s) merge_splits(j);
+  free(j->part);
+  return s;
+}
+
 typedef struct {
   int64_t H, G;
 } AttnKernel;
@@ -684,24 +704,24 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   int64_t pairs = 0; /* (row, key) pairs, times the heads: the work */
   for (int b = 0; b < B; b++) pairs += (int64_t)S * (seqlens[b] + 1) - (int64_t)S * (S - 1) / 2;
   pairs *= H;
-  const size_t rope_tasks = (size_t)(rows + ROPE_ROWS - 1) / ROPE_ROWS, tasks = (size_t)B * G * j.blocks;
+  const size_t rope_tasks = (size_t)(rows + ROPE_ROWS - 1) / ROPE_ROWS;
   OrtStatus* s = NULL;
-  if (pairs < SERIAL_PAIRS) {
+  if (pairs < SERIAL_PAIRS)
     for (size_t i = 0; i < rope_tasks; i++) rope_task(&j, i);
-    for (size_t i = 0; i < tasks; i++) attend_task(&j, i);
-  } else {
-    KernelContext_ParallelFor_t parallel_for = (KernelContext_ParallelFor_t)API(KernelContext_ParallelFor);
-    s = rope_tasks == 1 ? (rope_task(&j, 0), NULL) : parallel_for(ctx, rope_task, rope_tasks, 0, &j);
-    if (S == 1 && tasks < SPLIT_BELOW) j.splits = key_runs(seqlens, B, &j.split_keys); /* too few tasks to share */
-    if (!s && j.splits > 1) {
-      j.part = (float*)malloc(sizeof(float) * tasks * j.splits * (H / G) * (D + 2));
-      if (!j.part) s = error(ORT_FAIL, "Attention: out of memory for the split sums");
-      if (!s) s = parallel_for(ctx, split_task, tasks * j.splits, 0, &j);
-      if (!s) merge_splits(&j);
-      free(j.part);
-    } else if (!s) {
-      s = parallel_for(ctx, attend_task, tasks, 0, &j);
+  else
+    s = rope_tasks == 1 ? (rope_task(&j, 0), NULL)
+                        : ((KernelContext_ParallelFor_t)API(KernelContext_ParallelFor))(ctx, rope_task, rope_tasks, 0, &j);
+  if (!s && B == 1 && S > 1 && S <= EXACT_ROWS) {
+    /* A speculative step's token and draft tokens: each row as the decode step of that token alone would run it
+     * (a block of rows sums in another order: greedy tokens then part from one-at-a-time decoding at near-ties) */
+    for (int r = 0; r < S && !s; r++) {
+      const int32_t pos = seqlens[0] - S + 1 + r;
+      AttnJob one = j;
+      one.S = one.blocks = 1, one.seqlens = &pos, one.q = j.q + (size_t)r * H * D, one.y = j.y + (size_t)r * H * D;
+      s = attend(ctx, &one, (int64_t)(pos + 1) * H);
     }
+  } else if (!s) {
+    s = attend(ctx, &j, pairs);
   }
   if (j.q != stack) free(j.q);
   return s;

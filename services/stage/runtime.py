@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from splitllm.services.common.errors import ServiceError, invalid
-from splitllm.services.common.manifest import load_manifest, stage_files
+from splitllm.services.common.manifest import LOGIT_ROWS, load_manifest, stage_files
 from splitllm.services.stage import cpu_kernels
 from splitllm.services.stage.kv import KVPool, Session
 
@@ -29,11 +29,13 @@ log = logging.getLogger("splitllm.stage")
 
 @dataclass(frozen=True)
 class Entry:
-    """One session's step: `rows` token ids (first stage) or hidden states, starting at `position`."""
+    """One session's step: `rows` token ids (first stage) or hidden states, starting at `position`. `logit_rows`: the
+    last stage answers logits for this many last rows (a speculative step's draft tokens and the token before them)."""
 
     session_id: str
     position: int
     data: np.ndarray
+    logit_rows: int = 1
 
 
 SPIN_US = 50  # how long an idle intra-op thread spins before it sleeps (ONNX Runtime's own default spins longer)
@@ -131,13 +133,16 @@ class CpuGraph:
         self.input = "input_ids" if "input_ids" in inputs else "hidden_in"
         self.input_dtype = np.int32 if self.input == "input_ids" else np.float32
         self.row_shape = () if self.input == "input_ids" else (inputs["hidden_in"].shape[-1],)
+        self.logit_rows = np.ones(1, np.int64) if LOGIT_ROWS in inputs else None  # bound into every binding, in place
+        self.logit_rows_value = ort.OrtValue.ortvalue_from_numpy(self.logit_rows) if LOGIT_ROWS in inputs else None
         self.bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self.one_row: set[tuple[int, int]] = set()  # bindings whose input and output are the one-row buffers now
         self.buffers: _OneRowBuffers | None = None
 
-    def run(self, kv: KVPool, lo: int, x: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
+    def run(self, kv: KVPool, lo: int, x: np.ndarray, seqlens: np.ndarray, logit_rows: int = 1) -> np.ndarray:
         """Sequences in the KV slots lo..lo+B-1 (B = len(seqlens)), S = rows / B new rows each, the last at
-        position seqlens[b]. Returns hidden states [B, S, hidden] or the logits of each last row [B, vocab]."""
+        position seqlens[b]. Returns hidden states [B, S, hidden] or the logits of each sequence's last `logit_rows`
+        rows [B * logit_rows, vocab] (logit_rows > 1 needs a graph with that input and B = 1)."""
         batch, key = len(seqlens), (lo, len(seqlens))
         if self.cpus:
             pin_caller(self.cpus[0])
@@ -154,9 +159,13 @@ class CpuGraph:
                 b.bind_ortvalue_output(name.replace("past_", "present_"), value)
             b.bind_ortvalue_input("seqlens_k", seq_value)
             b.bind_ortvalue_input("total_sequence_length", buf.total_value)
+            if self.logit_rows_value is not None:
+                b.bind_ortvalue_input(LOGIT_ROWS, self.logit_rows_value)
         rows = x.shape[0] // batch
         buf.seqlens[:batch] = seqlens
         buf.total[...] = seqlens.max() + 1
+        if self.logit_rows is not None:
+            self.logit_rows[0] = logit_rows
         if rows == 1:
             if key not in self.one_row:
                 b.bind_ortvalue_input(self.input, x_value)
@@ -168,7 +177,8 @@ class CpuGraph:
         self.one_row.discard(key)
         b.bind_cpu_input(self.input, x.reshape(batch, rows, *x.shape[1:]))
         # Into a fresh array: get_outputs() would wrap every present KV output too (~30 us per run).
-        out = np.empty((batch, self.width) if self.output == "logits" else (batch, rows, self.width), np.float32)
+        shape = (batch * logit_rows, self.width) if self.output == "logits" else (batch, rows, self.width)
+        out = np.empty(shape, np.float32)
         b.bind_output(self.output, "cpu", element_type=np.float32, shape=out.shape, buffer_ptr=out.ctypes.data)
         self.session.run_with_iobinding(b)
         return out
@@ -223,6 +233,8 @@ class StageRuntime:
             getattr(self.graph, "kv_shapes", None), getattr(self.graph, "kv_dtype", np.float32),
         )
         self.is_first, self.is_last = self.plan.has_embedding, self.plan.has_lm_head
+        # Every stage checks an entry's logit_rows against the artifact, before the step changes anything anywhere.
+        self.multi_row_logits = self.manifest.multi_row_logits(backend)
         self.hidden = cfg.hidden_size
         self.lock = threading.Lock()  # one graph run at a time: the cores are shared with other stages
 
@@ -248,9 +260,18 @@ class StageRuntime:
                 f"positions {e.position}..{e.position + rows - 1} are outside the context "
                 f"(0..{self.context - 1})"
             )
+        if e.logit_rows != 1:
+            if not 1 <= e.logit_rows <= rows:
+                raise invalid(f"logits.rows must be 0 or 1 (the last row) up to the entry's {rows} rows; "
+                              f"got {e.logit_rows}")
+            if not self.multi_row_logits:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"this artifact's last stage ({self.backend}) answers the last row's logits only "
+                                   "(logits.rows 0 or 1); export the artifact again for more (CPU)")
 
     def forward(self, e: Entry) -> np.ndarray:
-        """Run one entry; returns hidden states [n, hidden] or, at the last stage, logits [vocab]."""
+        """Run one entry; returns hidden states [n, hidden] or, at the last stage, logits [vocab] (or [logit_rows,
+        vocab] when logit_rows > 1)."""
         out = self.forward_many([e])[0]
         if isinstance(out, ServiceError):
             raise out
@@ -288,19 +309,23 @@ class StageRuntime:
         return results  # type: ignore[return-value]
 
     def _session(self, e: Entry) -> Session:
+        """The entry's session; a step before its end first drops the tokens from there on (a speculative step's
+        draft tokens that the coordinator rejected), so a step that fails leaves the session at its position."""
         s = self.kv.create(e.session_id) if e.position == 0 else self.kv.get(e.session_id)
-        if e.position != s.length:
+        if e.position > s.length:
             raise invalid(
                 f"session {e.session_id!r} is at position {s.length}; got a step at {e.position} "
-                "(steps must continue where the session left off)"
+                f"(a step continues the session at {s.length}, or goes back to an earlier position)"
             )
+        s.length = e.position
         return s
 
     def _run_one(self, e: Entry, s: Session) -> np.ndarray | ServiceError:
         n = e.data.shape[0]
         try:
             if isinstance(self.graph, CpuGraph):
-                out = self.graph.run(self.kv, s.slot, e.data, np.array([e.position + n - 1], np.int32))[0]
+                out = self.graph.run(self.kv, s.slot, e.data, np.array([e.position + n - 1], np.int32), e.logit_rows)
+                out = out if self.is_last and e.logit_rows > 1 else out[0]
             else:
                 out = self.graph.run(s, e.data, e.position)
         except Exception as err:  # noqa: BLE001  the runtime failed this entry; it must not take the others

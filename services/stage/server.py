@@ -41,7 +41,7 @@ from splitllm.services.common.manifest import Manifest
 from splitllm.services.common.metrics import StageMetrics
 from splitllm.services.common.streams import Subscribers
 from splitllm.services.common.tensor import from_proto, to_proto
-from splitllm.services.common.topk import top_k
+from splitllm.services.common.topk import top_k_rows
 from splitllm.services.stage import cpu_kernels
 from splitllm.services.stage.runtime import Entry, StageRuntime
 
@@ -108,8 +108,9 @@ class Downstream:
 
 
 def step_mode(request: stage_pb2.ForwardRequest) -> str:
-    """The metrics label of a step: prompt (an entry of more than one row) or token."""
-    return "prompt" if any(rows(e) > 1 for e in request.entries) else "token"
+    """The metrics label of a step: prompt (an entry of more than one row) or token (one row, or a token with draft
+    tokens after it: logits for each row)."""
+    return "prompt" if any(rows(e) > 1 and e.logits.rows <= 1 for e in request.entries) else "token"
 
 
 def rows(entry: stage_pb2.ForwardEntry) -> int:
@@ -118,7 +119,8 @@ def rows(entry: stage_pb2.ForwardEntry) -> int:
 
 
 def put_logits(logits: np.ndarray, k: int, out: stage_pb2.EntryResult) -> None:
-    values, ids = top_k(logits, k)
+    """The answer for logits [vocab], or [rows, vocab] (logits.rows > 1): the top k of each row, or all of them."""
+    values, ids = top_k_rows(logits, k)
     to_proto(values, out.logits)
     if ids is not None:
         to_proto(ids, out.token_ids)
@@ -170,7 +172,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 continue
             if pe.num_tokens and data.ndim and pe.num_tokens < data.shape[0]:  # padded chunk: its valid rows run
                 data = data[: pe.num_tokens]
-            entries.append(Entry(pe.session_id, pe.position, data))
+            entries.append(Entry(pe.session_id, pe.position, data, pe.logits.rows or 1))
         return entries
 
     async def _run(self, request: stage_pb2.ForwardRequest) -> Step:
@@ -199,8 +201,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         seconds = time.perf_counter() - t0
         trace.event(request.step_id, "ran")
         # rows of the entries that ran: those passed the runtime's checks (any other may lack a row dimension)
-        rows_ran = [e.data.shape[0] for e, out in zip(decoded, outs, strict=True) if not isinstance(out, ServiceError)]
-        mode = "prompt" if any(n > 1 for n in rows_ran) else "token"
+        ran = [e for e, out in zip(decoded, outs, strict=True) if not isinstance(out, ServiceError)]
+        rows_ran = [e.data.shape[0] for e in ran]
+        mode = "prompt" if any(e.data.shape[0] > 1 and e.logit_rows == 1 for e in ran) else "token"
         if mode == "prompt":
             self.row_seconds = seconds / sum(rows_ran)
         answer = stage_pb2.ForwardResponse(step_id=request.step_id)
@@ -405,6 +408,9 @@ def export_again(manifest: Manifest, batched: bool, kernels: str) -> list[str]:
     if q.get("cpu_kernels") == "splitllm" and "attention" not in manifest.kv:
         reasons.append("the artifact runs GroupQueryAttention (exported before our Attention op): export it again for "
                        "faster token steps, the more so the longer the context")
+    if "cpu" in manifest.stages[-1].graphs and not manifest.multi_row_logits("cpu"):
+        reasons.append("the last stage answers the logits of a step's last row only (exported before speculative "
+                       "decoding): export it again for fewer token steps where text repeats")
     if not batched:
         reasons.append("the stage graph has no batch dimension (exported before decode batching): concurrent "
                        "sessions' token steps run one by one; export the artifact again to batch them")
