@@ -135,14 +135,16 @@ class FullLogits:
     """A pipeline that ignores top_k: the sampler always gets the whole vocabulary."""
 
     def __init__(self, inner: LocalPipeline) -> None:
-        self.inner, self.manifest = inner, inner.manifest
+        self.inner, self.manifest, self.multi_row_logits = inner, inner.manifest, inner.multi_row_logits
         self.ks: list[int] = []
         self.lasts: list[bool] = []  # per step: marked as the session's last
+        self.rows: list[int] = []  # per token step: its tokens (more than 1: a speculative step)
 
-    def submit(self, session_id, position, tokens, top_k=0, last=False):
+    def submit(self, session_id, position, tokens, top_k=0, last=False, logit_rows=1):
         self.ks.append(top_k)
         self.lasts.append(last)
-        return self.inner.submit(session_id, position, tokens, 0)
+        self.rows.append(len(tokens))
+        return self.inner.submit(session_id, position, tokens, 0, logit_rows=logit_rows)
 
     def prefill(self, session_id, tokens, top_k=0, last=False):
         self.ks.append(top_k)
@@ -170,7 +172,7 @@ def test_the_step_that_reaches_the_budget_is_marked_last(pipeline, artifacts):
     max_tokens-th token, whatever it samples (the prompt itself for max_tokens 1), and no step of a session that
     its stop token ends first."""
     full = FullLogits(pipeline)
-    engine = Engine(full, artifacts=artifacts)
+    engine = Engine(full, artifacts=artifacts, draft_tokens=0)  # one step a token
     run(engine, **greedy("Name three colours.", 1))
     assert full.lasts == [True]
     full.lasts.clear()
@@ -295,13 +297,44 @@ def test_the_next_step_goes_out_before_the_text_work_unless_stop_strings_decide(
     """Without stop strings only the token decides whether a step follows, so it goes out before the token is
     detokenized (that work overlaps with the stages); with stop strings the text decides, and the step that would
     follow the stop string's last token is never sent."""
-    rec = Recorded(engine := Engine(pipeline, artifacts=artifacts))
+    rec = Recorded(engine := Engine(pipeline, artifacts=artifacts, draft_tokens=0))
     _, ids, _ = run(engine, **greedy(prompts[0]["prompt"], 4))
     assert rec.order() == "step text step text step text"  # the 4th token needs no step
     rec.log.clear()
     _, ids, last = run(engine, **greedy(prompts[0]["prompt"], 30, stop=["Pacific"]))
     assert last.finish_reason == pb.STOP and len(ids) == 8
     assert rec.order() == "text step " * 7 + "text"  # no step after " Pacific"
+
+
+REPEATS = "Repeat after me: the cat sat on the mat. The cat sat on the mat. The cat sat on the mat."
+
+
+@pytest.mark.parametrize("kw", [greedy(REPEATS, 40), greedy(REPEATS, 9), greedy(REPEATS, 40, stop=["mat. The"]),
+                                greedy(REPEATS, 40, sampling=pb.SamplingParams(repetition_penalty=1.05)),
+                                greedy(REPEATS, 40, sampling=pb.SamplingParams(temperature=0.7, seed=3))])
+def test_speculative_steps_give_the_tokens_of_one_step_at_a_time(pipeline, artifacts, registry, kw):
+    """Where the text repeats, a token step also feeds the guesses prompt lookup makes, and the engine keeps those
+    the sampler picks anyway: the tokens of one step at a time (max_tokens and stop strings included), in fewer
+    steps. Sampled requests (temperature > 0) are not speculated."""
+    want = run(Engine(pipeline, artifacts=artifacts, draft_tokens=0), **kw)
+    full = FullLogits(pipeline)
+    got = run(Engine(full, CoordinatorMetrics(registry), artifacts=artifacts, draft_tokens=3), **kw)
+    assert got[:2] == want[:2] and got[2].finish_reason == want[2].finish_reason
+    assert got[2].usage.completion_tokens == want[2].usage.completion_tokens
+    accepted = registry.get_sample_value("splitllm_draft_tokens_total", {"outcome": "accepted"})
+    rejected = registry.get_sample_value("splitllm_draft_tokens_total", {"outcome": "rejected"})
+    steps = len(full.rows) - 1  # the first is the prompt
+    if "temperature" in str(kw.get("sampling", "")):
+        assert max(full.rows[1:]) == 1 and accepted == rejected == 0
+    else:
+        assert max(full.rows[1:]) == 4 and accepted > 0 and steps < len(got[1]) - 1
+        assert accepted + rejected == sum(r - 1 for r in full.rows[1:])
+    assert sessions(pipeline) == [0] * len(pipeline.chain.stages)
+
+
+def test_draft_tokens_must_fit_a_step(pipeline, artifacts):
+    with pytest.raises(ValueError, match=r"draft_tokens must be in \[0, 128\) \(got -1\)"):
+        Engine(pipeline, artifacts=artifacts, draft_tokens=-1)
 
 
 def test_context_admission(engine, pipeline, artifacts, registry):
@@ -467,9 +500,9 @@ class Slowed(FullLogits):
     """Each token step 10 ms slower: a generation outlasts a short deadline however fast the machine (the answer to
     "Count to a hundred." is ~80 tokens, which a fast host generated within 0.5 s)."""
 
-    def submit(self, session_id, position, tokens, top_k=0, last=False):
+    def submit(self, session_id, position, tokens, top_k=0, last=False, logit_rows=1):
         time.sleep(0.01)
-        return super().submit(session_id, position, tokens, top_k, last)
+        return super().submit(session_id, position, tokens, top_k, last, logit_rows)
 
 
 def test_grpc_deadline_ends_the_call_and_releases_its_session(pipeline, artifacts, registry):

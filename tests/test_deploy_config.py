@@ -75,7 +75,7 @@ def test_recorded_names_are_defined(samples) -> None:
 def test_grouping_labels_exist_and_labels_stay_low_cardinality(samples) -> None:
     labels = {k for s in samples for k in s.labels}
     build_info = {"version", "manifest_sha256", "backend"}
-    assert labels <= {"stage", "replica", "mode", "status", "code", "reason", "le"} | build_info
+    assert labels <= {"stage", "replica", "mode", "status", "code", "reason", "outcome", "le"} | build_info
     exprs = [r["expr"] for r in rules()] + dashboard_exprs()
     grouped = {g.strip() for e in exprs for m in BY_LABELS.findall(e) for g in m.split(",")}
     assert grouped <= labels

@@ -77,6 +77,26 @@ def test_greedy_equals_in_process_chain_and_llamacpp(client, pipeline, smollm2_a
     assert wait_released(pipeline) == [0, 0, 0, 0]
 
 
+def test_speculative_steps_over_the_pipeline_give_the_chains_greedy_tokens(client, pipeline, smollm2_artifacts):
+    """A lone greedy request speculates (serve's default): the reference text's first 32 tokens continue in ways
+    that repeat, so guesses are fed and kept; the tokens are the chain's one step at a time, in fewer steps."""
+    from splitllm.bench.suite import reference_tokens
+
+    prompt = reference_tokens(smollm2_artifacts)[:32]
+    ports = [s.metrics_port for s in pipeline.services]
+    before = [scrape(p) for p in ports]
+    out = client.generate(token_ids=prompt, max_tokens=64)
+    time.sleep(0.2)
+    after = [scrape(p) for p in ports]
+    assert out.token_ids == LocalChain(smollm2_artifacts).greedy(prompt, 64)
+    accepted = after[-1]["splitllm_draft_tokens_total{outcome=accepted}"] - \
+        before[-1]["splitllm_draft_tokens_total{outcome=accepted}"]
+    key = "splitllm_stage_forward_seconds_count{mode=token}"
+    steps = [a[key] - b[key] for b, a in zip(before[:-1], after[:-1], strict=True)]
+    assert accepted > 0 and steps == [63 - accepted] * 4  # each kept guess saves a step
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+
+
 def test_eight_concurrent_generates_match_their_solo_runs(exact):
     pipeline, client = exact
     prompts = [f"Tell me one fact about the number {i}." for i in range(8)]

@@ -91,7 +91,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
 
     stages = [x.strip() for x in a.stages.split(",") if x.strip()]
     run(a.artifacts, stages, a.listen, a.metrics_port, a.max_concurrent, a.truncate_to_context, a.wait_stages,
-        a.prompt_chunks == "spread", a.batches_in_flight, a.prompt_window)
+        a.prompt_chunks == "spread", a.batches_in_flight, a.prompt_window, a.draft_tokens)
     return 0
 
 
@@ -139,7 +139,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from splitllm.services.client.launcher import serve
 
     return serve(a.artifacts, kv_capacity=a.kv_capacity, backend=a.backend, stage_threads=a.stage_threads,
-                 stage_spin=a.spin, stage_pin=a.pin)
+                 stage_spin=a.spin, stage_pin=a.pin,
+                 extra_coordinator_args=[] if a.draft_tokens is None else ["--draft-tokens", str(a.draft_tokens)])
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -173,6 +174,13 @@ def cmd_hub(a: argparse.Namespace) -> int:
     stages = [int(x) for x in a.stages.split(",")] if a.stages else None
     getattr(hub, a.action)(a.artifacts, a.device, stages=stages)
     return 0
+
+
+def add_draft_tokens(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft-tokens", type=int,
+                   help="speculative decoding: guesses (from earlier text, prompt lookup) a greedy request's token "
+                   "step feeds after its token while it is the only request generating; the tokens are the same, "
+                   "in fewer steps where text repeats (0 = off; default 3, engine.DRAFT_TOKENS)")
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
@@ -271,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--batches-in-flight", type=int, default=2,
                     help="the token steps of concurrent sessions go through the stages as one batch per step; "
                     "this many batches are in the pipeline at once, each with an even share of the sessions")
+    add_draft_tokens(co)
     co.add_argument("--prompt-window", type=int, default=2,
                     help="with spread prompts, chunks of one session in the pipeline at once while others "
                     "decode; their token steps go in between, so a long prompt stalls them for about this many "
@@ -297,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
                     help="pin every stage's compute to the same cores, its calling thread on the first (default: "
                     "when the stages spin on shared cores; launcher.stage_cpus)")
+    add_draft_tokens(se)
     se.set_defaults(run=cmd_serve)
 
     de = sub.add_parser("demo", help="serve, then run the model card's three sample prompts")

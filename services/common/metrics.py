@@ -68,6 +68,9 @@ class CoordinatorMetrics:
                                      registry=registry)
         self.generated_tokens = Counter("splitllm_generated_tokens_total", "Tokens generated",
                                         registry=registry)
+        drafts = Counter("splitllm_draft_tokens_total", "Speculative decoding's guesses, by whether the sampler kept "
+                         "them", ["outcome"], registry=registry)
+        self.draft_tokens = {o: drafts.labels(outcome=o) for o in ("accepted", "rejected")}
         self.running = Gauge("splitllm_requests_running",
                              "Requests holding a slot: generating, or releasing their session on the stages",
                              registry=registry)

@@ -2,8 +2,9 @@
 
 A Generate call: validate everything (input, sampling, stop ids, context admission) before any stage call;
 wait for one of `max_concurrent` slots; prompt processing in chunks of P; then one token per step,
-streamed as it is sampled. The session is released on the stages on every way out (`finally`), without
-holding the call open; its slot frees once every stage has released it.
+streamed as it is sampled (speculating, a step feeds the token and guesses after it: draft.py). The session
+is released on the stages on every way out (`finally`), without holding the call open; its slot frees once every
+stage has released it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from splitllm.protos import coordinator_pb2 as pb
 from splitllm.services.common.errors import ServiceError, invalid
 from splitllm.services.common.manifest import load_manifest
 from splitllm.services.common.metrics import CoordinatorMetrics
-from splitllm.services.coordinator.pipeline import Pending, Pipeline
+from splitllm.services.coordinator.draft import PromptLookup
+from splitllm.services.coordinator.pipeline import Logits, Pending, Pipeline
 from splitllm.services.coordinator.sampler import Sampler, SamplingParams, top_k_needed
 from splitllm.services.coordinator.text import ChatTemplate, IncrementalDecoder, StopMatcher, TextCodec
 
@@ -32,6 +34,7 @@ ROLES = ("system", "user", "assistant")
 _STATUS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.RESOURCE_EXHAUSTED: "exhausted",
            grpc.StatusCode.DEADLINE_EXCEEDED: "deadline", grpc.StatusCode.CANCELLED: "cancelled"}
 _REASON = {pb.STOP: "stop", pb.LENGTH: "length", pb.CONTEXT: "context"}
+DRAFT_TOKENS = 3  # speculative decoding's guesses a step (bench/PERFORMANCE.md: 3 against 2 and 4)
 
 
 @dataclass(frozen=True)
@@ -52,12 +55,19 @@ class Engine:
     """`artifacts`: the artifact directory (tokenizer file; its manifest.json's sha256 for ModelInfo).
     `truncate_to_context`: a prompt + max_tokens beyond the context generates up to the context (finish
     reason CONTEXT) instead of failing with INVALID_ARGUMENT. `max_concurrent`: requests generating at once;
-    more wait (queue) until a slot frees, the client cancels or its deadline passes."""
+    more wait (queue) until a slot frees, the client cancels or its deadline passes. `draft_tokens`: speculative
+    decoding's guesses a step (0 = off), for greedy requests while no other request generates (in company, their
+    token steps share batched graph runs, which reads the weights once for all of them already), on pipelines
+    whose stages answer logits for several rows."""
 
     def __init__(self, pipeline: Pipeline, metrics: CoordinatorMetrics | None = None,
-                 truncate_to_context: bool = False, *, artifacts: str | Path, max_concurrent: int = 16) -> None:
+                 truncate_to_context: bool = False, *, artifacts: str | Path, max_concurrent: int = 16,
+                 draft_tokens: int = DRAFT_TOKENS) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1 (got {max_concurrent})")
+        if not 0 <= draft_tokens < pipeline.manifest.prefill_length:
+            raise ValueError(f"draft_tokens must be in [0, {pipeline.manifest.prefill_length}) (got {draft_tokens})")
+        self.draft_tokens = draft_tokens
         tok = pipeline.manifest.tokenizer
         self.manifest, self.manifest_sha256 = load_manifest(artifacts, verify=[tok["file"]])
         self.pipeline, self.metrics, self.truncate = pipeline, metrics, truncate_to_context
@@ -214,6 +224,8 @@ class Engine:
             sampler, k = Sampler(job.params, job.params.seed), top_k_needed(job.params)
             decoder, stopper = IncrementalDecoder(self.codec), StopMatcher(job.stop)
             history, n = list(job.prompt), len(job.prompt)
+            speculate = self.draft_tokens > 0 and job.params.temperature == 0 and self.pipeline.multi_row_logits
+            lookup = PromptLookup(history) if speculate else None
             self._check(is_cancelled, time_remaining)
             if m:
                 m.queue_seconds.observe(time.monotonic() - t0)
@@ -222,52 +234,61 @@ class Engine:
             logits = self.pipeline.prefill(sid, np.asarray(history, np.int32), k, last=job.budget <= 1)
             if m:
                 m.prompt_tokens.inc(n)
+            drafts: list[int] = []  # the guesses fed in the step that answered `logits`
             t_first = t_prev = 0.0
             while True:
-                token = sampler.sample(logits, history)
-                history.append(token)
+                tokens = self._accept(sampler, logits, drafts, history, job.stop_ids, n + job.budget)
+                if lookup is not None:
+                    lookup.extend(tokens)
+                    if m and drafts:
+                        kept = sum(t == d for t, d in zip(tokens, drafts, strict=False))
+                        m.draft_tokens["accepted"].inc(kept)
+                        m.draft_tokens["rejected"].inc(len(drafts) - kept)
                 now, generated = time.monotonic(), len(history) - n
-                stop_token = token in job.stop_ids
+                stop_token = tokens[-1] in job.stop_ids
                 if not (stop_token or generated >= job.budget or job.stop):
-                    # Only the token decides whether a step follows: it goes out now, and the text work below
+                    # Only the tokens decide whether a step follows: it goes out now, and the text work below
                     # overlaps with it (with stop strings, the text decides, so the step waits for it).
-                    pending = self._next_step(sid, history, k, generated + 1 >= job.budget)
-                if m:
-                    m.generated_tokens.inc()
-                    if generated > 1:
-                        m.inter_token_seconds.observe(now - t_prev)
-                if generated == 1:
-                    t_first = now
+                    pending, drafts = self._next_step(sid, history, k, job.budget - generated, lookup)
+                for i, token in enumerate(tokens):
+                    count = generated - len(tokens) + 1 + i  # this token's number
                     if m:
-                        m.ttft_seconds.observe(now - t0)
-                t_prev = now
+                        m.generated_tokens.inc()
+                        if count > 1:
+                            m.inter_token_seconds.observe(now - t_prev)
+                    if count == 1:
+                        t_first = now
+                        if m:
+                            m.ttft_seconds.observe(now - t0)
+                    t_prev = now
 
-                match = stopper.push("" if stop_token else decoder.push(token))
-                text, finish = match.text, pb.STOP if stop_token or match.stop is not None else None
-                if finish is None and generated >= job.budget:
-                    finish = job.limit
-                if finish is not None and match.stop is None:  # the end: nothing may stay held back
-                    tail = stopper.push(decoder.flush())
-                    text += tail.text if tail.stop is not None else tail.text + stopper.flush()
-                    finish = pb.STOP if tail.stop is not None else finish
+                    match = stopper.push("" if token in job.stop_ids else decoder.push(token))
+                    text = match.text
+                    finish = pb.STOP if token in job.stop_ids or match.stop is not None else None
+                    if finish is None and count >= job.budget:
+                        finish = job.limit
+                    if finish is not None and match.stop is None:  # the end: nothing may stay held back
+                        tail = stopper.push(decoder.flush())
+                        text += tail.text if tail.stop is not None else tail.text + stopper.flush()
+                        finish = pb.STOP if tail.stop is not None else finish
 
-                out = pb.GenerateResponse(text=text, token_ids=[token])
-                if finish is not None:
-                    after = now - t_first
-                    out.finish_reason = finish
-                    out.usage.CopyFrom(pb.Usage(
-                        prompt_tokens=n, completion_tokens=generated, ttft_seconds=t_first - t0,
-                        tokens_per_second=(generated - 1) / after if after > 0 else 0.0,
-                        total_seconds=now - t0))
-                    if m:
-                        m.finish_reasons[_REASON[finish]].inc()
-                        if generated > 1:
-                            m.tpot_seconds.observe(after / (generated - 1))
+                    out = pb.GenerateResponse(text=text, token_ids=[token])
+                    if finish is not None:
+                        after = now - t_first
+                        out.finish_reason = finish
+                        out.usage.CopyFrom(pb.Usage(
+                            prompt_tokens=n, completion_tokens=count, ttft_seconds=t_first - t0,
+                            tokens_per_second=(count - 1) / after if after > 0 else 0.0,
+                            total_seconds=now - t0))
+                        if m:
+                            m.finish_reasons[_REASON[finish]].inc()
+                            if count > 1:
+                                m.tpot_seconds.observe(after / (count - 1))
+                        yield out
+                        return
+                    if pending is None and i == len(tokens) - 1:
+                        pending, drafts = self._next_step(sid, history, k, job.budget - generated, lookup)
                     yield out
-                    return
-                if pending is None:
-                    pending = self._next_step(sid, history, k, generated + 1 >= job.budget)
-                yield out
                 self._check(is_cancelled, time_remaining)
                 logits, pending = pending(), None
         finally:
@@ -276,9 +297,29 @@ class Engine:
                     pending()
             after_call(lambda: self.pipeline.release(sid, then=self._free_slot))
 
-    def _next_step(self, sid: str, history: list[int], top_k: int, last: bool) -> Pending:
-        """The step that feeds the newest token of `history` to the stages."""
-        return self.pipeline.submit(sid, len(history) - 1, np.array(history[-1:], np.int32), top_k, last=last)
+    @staticmethod
+    def _accept(sampler: Sampler, logits: Logits, drafts: list[int], history: list[int], stop_ids: frozenset[int],
+                end: int) -> list[int]:
+        """The tokens a step yields, appended to `history`: the one sampled after the step's first row, and while
+        it matches the guess fed after that row, the one sampled after the guess's row, and so on. The tokens and
+        the sampler's draws are those of one step at a time. Stops at a stop id and at `end` tokens of history."""
+        tokens: list[int] = []
+        for i in range(len(drafts) + 1):
+            token = sampler.sample(logits.row(i) if drafts else logits, history)
+            history.append(token)
+            tokens.append(token)
+            if i == len(drafts) or token != drafts[i] or token in stop_ids or len(history) >= end:
+                return tokens
+        return tokens
+
+    def _next_step(self, sid: str, history: list[int], top_k: int, room: int,
+                   lookup: PromptLookup | None) -> tuple[Pending, list[int]]:
+        """The step that feeds the newest token of `history` to the stages, with guesses after it when speculating
+        and alone (`room`: the tokens the budget still allows, the one this step answers included); and them."""
+        drafts = lookup.draft(min(self.draft_tokens, room - 1)) if lookup is not None and self._running == 1 else []
+        tokens = np.array(history[-1:] + drafts, np.int32)
+        return self.pipeline.submit(sid, len(history) - 1, tokens, top_k, last=room <= 1,
+                                    logit_rows=len(tokens)), drafts
 
     # --- Tokenize, ModelInfo -----------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from splitllm.services.common.errors import ServiceError, invalid
 from splitllm.services.common.manifest import Manifest
-from splitllm.services.common.topk import top_k
+from splitllm.services.common.topk import top_k_rows
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,10 @@ class Logits:
 
     values: np.ndarray
     ids: np.ndarray | None = None
+
+    def row(self, i: int) -> Logits:
+        """Row i of a step's logits for several rows ([rows, n] values and ids)."""
+        return Logits(self.values[i], None if self.ids is None else self.ids[i])
 
 
 Pending = Callable[[], Logits]
@@ -38,13 +42,15 @@ def failed(error: ServiceError) -> Pending:
 
 class Pipeline(Protocol):
     manifest: Manifest
+    multi_row_logits: bool  # submit takes logit_rows > 1 (every stage's graph answers logits for several rows)
 
     def submit(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0,
-               last: bool = False) -> Pending:
+               last: bool = False, logit_rows: int = 1) -> Pending:
         """Start `tokens` (int32, 1..P of them) of a session from `position` through every stage. Never
         raises: errors come out of the Pending. The coordinator streams token n to its client while
         the stages run step n + 1. `last`: the session's last step, which may free it on the stages as it
-        goes (release is still called, and is then cheaper)."""
+        goes (release is still called, and is then cheaper). `logit_rows` > 1: logits [logit_rows, n] of the last
+        rows (a speculative step); a position before the session's end drops its tokens from there on."""
         ...
 
     def prefill(self, session_id: str, tokens: np.ndarray, top_k: int = 0, last: bool = False) -> Logits:
@@ -61,7 +67,8 @@ class Pipeline(Protocol):
 
 
 def top_k_logits(logits: np.ndarray, k: int) -> Logits:
-    return Logits(*top_k(logits, k))
+    """Logits [n] or [rows, n] as the last stage answers them: the top k of each row, or all."""
+    return Logits(*top_k_rows(logits, k))
 
 
 class LocalPipeline:
@@ -72,15 +79,16 @@ class LocalPipeline:
 
         self.chain = LocalChain(artifacts, kv_capacity=kv_capacity, threads=threads)
         self.manifest = self.chain.manifest
+        self.multi_row_logits = all(s.multi_row_logits for s in self.chain.stages)
 
     def submit(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0,
-               last: bool = False) -> Pending:
+               last: bool = False, logit_rows: int = 1) -> Pending:
         """Runs the step now, in the caller's thread: the chain is in this process (release costs no calls,
         so `last` changes nothing)."""
         try:
             if tokens.size == 0:
                 raise invalid("a step needs at least one token")
-            logits = top_k_logits(self.chain.step(session_id, position, tokens), top_k)
+            logits = top_k_logits(self.chain.step(session_id, position, tokens, logit_rows), top_k)
         except ServiceError as e:
             return failed(e)
         return lambda: logits

@@ -106,6 +106,7 @@ class RemotePipeline:
         self.subscriber_id = f"coordinator-{uuid.uuid4().hex[:12]}"
         self.spread_prompts = spread_prompts
         self.fixed_rows = True  # until check() has seen every stage run a dynamic-length (cpu) graph
+        self.multi_row_logits = False  # until check() has seen that every stage's backend answers several rows
         self.pending: dict[int, dict[str, _Pending]] = {}  # step id -> session id -> entry not answered yet
         self.cv = threading.Condition()  # guards pending and the decode batcher's state below
         self.batches_in_flight, self.prompt_window = batches_in_flight, prompt_window
@@ -221,6 +222,7 @@ class RemotePipeline:
         if expected_first != self.manifest.model.num_layers:
             raise ValueError(f"the stages cover layers 0..{expected_first - 1} of {self.manifest.model.num_layers}")
         self.fixed_rows = backends != {"cpu"}
+        self.multi_row_logits = all(self.manifest.multi_row_logits(b) for b in backends)
 
     def healthy(self, timeout: float = 1.0) -> bool:
         for h in self.health:
@@ -237,9 +239,11 @@ class RemotePipeline:
 
     @staticmethod
     def _add_entry(req: stage_pb2.ForwardRequest, session_id: str, position: int, tokens: np.ndarray,
-                   top_k: int, last: bool = False) -> None:
+                   top_k: int, last: bool = False, logit_rows: int = 1) -> None:
         e = req.entries.add(session_id=session_id, position=position, num_tokens=len(tokens), release=last)
         e.logits.top_k = top_k
+        if logit_rows > 1:
+            e.logits.rows = logit_rows
         to_proto(np.ascontiguousarray(tokens, np.int32), e.input)
 
     def _down(self, wait: float = 0.0) -> ServiceError | None:
@@ -250,10 +254,11 @@ class RemotePipeline:
                 return unavailable(f"stage {k + 1} at {self.route[k]} is unavailable")
         return None
 
-    def _send(self, session_id: str, position: int, tokens: np.ndarray, top_k: int, last: bool = False) -> _Pending:
-        """A step of its own (a prompt chunk)."""
+    def _send(self, session_id: str, position: int, tokens: np.ndarray, top_k: int, last: bool = False,
+              logit_rows: int = 1) -> _Pending:
+        """A step of its own (a prompt chunk, or a token with draft tokens)."""
         req = self._request()
-        self._add_entry(req, session_id, position, tokens, top_k, last)
+        self._add_entry(req, session_id, position, tokens, top_k, last, logit_rows)
         p = _Pending(last)
         p.step_id = req.step_id
         with self.cv:  # registered before the check, so a stage dying from here on fails it
@@ -328,11 +333,12 @@ class RemotePipeline:
         return Logits(values, from_proto(r.token_ids, "token_ids") if r.HasField("token_ids") else None)
 
     def submit(self, session_id: str, position: int, tokens: np.ndarray, top_k: int = 0,
-               last: bool = False) -> Pending:
-        """One token goes out in a decode batch; more tokens (a prompt chunk) as a step of their own."""
+               last: bool = False, logit_rows: int = 1) -> Pending:
+        """One token goes out in a decode batch; more tokens (a prompt chunk, a token with drafts) as a step of
+        their own."""
         if len(tokens) != 1:
             try:
-                p = self._send(session_id, position, tokens, top_k, last)
+                p = self._send(session_id, position, tokens, top_k, last, logit_rows)
             except ServiceError as e:
                 return failed(e)
             return lambda: self._wait(p)

@@ -109,7 +109,7 @@ def watch_stages(pipeline, served: CoordinatorServer, stop: threading.Event, per
 
 def run(artifacts: str, stages: list[str], listen: str, metrics_port: int | None = None, max_concurrent: int = 16,
         truncate_to_context: bool = False, wait_stages: float = 60.0, spread_prompts: bool = True,
-        batches_in_flight: int = 2, prompt_window: int = 2) -> None:
+        batches_in_flight: int = 2, prompt_window: int = 2, draft_tokens: int | None = None) -> None:
     """The `splitllm coordinator` process: check the stages, serve Generate until SIGTERM/SIGINT."""
     from prometheus_client import CollectorRegistry
 
@@ -127,7 +127,8 @@ def run(artifacts: str, stages: list[str], listen: str, metrics_port: int | None
     metrics = CoordinatorMetrics(registry)
     set_build_info(registry, __version__, sha, "-", None)
     http = serve_metrics(registry, metrics_port, listen_host(listen)) if metrics_port is not None else None
-    engine = Engine(pipeline, metrics, truncate_to_context, artifacts=artifacts, max_concurrent=max_concurrent)
+    engine = Engine(pipeline, metrics, truncate_to_context, artifacts=artifacts, max_concurrent=max_concurrent,
+                    **({} if draft_tokens is None else {"draft_tokens": draft_tokens}))
     heap.trim()
     served = serve_coordinator(engine, listen, max_workers=max_concurrent + 8)
     stop = threading.Event()
