@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens a round (TPOT)")
     ap.add_argument("--no-spin", dest="spin", action="store_false", help="(default: spin, as serve's stages)")
+    ap.add_argument("--one-token-a-step", dest="call", action="store_const", const="generate_plain",
+                    default="generate", help="generate through a coordinator that does not speculate (a side that "
+                    "runs a checkout from before speculative decoding has no such call: use its default there)")
     a = ap.parse_args()
     sides = {"A": a.a if a.a is not None else ["GLIBC_TUNABLES=glibc.malloc.hugetlb=0"], "B": a.b or []}
     python = {"A": a.a_python, "B": a.b_python}
@@ -59,7 +62,7 @@ def main() -> None:
         for r in range(a.rounds):
             for s in ("A", "B") if r % 2 == 0 else ("B", "A"):
                 samples[s]["ttft_ms"].append(kids[s].call("ttft", tokens=prompt)["value"] * 1e3)
-                tokens, times = kids[s].call("generate", tokens=prompt, n=a.tokens)["value"]
+                tokens, times = kids[s].call(a.call, tokens=prompt, n=a.tokens)["value"]
                 samples[s]["tpot_ms"].append((times[-1] - times[0]) / (len(times) - 1) * 1e3)
             print(f"round {r + 1}/{a.rounds}: TPOT A {samples['A']['tpot_ms'][-1]:.2f}, "
                   f"B {samples['B']['tpot_ms'][-1]:.2f} ms", flush=True)

@@ -64,7 +64,9 @@ def free_port_block(n: int) -> int:
 
 
 class Chain:
-    """The stage graphs chained in one process (no gRPC); streams interleave round robin in one thread."""
+    """The stage graphs chained in one process (no gRPC); streams interleave round robin in one thread. `generate`
+    speculates as the coordinator does for a lone greedy request (the same draft tokens, so the same steps);
+    `generate_plain` takes one token a step."""
 
     name = "chain"
 
@@ -87,7 +89,7 @@ class Chain:
         self.chain.release(sid)
         return dt
 
-    def generate(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
+    def generate_plain(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
         sid, out, times = f"gen-{next(_ids)}", [], []
         t0 = time.perf_counter()
         try:
@@ -96,6 +98,31 @@ class Chain:
             while len(out) < n:
                 out.append(self._next(sid, len(tokens) + len(out) - 1, out[-1]))
                 times.append(time.perf_counter() - t0)
+        finally:
+            self.chain.release(sid)
+        return out, times
+
+    def generate(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
+        """Tokens that one step yields share its time."""
+        from splitllm.services.coordinator.draft import PromptLookup, accept
+        from splitllm.services.coordinator.engine import DRAFT_TOKENS
+        from splitllm.services.coordinator.pipeline import Logits
+        from splitllm.services.coordinator.sampler import Sampler, SamplingParams
+
+        sid, out, times, greedy = f"gen-{next(_ids)}", [], [], Sampler(SamplingParams())
+        t0 = time.perf_counter()
+        try:
+            out.append(self._prefill(sid, tokens))
+            times.append(time.perf_counter() - t0)
+            lookup, history = PromptLookup(tokens + out), tokens + out
+            while len(out) < n:
+                drafts = lookup.draft(min(DRAFT_TOKENS, n - len(out) - 1))
+                feed = np.array([out[-1], *drafts], np.int32)
+                logits = self.chain.step(sid, len(history) - 1, feed, len(feed))
+                new = accept(greedy, Logits(logits), drafts, history)
+                lookup.extend(new)
+                out += new
+                times += [time.perf_counter() - t0] * len(new)
         finally:
             self.chain.release(sid)
         return out, times
@@ -135,16 +162,28 @@ class Pipeline:
         """Stages as `splitllm serve` starts them (2 threads each), their threads spinning within a step or not."""
         from splitllm.services.client.client import Client
         from splitllm.services.client.launcher import Pipeline as Processes
+        from splitllm.services.client.launcher import Service, cli, wait_serving
 
         base = free_port_block(5)
         self.processes = Processes(artifacts, base_port=base, coordinator_port=base + 4, metrics_base=None,
                                    kv_capacity=16, stage_spin=spin).start()
         self.client = Client(self.processes.coordinator.address)
+        # generate_plain's: a second coordinator on the same stages that never speculates (idle otherwise)
+        addr = f"127.0.0.1:{free_port_block(1)}"
+        args = self.processes.coordinator_args(addr, [s.address for s in self.processes.stages])
+        self.plain = Service("coordinator, one token a step", addr, 0,
+                             subprocess.Popen(cli(*args, "--draft-tokens", "0")))
+        try:
+            wait_serving(self.plain, time.monotonic() + 60)
+        except BaseException:
+            self.close()
+            raise
+        self.plain_client = Client(addr)
 
-    def _stream(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
+    def _stream(self, tokens: list[int], n: int, client: object = None) -> tuple[list[int], list[float]]:
         out, times = [], []
         t0 = time.perf_counter()
-        for msg in self.client.stream(token_ids=tokens, max_tokens=n):
+        for msg in (client or self.client).stream(token_ids=tokens, max_tokens=n):
             times += [time.perf_counter() - t0] * len(msg.token_ids)
             out += msg.token_ids
         return out, times
@@ -154,6 +193,9 @@ class Pipeline:
 
     def generate(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
         return self._stream(tokens, n)
+
+    def generate_plain(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
+        return self._stream(tokens, n, self.plain_client)
 
     def streams(self, prompts: list[list[int]], n: int) -> int:
         counts = [0] * len(prompts)
@@ -180,6 +222,11 @@ class Pipeline:
 
     def close(self) -> None:
         self.client.close()
+        if hasattr(self, "plain_client"):
+            self.plain_client.close()
+        if hasattr(self, "plain"):
+            self.plain.proc.terminate()
+            self.plain.proc.wait(10)
         self.processes.stop()
 
 
@@ -272,6 +319,9 @@ class LlamaCpp:
             out.append(self._eval([out[-1]]))
             times.append(time.perf_counter() - t0)
         return out, times
+
+    def generate_plain(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
+        return self.generate(tokens, n)  # llama.cpp's eval loop: one token a step either way
 
     def streams(self, prompts: list[list[int]], n: int) -> int:
         return sum(len(self.generate(p, n)[0]) for p in prompts)

@@ -102,13 +102,16 @@ def single(child: Child, plan: Plan, prompts: dict[int, list[int]], out: dict[st
         out.setdefault(f"ttft_{n}", []).append(s)
         if n >= 128:
             out.setdefault(f"prompt_tps_{n}", []).append(n / s)
-    tokens, times = child.call("generate", tokens=prompts[32], n=plan.gen_tokens)["value"]
-    if len(tokens) != plan.gen_tokens:
-        raise RuntimeError(f"{child.runtime} generated {len(tokens)} tokens, not {plan.gen_tokens} (a stop token?)")
-    tpot = (times[-1] - times[0]) / (len(times) - 1)
-    out.setdefault("tpot", []).append(tpot)
-    out.setdefault("gen_tps", []).append(1 / tpot)
-    out["greedy"] = tokens
+    for call, suffix in (("generate", ""), ("generate_plain", "_1")):
+        tokens, times = child.call(call, tokens=prompts[32], n=plan.gen_tokens)["value"]
+        if len(tokens) != plan.gen_tokens:
+            raise RuntimeError(f"{child.runtime} generated {len(tokens)} tokens, not {plan.gen_tokens} (a stop token?)")
+        tpot = (times[-1] - times[0]) / (len(times) - 1)
+        out.setdefault(f"tpot{suffix}", []).append(tpot)
+        out.setdefault(f"gen_tps{suffix}", []).append(1 / tpot)
+        out[f"greedy{suffix}"] = tokens
+        if call == "generate":  # tokens of one step share its time at the chain; the pipeline streams them apart
+            out["steps"] = len(set(times)) - 1
 
 
 def streams(child: Child, counts: tuple[int, ...], tokens: int, prompts: list[list[int]], out: dict[str, list]) -> None:
@@ -137,6 +140,29 @@ def greedy_note(runtime: str, tokens: int, at: int | None, margin: float | None 
         return f"{runtime}: greedy {tokens} tokens identical to llama.cpp's"
     gap = "" if margin is None else f", where llama.cpp's two best logits are {margin:.3f} apart"
     return f"{runtime}: greedy {tokens} tokens first differ from llama.cpp's at token {at}{gap}"
+
+
+def speculation_notes(samples: dict[str, dict], tokens: int) -> list[str]:
+    """What speculation did to the generation figures: steps, same tokens, and the ratios one token a step."""
+    notes = []
+    if (steps := samples.get("chain", {}).get("steps")) is not None:
+        notes.append(f"generation: the pipeline and the chain speculate as `splitllm serve` does for a lone greedy "
+                     "request (prompt lookup, up to 3 draft tokens a step; llama.cpp does not): the chain took "
+                     f"{steps} steps for the {tokens - 1} tokens after the first ({(tokens - 1) / max(steps, 1):.2f} "
+                     "a step); 'one token a step' rows: the same without")
+    for r in ("pipeline", "chain"):
+        s = samples.get(r, {})
+        if "greedy_1" in s and (d := first_divergence(s["greedy"], s["greedy_1"])) is not None:
+            notes.append(f"{r}: speculating, greedy tokens first differ from one token a step at token {d} (a fault)")
+    plain = {r: statistics.median(samples[r]["gen_tps_1"]) for r in ("pipeline", "chain", "llamacpp")
+             if "gen_tps_1" in samples.get(r, {})}
+    if "llamacpp" in plain and len(plain) > 1:
+        shown = ", ".join(f"{r} / llama.cpp {v / plain['llamacpp']:.2f}x" for r, v in plain.items() if r != "llamacpp")
+        notes.append(f"one token a step: {shown}")
+    if "pipeline" in plain and "chain" in plain:
+        over = (statistics.median(samples["pipeline"]["tpot_1"]) - statistics.median(samples["chain"]["tpot_1"])) * 1e3
+        notes.append(f"one token a step: pipeline overhead {over:.2f} ms a token")
+    return notes
 
 
 def clock(seconds: float) -> str:
@@ -256,7 +282,8 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
             print(f"[{elapsed()}] {f'repetition {rep}/{plan.reps}' if rep else 'warm-up'} done, load average "
                   f"{loads[-1]:.1f}, other processes {outside.share():.0%} of the CPU; ~{clock(left)} left", flush=True)
         for r in runtimes:
-            results[r]["figures"] = {k: report.summarize(v) for k, v in samples[r].items() if k != "greedy"}
+            results[r]["figures"] = {k: report.summarize(v) for k, v in samples[r].items()
+                                     if k not in ("greedy", "greedy_1", "steps")}
             results[r]["rss_streams"] = children[r].call("rss")["value"]
         # The pipeline runs the chain's graphs, and the other llama.cpp does the same sums as this one.
         for r in [r for r in runtimes if r in ("chain", "llamacpp")]:
@@ -290,6 +317,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
     else:
         results["llamacpp"] = {"perplexity": reference_perplexity(len(ppl_tokens) // 512)}
         notes.append("llama.cpp perplexity quoted from the reference JSON (same text and windows)")
+    notes += speculation_notes(samples, plan.gen_tokens)
     notes += ["TTFT is timed at the caller: for the pipeline at the gRPC client (raw token ids, max_tokens=1)",
               f"concurrent streams: {plan.stream_tokens} tokens each after a 32-token prompt; the chain interleaves "
               "them round robin in one thread",

@@ -10,7 +10,10 @@ lookup decoding and vLLM's n-gram speculation make them: no draft model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+
+from splitllm.services.coordinator.pipeline import Logits
+from splitllm.services.coordinator.sampler import Sampler
 
 NGRAM = 3  # tokens that must repeat before their continuation is guessed (2 guessed more and kept fewer)
 
@@ -40,3 +43,19 @@ class PromptLookup:
         if self.match is None or k <= 0:
             return []
         return self.tokens[self.match : self.match + k]
+
+
+def accept(sampler: Sampler, logits: Logits, drafts: list[int], history: list[int], stop_ids: Collection[int] = (),
+           end: int | None = None) -> list[int]:
+    """The tokens a step yields, appended to `history`: the one sampled after the step's first row, and while it
+    matches the guess fed after that row, the one sampled after the guess's row, and so on. The tokens and the
+    sampler's draws are those of one step at a time. Stops at a stop id and at `end` tokens of history. `logits`: one
+    row per token fed ([rows, n]) when there are drafts, else the last row's."""
+    tokens: list[int] = []
+    for i in range(len(drafts) + 1):
+        token = sampler.sample(logits.row(i) if drafts else logits, history)
+        history.append(token)
+        tokens.append(token)
+        if i == len(drafts) or token != drafts[i] or token in stop_ids or (end is not None and len(history) >= end):
+            break
+    return tokens

@@ -24,8 +24,8 @@ from splitllm.protos import coordinator_pb2 as pb
 from splitllm.services.common.errors import ServiceError, invalid
 from splitllm.services.common.manifest import load_manifest
 from splitllm.services.common.metrics import CoordinatorMetrics
-from splitllm.services.coordinator.draft import PromptLookup
-from splitllm.services.coordinator.pipeline import Logits, Pending, Pipeline
+from splitllm.services.coordinator.draft import PromptLookup, accept
+from splitllm.services.coordinator.pipeline import Pending, Pipeline
 from splitllm.services.coordinator.sampler import Sampler, SamplingParams, top_k_needed
 from splitllm.services.coordinator.text import ChatTemplate, IncrementalDecoder, StopMatcher, TextCodec
 
@@ -237,7 +237,7 @@ class Engine:
             drafts: list[int] = []  # the guesses fed in the step that answered `logits`
             t_first = t_prev = 0.0
             while True:
-                tokens = self._accept(sampler, logits, drafts, history, job.stop_ids, n + job.budget)
+                tokens = accept(sampler, logits, drafts, history, job.stop_ids, n + job.budget)
                 if lookup is not None:
                     lookup.extend(tokens)
                     if m and drafts:
@@ -296,21 +296,6 @@ class Engine:
                 with suppress(ServiceError):
                     pending()
             after_call(lambda: self.pipeline.release(sid, then=self._free_slot))
-
-    @staticmethod
-    def _accept(sampler: Sampler, logits: Logits, drafts: list[int], history: list[int], stop_ids: frozenset[int],
-                end: int) -> list[int]:
-        """The tokens a step yields, appended to `history`: the one sampled after the step's first row, and while
-        it matches the guess fed after that row, the one sampled after the guess's row, and so on. The tokens and
-        the sampler's draws are those of one step at a time. Stops at a stop id and at `end` tokens of history."""
-        tokens: list[int] = []
-        for i in range(len(drafts) + 1):
-            token = sampler.sample(logits.row(i) if drafts else logits, history)
-            history.append(token)
-            tokens.append(token)
-            if i == len(drafts) or token != drafts[i] or token in stop_ids or len(history) >= end:
-                return tokens
-        return tokens
 
     def _next_step(self, sid: str, history: list[int], top_k: int, room: int,
                    lookup: PromptLookup | None) -> tuple[Pending, list[int]]:
