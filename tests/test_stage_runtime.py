@@ -185,6 +185,14 @@ def test_a_stage_says_when_its_artifact_should_be_exported_again(smollm2_artifac
     assert [r.split(" (")[0] for r in export_again(gqa, batched=True, kernels="avx2")] == [
         "the artifact runs GroupQueryAttention"
     ]
+    last = m.stages[-1]
+    pp = last.graphs["cpu"]["pp"]
+    one_row = dataclasses.replace(pp, inputs=[t for t in pp.inputs if t.name != "logit_rows"])
+    before = dataclasses.replace(m, stages=[*m.stages[:-1], dataclasses.replace(
+        last, graphs={"cpu": {"pp": one_row, "tg": last.graphs["cpu"]["tg"]}})])
+    assert [r.split(" (")[0] for r in export_again(before, batched=True, kernels="avx2")] == [
+        "the last stage answers the logits of a step's last row only"
+    ]
 
 
 def test_an_artifact_with_the_earlier_float32_cache_is_refused_with_what_to_do(tmp_path, smollm2_artifacts):
