@@ -5,7 +5,7 @@
     python bench/kernel_ab.py --a a.so --b b.so --rows 1,128 --rounds 40
 
 Each side is a library: a built .so, or a .c file that this compiles with the .c files beside it, with gcc as pip
-does (-O3, hidden symbols).
+does (Python's CFLAGS, then pyproject.toml's extra-compile-args).
 Both are registered in one process (ONNX Runtime keeps a library per path, so the two builds' kernels live side by
 side) under serve's session settings (2 threads that spin 50 us), each running the same graph: MatMulQ4_1 nodes of
 SmolLM2's shapes for 8 layers (qkv 960 x 576, o 576 x 576, gate_up 3072 x 576, down 576 x 1536) and its
@@ -21,12 +21,14 @@ import json
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import tomllib
 from onnx import TensorProto, helper, numpy_helper
 
 from splitllm.services.stage import cpu_kernels
@@ -37,6 +39,13 @@ LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (N, K) of SmolLM2'
 LM_HEAD = (49152, 576)
 
 
+def package_flags() -> list[str]:
+    """The compiler flags pip builds the package's kernels with: Python's CFLAGS, then the extension's own."""
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    ext = next(e for e in project["tool"]["setuptools"]["ext-modules"] if e["name"].endswith("_cpu_kernels"))
+    return [*(sysconfig.get_config_var("CFLAGS") or "").split(), *ext["extra-compile-args"]]
+
+
 def build(source: str, out_dir: Path) -> str:
     """A library path: `source` itself if built, else compiled from a .c file and the .c files beside it (the
     library's other ops)."""
@@ -44,8 +53,7 @@ def build(source: str, out_dir: Path) -> str:
         return str(Path(source).resolve())
     out = out_dir / f"{len(list(out_dir.iterdir()))}_{Path(source).stem}.so"
     sources = sorted({str(p) for p in Path(source).parent.glob("*.c")} | {source})
-    subprocess.run(["gcc", "-O3", "-fPIC", "-shared", "-fvisibility=hidden", *sources, "-o", str(out), "-lm"],
-                   check=True)
+    subprocess.run(["gcc", *package_flags(), "-fPIC", "-shared", *sources, "-o", str(out), "-lm"], check=True)
     return str(out)
 
 
