@@ -144,8 +144,10 @@ def main() -> int:
 
     base = free_port_block(5)
     a.stage_threads = a.stage_threads or STAGE_THREADS
+    # one token a step: the breakdown is of a token step (a speculative step's rows cost more compute, the same hops)
     processes = Pipeline(a.artifacts, base_port=base, coordinator_port=base + 4, metrics_base=None,
-                         stage_threads=a.stage_threads, stage_spin=a.spin).start()
+                         stage_threads=a.stage_threads, stage_spin=a.spin,
+                         extra_coordinator_args=["--draft-tokens", "0"]).start()
     a.spin = processes.stage_spin
     try:
         with Client(processes.coordinator.address) as client:
