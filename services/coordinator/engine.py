@@ -34,7 +34,7 @@ ROLES = ("system", "user", "assistant")
 _STATUS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.RESOURCE_EXHAUSTED: "exhausted",
            grpc.StatusCode.DEADLINE_EXCEEDED: "deadline", grpc.StatusCode.CANCELLED: "cancelled"}
 _REASON = {pb.STOP: "stop", pb.LENGTH: "length", pb.CONTEXT: "context"}
-DRAFT_TOKENS = 3  # speculative decoding's guesses a step (bench/PERFORMANCE.md: 3 against 2 and 4)
+DRAFT_TOKENS = 3  # guesses a step: 4 rows cost ~1.5x one, 5 (the matmul runs them as 4 + 1) ~2x (bench/PERFORMANCE.md)
 
 
 @dataclass(frozen=True)
