@@ -624,12 +624,25 @@ AVX512 static inline __m128 halves512(__m512 acc) {
 DEFINE_ONE512(Q4_1)
 DEFINE_ONE512(Q8_0)
 
-/* rows512_q4_1 / rows512_q8_0: any count of A rows */
+/* rows512_q4_1 / rows512_q8_0: any count of A rows; 5 or 6 in one pass over the weights, where 4 + 1 and 4 + 2 took
+ * two (`bench/kernel_ab.py --rows 5,6`: -15.6 % and -15.8 %, 20 of 20 rounds each); 8 in one pass was slower than two
+ * of 4 (+2 %, and +15 % for 128 rows 8 at a time): the accumulators then crowd out what the loop needs. */
 #define DEFINE_KIND512(KIND)                                                                                          \
   DEFINE_ROWS512(KIND, 2)                                                                                             \
   DEFINE_ROWS512(KIND, 3)                                                                                             \
   DEFINE_ROWS512(KIND, 4)                                                                                             \
-  DEFINE_ANY_ROWS(rows512_##KIND, rows512_##KIND)
+  DEFINE_ROWS512(KIND, 5)                                                                                             \
+  DEFINE_ROWS512(KIND, 6)                                                                                             \
+  DEFINE_ANY_ROWS(rows512_##KIND##_fours, rows512_##KIND)                                                             \
+  static void rows512_##KIND(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int n0, int n1,                \
+                             const uint8_t* aq, int count, const Layout* l, float* y, size_t ldy) {                  \
+    if (count == 5)                                                                                                   \
+      rows512_##KIND##_5(qs, d, m, n0, n1, aq, l, y, ldy);                                                            \
+    else if (count == 6)                                                                                              \
+      rows512_##KIND##_6(qs, d, m, n0, n1, aq, l, y, ldy);                                                            \
+    else                                                                                                              \
+      rows512_##KIND##_fours(qs, d, m, n0, n1, aq, count, l, y, ldy);                                                 \
+  }
 DEFINE_KIND512(Q4_1)
 DEFINE_KIND512(Q8_0)
 
