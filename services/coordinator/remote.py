@@ -337,6 +337,10 @@ class RemotePipeline:
         """One token goes out in a decode batch; more tokens (a prompt chunk, a token with drafts) as a step of
         their own."""
         if len(tokens) != 1:
+            if logit_rows > 1:  # a token step with guesses: its session is back, though not through the batcher
+                with self.cv:
+                    self.expected.discard(session_id)
+                    self._pump()
             try:
                 p = self._send(session_id, position, tokens, top_k, last, logit_rows)
             except ServiceError as e:
