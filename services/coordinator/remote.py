@@ -297,6 +297,12 @@ class RemotePipeline:
         if self.queue:  # the timer sends them if their group does not come
             self.cv.notify()
 
+    def _not_expected(self, session_id: str) -> None:
+        """The batcher stops holding the queued steps for `session_id`, which will not come back through the queue."""
+        with self.cv:
+            self.expected.discard(session_id)
+            self._pump()
+
     def _batch_timer(self) -> None:
         """Sends the queued steps when the rest of their group has not come within GROUP_WAIT."""
         with self.cv:
@@ -338,9 +344,7 @@ class RemotePipeline:
         their own."""
         if len(tokens) != 1:
             if logit_rows > 1:  # a token step with guesses: its session is back, though not through the batcher
-                with self.cv:
-                    self.expected.discard(session_id)
-                    self._pump()
+                self._not_expected(session_id)
             try:
                 p = self._send(session_id, position, tokens, top_k, last, logit_rows)
             except ServiceError as e:
@@ -404,9 +408,7 @@ class RemotePipeline:
         """Release on every stage of the route at once and return without waiting (the session has no step in
         flight); `then` runs when all have answered. The chained Release (stage 1 calling stage 2 ...) had held
         a Generate call open 3.7 ms after its last message, awaiting the stages at once 2.6 ms."""
-        with self.cv:  # a finished session will not come back to its batch
-            self.expected.discard(session_id)
-            self._pump()
+        self._not_expected(session_id)  # a finished session will not come back to its batch
         with self.released:
             freed = session_id in self.freed
             self.freed.discard(session_id)
