@@ -142,25 +142,24 @@ def greedy_note(runtime: str, tokens: int, at: int | None, margin: float | None 
     return f"{runtime}: greedy {tokens} tokens first differ from llama.cpp's at token {at}{gap}"
 
 
-def speculation_notes(samples: dict[str, dict], tokens: int) -> list[str]:
+def speculation_notes(samples: dict[str, dict], results: dict, tokens: int) -> list[str]:
     """What speculation did to the generation figures: steps, same tokens, and the ratios one token a step."""
+    from splitllm.services.coordinator.engine import DRAFT_TOKENS
+
     notes = []
     if (steps := samples.get("chain", {}).get("steps")) is not None:
         notes.append(f"generation: the pipeline and the chain speculate as `splitllm serve` does for a lone greedy "
-                     "request (prompt lookup, up to 3 draft tokens a step; llama.cpp does not): the chain took "
-                     f"{steps} steps for the {tokens - 1} tokens after the first ({(tokens - 1) / max(steps, 1):.2f} "
-                     "a step); 'one token a step' rows: the same without")
+                     f"request (prompt lookup, up to {DRAFT_TOKENS} draft tokens a step; llama.cpp does not): the "
+                     f"chain took {steps} steps for the {tokens - 1} tokens after the first "
+                     f"({(tokens - 1) / max(steps, 1):.2f} a step); 'one token a step' rows: the same without")
     for r in ("pipeline", "chain"):
         s = samples.get(r, {})
         if "greedy_1" in s and (d := first_divergence(s["greedy"], s["greedy_1"])) is not None:
             notes.append(f"{r}: speculating, greedy tokens first differ from one token a step at token {d} (a fault)")
-    plain = {r: statistics.median(samples[r]["gen_tps_1"]) for r in ("pipeline", "chain", "llamacpp")
-             if "gen_tps_1" in samples.get(r, {})}
-    if "llamacpp" in plain and len(plain) > 1:
-        shown = ", ".join(f"{r} / llama.cpp {v / plain['llamacpp']:.2f}x" for r, v in plain.items() if r != "llamacpp")
+    ratios = {r: report.vs_llamacpp(r, "gen_tps_1")(results, "llamacpp") for r in ("pipeline", "chain")}
+    if shown := ", ".join(f"{r} / llama.cpp {v:.2f}x" for r, v in ratios.items() if v is not None):
         notes.append(f"one token a step: {shown}")
-    if "pipeline" in plain and "chain" in plain:
-        over = (statistics.median(samples["pipeline"]["tpot_1"]) - statistics.median(samples["chain"]["tpot_1"])) * 1e3
+    if (over := report.overhead_ms(results, key="tpot_1")) is not None:
         notes.append(f"one token a step: pipeline overhead {over:.2f} ms a token")
     return notes
 
@@ -317,7 +316,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
     else:
         results["llamacpp"] = {"perplexity": reference_perplexity(len(ppl_tokens) // 512)}
         notes.append("llama.cpp perplexity quoted from the reference JSON (same text and windows)")
-    notes += speculation_notes(samples, plan.gen_tokens)
+    notes += speculation_notes(samples, results, plan.gen_tokens)
     notes += ["TTFT is timed at the caller: for the pipeline at the gRPC client (raw token ids, max_tokens=1)",
               f"concurrent streams: {plan.stream_tokens} tokens each after a 32-token prompt; the chain interleaves "
               "them round robin in one thread",
