@@ -16,7 +16,7 @@ from splitllm.services.common.manifest import ManifestError
 from splitllm.services.common.metrics import CoordinatorMetrics
 from splitllm.services.coordinator.engine import Engine
 from splitllm.services.coordinator.pipeline import LocalPipeline, Logits, top_k_logits
-from splitllm.services.coordinator.sampler import Sampler, SamplingParams, top_k_needed
+from splitllm.services.coordinator.sampler import Sampler, SamplingParams, nucleus, top_k_indices, top_k_needed
 from splitllm.services.coordinator.server import SERVICE_NAME, serve_coordinator
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -234,6 +234,25 @@ def test_sampler_top_k_subset_matches_full():
         for _ in range(50):
             logits = rng.normal(0, 3, 2000).astype(np.float32)
             assert a.sample(Logits(logits)) == b.sample(top_k_logits(logits, k))
+
+
+def test_nucleus_is_a_full_sorts():
+    """The nucleus from the largest weights alone is the one a sort of all of them gives, ties and all."""
+    rng = np.random.default_rng(3)
+    for n, top_p, scale in [(5, 0.5, 1), (49152, 0.9, 3), (49152, 0.999, 0.5), (2000, 0.95, 0.1), (300, 1 - 1e-9, 2)]:
+        weights = np.exp(np.round(rng.normal(0, scale, n), 1)).astype(np.float32)  # rounded: many ties
+        for ids in (None, rng.permutation(10 * n)[:n]):
+            key = np.arange(n) if ids is None else ids
+            order = np.lexsort((key, -weights))
+            cut = int(np.searchsorted(np.cumsum(weights[order], dtype=np.float64),
+                                      top_p * weights.sum(dtype=np.float64))) + 1
+            assert nucleus(weights, ids, top_p).tolist() == sorted(order[:cut].tolist())
+
+
+def test_top_k_indices_take_the_lower_ids_at_a_tie():
+    assert top_k_indices(np.array([1, 3, 2, 3, 3, 0], np.float32), 2).tolist() == [1, 3]
+    assert top_k_indices(np.array([1, 3, 2, 3, 3, 0], np.float32), 4).tolist() == [1, 2, 3, 4]
+    assert top_k_indices(np.array([5, 4], np.float32), 3).tolist() == [0, 1]
 
 
 def test_top_k_needed():

@@ -61,6 +61,31 @@ def top_k_needed(params: SamplingParams) -> int:
     return params.top_k
 
 
+def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """Ascending indices of the k largest values; at a tie on the boundary the lower indices."""
+    n = values.size
+    if k >= n:
+        return np.arange(n)
+    boundary = np.partition(values, n - k)[n - k]
+    above = np.flatnonzero(values > boundary)
+    return np.sort(np.concatenate([above, np.flatnonzero(values == boundary)[: k - above.size]]))
+
+
+def nucleus(weights: np.ndarray, ids: np.ndarray | None, top_p: float) -> np.ndarray:
+    """Ascending indices of top_p's nucleus: the smallest set, most probable first (ties: the lower id first), whose
+    weights reach top_p of their sum. `ids` None: the indices are the ids. Sorts only the largest weights, 64 of them
+    and 8 times more while they fall short: they are a prefix of the full order, so the sums along it are a full
+    sort's."""
+    target, n, k = top_p * weights.sum(dtype=np.float64), weights.size, 64
+    while True:
+        top = np.flatnonzero(weights >= np.partition(weights, n - k)[n - k]) if k < n else np.arange(n)
+        order = top[np.lexsort((top if ids is None else ids[top], -weights[top]))]
+        i = int(np.searchsorted(np.cumsum(weights[order], dtype=np.float64), target))
+        if i < order.size or k >= n:
+            return np.sort(order[: i + 1])
+        k *= 8
+
+
 class Sampler:
     def __init__(self, params: SamplingParams, seed: int | None = None) -> None:
         self.params = params
@@ -84,39 +109,47 @@ class Sampler:
         values[idx] = np.where(v <= 0, v * penalty, v / penalty)
         return values
 
-    def distribution(self, logits: Logits, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """The candidates (ids ascending) and their probabilities (float64, summing to 1) for temperature > 0."""
+    def candidates(self, logits: Logits, history: Sequence[int] = ()) -> tuple[np.ndarray | None, np.ndarray]:
+        """What temperature > 0 draws from: the ids (ascending; None: the whole vocabulary in order) and logits
+        (float32) left after the penalty, top_k, top_p and min_p. Weights are float32 exponentials (the logits are
+        float32: their own rounding is the larger) and top_p sorts only the most probable (nucleus): over the whole
+        vocabulary a full sort and float64 exponentials had cost 5.5 ms a token with top_p, 1.5 ms without."""
         p = self.params
         values = self._penalized(logits, history)
-        ids = np.arange(values.size) if logits.ids is None else np.asarray(logits.ids, np.int64)
-        truncate = 0 < p.top_k < values.size
-        if truncate:
-            keep = np.argpartition(-values, p.top_k - 1)[: p.top_k]
-            values, ids = values[keep], ids[keep]
-        if truncate or logits.ids is not None:
+        ids = None if logits.ids is None else np.asarray(logits.ids, np.int64)
+        keep = None
+        if 0 < p.top_k < values.size:
+            keep = top_k_indices(values, p.top_k)
+            values, ids = values[keep], keep if ids is None else ids[keep]
+        if 0 < p.top_p < 1 or p.min_p > 0:
+            weights = np.exp(values - values.max())  # the largest is 1
+            keep = nucleus(weights, ids, p.top_p) if 0 < p.top_p < 1 else np.arange(values.size)
+            if p.min_p > 0:
+                keep = keep[weights[keep] >= p.min_p]
+            values, ids = values[keep], keep if ids is None else ids[keep]
+        if ids is not None and ids.size > 1 and np.any(ids[1:] < ids[:-1]):  # the stage's top k come by value
             order = np.argsort(ids, kind="stable")
             values, ids = values[order], ids[order]
-        x = values.astype(np.float64)
-        probs = np.exp(x - x.max())
-        probs /= probs.sum()
-        if 0 < p.top_p < 1:  # the smallest set, most probable first, whose mass reaches top_p
-            order = np.lexsort((ids, -probs))
-            n = min(int(np.searchsorted(np.cumsum(probs[order]), p.top_p)) + 1, order.size)
-            keep = np.sort(order[:n])
-            x, ids, probs = x[keep], ids[keep], probs[keep]
-        if p.min_p > 0:
-            keep = probs >= p.min_p * probs.max()
-            x, ids = x[keep], ids[keep]
-        x = x / p.temperature
-        probs = np.exp(x - x.max())
-        return ids, probs / probs.sum()
+        return ids, values
+
+    def weights(self, values: np.ndarray) -> np.ndarray:
+        """Unnormalized probabilities of candidate logits at the temperature (float32, the largest 1)."""
+        w = values - values.max()
+        np.divide(w, np.float32(self.params.temperature), out=w)
+        return np.exp(w, out=w)
+
+    def distribution(self, logits: Logits, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates (ids ascending) and their probabilities (float64, summing to 1) for temperature > 0."""
+        ids, values = self.candidates(logits, history)
+        probs = self.weights(values).astype(np.float64)
+        return np.arange(values.size) if ids is None else ids, probs / probs.sum()
 
     def sample(self, logits: Logits, history: Sequence[int] = ()) -> int:
         """The next token; history is every token seen so far (prompt + generated), for the penalty."""
         if self.params.temperature == 0:
             i = int(np.argmax(self._penalized(logits, history)))
             return i if logits.ids is None else int(logits.ids[i])
-        ids, probs = self.distribution(logits, history)
-        cdf = np.cumsum(probs)
-        i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
-        return int(ids[min(i, ids.size - 1)])
+        ids, values = self.candidates(logits, history)
+        cdf = np.cumsum(self.weights(values), dtype=np.float64)
+        i = min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), cdf.size - 1)
+        return i if ids is None else int(ids[i])
