@@ -97,6 +97,27 @@ def test_speculative_steps_over_the_pipeline_give_the_chains_greedy_tokens(clien
     assert wait_released(pipeline) == [0, 0, 0, 0]
 
 
+def test_a_sampled_request_speculates_too_and_draws_a_seeds_tokens(client, pipeline, smollm2_artifacts):
+    """Sampled, a lone request speculates as well: the last stage answers the top 40 of each row, and a guess is kept
+    when the token drawn from its row is the guess. The draws are one step at a time's, so the tokens are those of
+    the in-process engine going one token a step with the same seed."""
+    from splitllm.bench.suite import reference_tokens
+    from splitllm.protos import coordinator_pb2 as pb
+    from splitllm.services.coordinator.engine import Engine
+    from splitllm.services.coordinator.pipeline import LocalPipeline
+
+    prompt, sampling = reference_tokens(smollm2_artifacts)[:32], dict(temperature=0.5, top_k=40, seed=7)
+    port = pipeline.coordinator.metrics_port
+    before = scrape(port)["splitllm_draft_tokens_total{outcome=accepted}"]
+    out = client.generate(token_ids=prompt, max_tokens=64, **sampling)
+    accepted = scrape(port)["splitllm_draft_tokens_total{outcome=accepted}"] - before
+    one_step = Engine(LocalPipeline(str(smollm2_artifacts)), artifacts=smollm2_artifacts, draft_tokens=0)
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_tokens=64,
+                                 sampling=pb.SamplingParams(**sampling))
+    assert out.token_ids == [t for m in one_step.generate(request) for t in m.token_ids] and accepted > 0
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+
+
 def test_eight_concurrent_generates_match_their_solo_runs(exact):
     pipeline, client = exact
     prompts = [f"Tell me one fact about the number {i}." for i in range(8)]

@@ -178,9 +178,9 @@ def cmd_hub(a: argparse.Namespace) -> int:
 
 def add_draft_tokens(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-tokens", type=int,
-                   help="speculative decoding: guesses (from earlier text, prompt lookup) a greedy request's token "
-                   "step feeds after its token while it is the only request generating; the tokens are the same, "
-                   "in fewer steps where text repeats (0 = off; default 3, engine.DRAFT_TOKENS)")
+                   help="speculative decoding: guesses (from earlier text, prompt lookup) a request's token step "
+                   "feeds after its token while it is the only request generating; the tokens (and a seed's draws) "
+                   "are the same, in fewer steps where text repeats (0 = off; default 3, engine.DRAFT_TOKENS)")
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:

@@ -56,7 +56,7 @@ class Engine:
     `truncate_to_context`: a prompt + max_tokens beyond the context generates up to the context (finish
     reason CONTEXT) instead of failing with INVALID_ARGUMENT. `max_concurrent`: requests generating at once;
     more wait (queue) until a slot frees, the client cancels or its deadline passes. `draft_tokens`: speculative
-    decoding's guesses a step (0 = off), for greedy requests while no other request generates (in company, their
+    decoding's guesses a step (0 = off), for a request while no other one generates (in company, their
     token steps share batched graph runs, which reads the weights once for all of them already), on pipelines
     whose stages answer logits for several rows."""
 
@@ -224,7 +224,7 @@ class Engine:
             sampler, k = Sampler(job.params, job.params.seed), top_k_needed(job.params)
             decoder, stopper = IncrementalDecoder(self.codec), StopMatcher(job.stop)
             history, n = list(job.prompt), len(job.prompt)
-            speculate = self.draft_tokens > 0 and job.params.temperature == 0 and self.pipeline.multi_row_logits
+            speculate = self.draft_tokens > 0 and self.pipeline.multi_row_logits
             lookup = PromptLookup(history) if speculate else None
             self._check(is_cancelled, time_remaining)
             if m:
