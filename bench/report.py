@@ -23,6 +23,8 @@ FIGURES: dict[str, tuple[str, str, float]] = {
     "tpot": ("time per output token", "ms", 1e3),
     "gen_tps_1": ("generation tok/s, one token a step", "tok/s", 1),
     "tpot_1": ("time per output token, one token a step", "ms", 1e3),
+    "gen_tps_sampled": ("generation tok/s, sampled (temperature 0.7, top_p 0.9)", "tok/s", 1),
+    "tpot_sampled": ("time per output token, sampled", "ms", 1e3),
     "streams_1": ("aggregate tok/s, 1 stream", "tok/s", 1),
     "streams_4": ("aggregate tok/s, 4 streams", "tok/s", 1),
     "streams_16": ("aggregate tok/s, 16 streams", "tok/s", 1),

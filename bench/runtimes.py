@@ -19,6 +19,7 @@ import numpy as np
 
 from splitllm.bench.machine import cpu_flags
 from splitllm.services.common.heap import proc_bytes
+from splitllm.services.coordinator.sampler import Sampler, SamplingParams
 
 _ids = itertools.count()
 
@@ -63,10 +64,15 @@ def free_port_block(n: int) -> int:
     raise RuntimeError(f"found no {n} free consecutive ports on 127.0.0.1")
 
 
+# generate_sampled's request: a chat client's usual setting, whose top_p needs the whole vocabulary each row
+SAMPLED = {"temperature": 0.7, "top_p": 0.9}
+SAMPLED_SEED = 1
+
+
 class Chain:
     """The stage graphs chained in one process (no gRPC); streams interleave round robin in one thread. `generate`
-    speculates as the coordinator does for a lone greedy request (the same draft tokens, so the same steps);
-    `generate_plain` takes one token a step."""
+    and `generate_sampled` speculate as the coordinator does for a lone request (the same draft tokens, so the same
+    steps); `generate_plain` takes one token a step."""
 
     name = "chain"
 
@@ -103,23 +109,31 @@ class Chain:
         return out, times
 
     def generate(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
-        """Tokens that one step yields share its time."""
+        return self._speculate(tokens, n, SamplingParams())
+
+    def generate_sampled(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
+        return self._speculate(tokens, n, SamplingParams(**SAMPLED, seed=SAMPLED_SEED))
+
+    def _speculate(self, tokens: list[int], n: int, params: SamplingParams) -> tuple[list[int], list[float]]:
+        """As the coordinator's engine samples and speculates (without its stop tokens); tokens that one step yields
+        share its time."""
         from splitllm.services.coordinator.draft import PromptLookup, accept
         from splitllm.services.coordinator.engine import DRAFT_TOKENS
         from splitllm.services.coordinator.pipeline import Logits
-        from splitllm.services.coordinator.sampler import Sampler, SamplingParams
 
-        sid, out, times, greedy = f"gen-{next(_ids)}", [], [], Sampler(SamplingParams())
+        sid, out, times, sampler = f"gen-{next(_ids)}", [], [], Sampler(params, params.seed)
         t0 = time.perf_counter()
         try:
-            out.append(self._prefill(sid, tokens))
+            history = list(tokens)
+            out.append(sampler.sample(Logits(self.chain.prefill_tokens(sid, tokens)), history))
+            history.append(out[-1])
             times.append(time.perf_counter() - t0)
-            lookup, history = PromptLookup(tokens + out), tokens + out
+            lookup = PromptLookup(history)
             while len(out) < n:
                 drafts = lookup.draft(min(DRAFT_TOKENS, n - len(out) - 1))
                 feed = np.array([out[-1], *drafts], np.int32)
                 logits = self.chain.step(sid, len(history) - 1, feed, len(feed))
-                new = accept(greedy, Logits(logits), drafts, history)
+                new = accept(sampler, Logits(logits), drafts, history)
                 lookup.extend(new)
                 out += new
                 times += [time.perf_counter() - t0] * len(new)
@@ -180,10 +194,11 @@ class Pipeline:
             raise
         self.plain_client = Client(addr)
 
-    def _stream(self, tokens: list[int], n: int, client: object = None) -> tuple[list[int], list[float]]:
+    def _stream(self, tokens: list[int], n: int, client: object = None, **sampling: object) -> tuple[list[int],
+                                                                                                  list[float]]:
         out, times = [], []
         t0 = time.perf_counter()
-        for msg in (client or self.client).stream(token_ids=tokens, max_tokens=n):
+        for msg in (client or self.client).stream(token_ids=tokens, max_tokens=n, **sampling):
             times += [time.perf_counter() - t0] * len(msg.token_ids)
             out += msg.token_ids
         return out, times
@@ -196,6 +211,9 @@ class Pipeline:
 
     def generate_plain(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
         return self._stream(tokens, n, self.plain_client)
+
+    def generate_sampled(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
+        return self._stream(tokens, n, **SAMPLED, seed=SAMPLED_SEED)
 
     def streams(self, prompts: list[list[int]], n: int) -> int:
         counts = [0] * len(prompts)
@@ -322,6 +340,20 @@ class LlamaCpp:
 
     def generate_plain(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
         return self.generate(tokens, n)  # llama.cpp's eval loop: one token a step either way
+
+    def generate_sampled(self, tokens: list[int], n: int) -> tuple[list[int], list[float]]:
+        """llama.cpp's own sampler chain (llama-cpp-python's Llama.generate) at SAMPLED's settings: top_k and min_p
+        off as in ours."""
+        self.llm.set_seed(SAMPLED_SEED)
+        out, times = [], []
+        t0 = time.perf_counter()
+        for token in self.llm.generate(tokens, top_k=0, top_p=SAMPLED["top_p"], min_p=0.0,
+                                       temp=SAMPLED["temperature"], repeat_penalty=1.0, reset=True):
+            out.append(token)
+            times.append(time.perf_counter() - t0)
+            if len(out) == n:
+                break
+        return out, times
 
     def streams(self, prompts: list[list[int]], n: int) -> int:
         return sum(len(self.generate(p, n)[0]) for p in prompts)

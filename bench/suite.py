@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitllm.bench import machine, report
+from splitllm.bench.runtimes import SAMPLED, SAMPLED_SEED
 from splitllm.services.client.launcher import STAGE_THREADS, spins_by_default, stage_cpus, stage_env
 
 REFERENCE = Path(__file__).resolve().parents[1] / "../shared/reference/smollm2"
@@ -102,14 +103,14 @@ def single(child: Child, plan: Plan, prompts: dict[int, list[int]], out: dict[st
         out.setdefault(f"ttft_{n}", []).append(s)
         if n >= 128:
             out.setdefault(f"prompt_tps_{n}", []).append(n / s)
-    for call, suffix in (("generate", ""), ("generate_plain", "_1")):
+    for call, suffix in (("generate", ""), ("generate_plain", "_1"), ("generate_sampled", "_sampled")):
         tokens, times = child.call(call, tokens=prompts[32], n=plan.gen_tokens)["value"]
-        if len(tokens) != plan.gen_tokens:
+        if len(tokens) != plan.gen_tokens and (suffix != "_sampled" or len(tokens) < 16):  # a draw may end it
             raise RuntimeError(f"{child.runtime} generated {len(tokens)} tokens, not {plan.gen_tokens} (a stop token?)")
         tpot = (times[-1] - times[0]) / (len(times) - 1)
         out.setdefault(f"tpot{suffix}", []).append(tpot)
         out.setdefault(f"gen_tps{suffix}", []).append(1 / tpot)
-        out[f"greedy{suffix}"] = tokens
+        out[f"tokens{suffix}"] = tokens
         if call == "generate":  # tokens of one step share its time at the chain; the pipeline streams them apart
             out["steps"] = len(set(times)) - 1
 
@@ -148,14 +149,23 @@ def speculation_notes(samples: dict[str, dict], results: dict, tokens: int) -> l
 
     notes = []
     if (steps := samples.get("chain", {}).get("steps")) is not None:
-        notes.append(f"generation: the pipeline and the chain speculate as `splitllm serve` does for a lone greedy "
-                     f"request (prompt lookup, up to {DRAFT_TOKENS} draft tokens a step; llama.cpp does not): the "
-                     f"chain took {steps} steps for the {tokens - 1} tokens after the first "
+        notes.append(f"generation: the pipeline and the chain speculate as `splitllm serve` does for a lone request "
+                     f"(prompt lookup, up to {DRAFT_TOKENS} draft tokens a step; llama.cpp does not): the "
+                     f"chain took {steps} steps for the {tokens - 1} greedy tokens after the first "
                      f"({(tokens - 1) / max(steps, 1):.2f} a step); 'one token a step' rows: the same without")
+    if "tokens_sampled" in samples.get("chain", {}):
+        notes.append(f"sampled rows: {', '.join(f'{k} {v}' for k, v in SAMPLED.items())}, seed {SAMPLED_SEED}, "
+                     "the bench's prompt; the pipeline and the chain draw with our sampler (a guess is kept when the "
+                     "draw is the guess), llama.cpp with its own sampler chain (top_k and min_p off): other random "
+                     "numbers, so other tokens")
     for r in ("pipeline", "chain"):
         s = samples.get(r, {})
-        if "greedy_1" in s and (d := first_divergence(s["greedy"], s["greedy_1"])) is not None:
+        if "tokens_1" in s and (d := first_divergence(s["tokens"], s["tokens_1"])) is not None:
             notes.append(f"{r}: speculating, greedy tokens first differ from one token a step at token {d} (a fault)")
+    pipe, chain = (samples.get(r, {}).get("tokens_sampled") for r in ("pipeline", "chain"))
+    if pipe and chain and (d := first_divergence(pipe, chain)) is not None:
+        notes.append(f"pipeline: sampled tokens first differ from the chain's at token {d} (a fault: the same logits "
+                     "and draws)")
     ratios = {r: report.vs_llamacpp(r, "gen_tps_1")(results, "llamacpp") for r in ("pipeline", "chain")}
     if shown := ", ".join(f"{r} / llama.cpp {v:.2f}x" for r, v in ratios.items() if v is not None):
         notes.append(f"one token a step: {shown}")
@@ -282,7 +292,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
                   f"{loads[-1]:.1f}, other processes {outside.share():.0%} of the CPU; ~{clock(left)} left", flush=True)
         for r in runtimes:
             results[r]["figures"] = {k: report.summarize(v) for k, v in samples[r].items()
-                                     if k not in ("greedy", "greedy_1", "steps")}
+                                     if k not in ("tokens", "tokens_1", "tokens_sampled", "steps")}
             results[r]["rss_streams"] = children[r].call("rss")["value"]
         # The pipeline runs the chain's graphs, and the other llama.cpp does the same sums as this one.
         for r in [r for r in runtimes if r in ("chain", "llamacpp")]:
@@ -290,9 +300,9 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
             results[r]["perplexity"] = children[r].call("perplexity", tokens=ppl_tokens, ctx=512)["value"]
         if "llamacpp" in runtimes:  # how near a tie llama.cpp's pick was where ours first differ from it
             for r in [r for r in runtimes if r in ("pipeline", "chain")]:
-                firsts[r] = d = first_divergence(samples[r]["greedy"], samples["llamacpp"]["greedy"])
+                firsts[r] = d = first_divergence(samples[r]["tokens"], samples["llamacpp"]["tokens"])
                 if d is not None:
-                    before = prompts[32] + samples["llamacpp"]["greedy"][:d]
+                    before = prompts[32] + samples["llamacpp"]["tokens"][:d]
                     margins[r] = children["llamacpp"].call("margin", tokens=before)["value"]
         outside_share = outside.share()
     finally:
