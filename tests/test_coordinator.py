@@ -16,7 +16,7 @@ from splitllm.services.common.manifest import ManifestError
 from splitllm.services.common.metrics import CoordinatorMetrics
 from splitllm.services.coordinator.engine import Engine
 from splitllm.services.coordinator.pipeline import LocalPipeline, Logits, top_k_logits
-from splitllm.services.coordinator.sampler import Sampler, SamplingParams, nucleus, top_k_indices, top_k_needed
+from splitllm.services.coordinator.sampler import Sampler, SamplingParams, draw, nucleus, top_k_indices, top_k_needed
 from splitllm.services.coordinator.server import SERVICE_NAME, serve_coordinator
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -247,6 +247,19 @@ def test_nucleus_is_a_full_sorts():
             cut = int(np.searchsorted(np.cumsum(weights[order], dtype=np.float64),
                                       top_p * weights.sum(dtype=np.float64))) + 1
             assert nucleus(weights, ids, top_p).tolist() == sorted(order[:cut].tolist())
+
+
+def test_draw_through_block_sums_is_the_inverse_of_the_cumulative_sum():
+    """Integer weights: every sum is exact, so the block walk must land where one cumulative sum does; a zero weight
+    is never drawn."""
+    rng = np.random.default_rng(4)
+    for n in (1, 5, 512, 513, 1000, 49152):
+        weights = rng.integers(0, 4, n).astype(np.float32)
+        weights[0] += 1
+        cdf = np.cumsum(weights, dtype=np.float64)
+        for u in np.concatenate([rng.random(300), [0.0, 1 - 1e-12]]):
+            i = draw(weights, u)
+            assert i == min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), n - 1) and weights[i] > 0
 
 
 def test_top_k_indices_take_the_lower_ids_at_a_tie():

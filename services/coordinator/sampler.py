@@ -86,6 +86,27 @@ def nucleus(weights: np.ndarray, ids: np.ndarray | None, top_p: float) -> np.nda
         k *= 8
 
 
+DRAW_BLOCK = 512  # weights summed a block at a time: a draw sums the vocabulary once and walks one block
+
+
+def draw(weights: np.ndarray, u: float) -> int:
+    """The index whose span of the weights' cumulative sum holds u (in [0, 1)) of their total: inverse transform
+    sampling through block sums, where a float64 cumulative sum of the whole vocabulary took ~0.2 ms and its array's
+    page faults as much again."""
+    n = weights.size
+    full = n - n % DRAW_BLOCK
+    sums = weights[:full].reshape(-1, DRAW_BLOCK).sum(axis=1, dtype=np.float64)
+    if full < n:
+        sums = np.append(sums, weights[full:].sum(dtype=np.float64))
+    ends = np.cumsum(sums)
+    target = u * ends[-1]
+    block = min(int(np.searchsorted(ends, target, side="right")), ends.size - 1)
+    start = block * DRAW_BLOCK
+    within = np.cumsum(weights[start : start + DRAW_BLOCK], dtype=np.float64)
+    before = ends[block - 1] if block else 0.0
+    return min(start + int(np.searchsorted(within, target - before, side="right")), n - 1)
+
+
 class Sampler:
     def __init__(self, params: SamplingParams, seed: int | None = None) -> None:
         self.params = params
@@ -150,6 +171,5 @@ class Sampler:
             i = int(np.argmax(self._penalized(logits, history)))
             return i if logits.ids is None else int(logits.ids[i])
         ids, values = self.candidates(logits, history)
-        cdf = np.cumsum(self.weights(values), dtype=np.float64)
-        i = min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), cdf.size - 1)
+        i = draw(self.weights(values), self.rng.random())
         return i if ids is None else int(ids[i])
