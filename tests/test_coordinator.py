@@ -260,6 +260,10 @@ def test_draw_through_block_sums_is_the_inverse_of_the_cumulative_sum():
         for u in np.concatenate([rng.random(300), [0.0, 1 - 1e-12]]):
             i = draw(weights, u)
             assert i == min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), n - 1) and weights[i] > 0
+    zeros_after = np.zeros(2000, np.float32)
+    zeros_after[[3, 700]] = [1e-30, 1]  # weights that underflow around the drawn ones
+    assert [draw(zeros_after, u) for u in (0.0, 0.5, np.nextafter(1, 0))] == [3, 700, 700]
+    assert draw(np.array([1, 1, 0, 0], np.float32), np.nextafter(1, 0)) == 1
 
 
 def test_top_k_indices_take_the_lower_ids_at_a_tie():

@@ -100,11 +100,15 @@ def draw(weights: np.ndarray, u: float) -> int:
         sums = np.append(sums, weights[full:].sum(dtype=np.float64))
     ends = np.cumsum(sums)
     target = u * ends[-1]
-    block = min(int(np.searchsorted(ends, target, side="right")), ends.size - 1)
+    block = int(np.searchsorted(ends, target, side="right"))  # its sum is > 0: ends[block - 1] <= target < ends[block]
+    if block == ends.size:  # u at the very end, past the total by rounding: the last token with weight
+        return int(np.flatnonzero(weights)[-1])
     start = block * DRAW_BLOCK
     within = np.cumsum(weights[start : start + DRAW_BLOCK], dtype=np.float64)
-    before = ends[block - 1] if block else 0.0
-    return min(start + int(np.searchsorted(within, target - before, side="right")), n - 1)
+    i = int(np.searchsorted(within, target - (ends[block - 1] if block else 0.0), side="right"))
+    if i == within.size:  # the block's own sums came out below its total by rounding
+        i = int(np.flatnonzero(weights[start : start + DRAW_BLOCK])[-1])
+    return start + i
 
 
 class Sampler:
