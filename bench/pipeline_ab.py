@@ -5,6 +5,7 @@
     python bench/pipeline_ab.py --a X=1 --b-python /tmp/vb/bin/python            # this checkout against another
     python bench/pipeline_ab.py --a X=1 --a-artifacts OLD --b-artifacts NEW      # two exports
     python bench/pipeline_ab.py --b PYTHONMALLOC=malloc --rounds 20
+    python bench/pipeline_ab.py --a X=1 --sampled                                # temperature 0.7, top_p 0.9
 
 On this project's noisy 2-core hosts a change to the serving path moves TPOT by less than the host moves it
 from minute to minute, so two full `splitllm bench` runs cannot tell it. Here two bench runners
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--one-token-a-step", dest="call", action="store_const", const="generate_plain",
                     default="generate", help="generate through a coordinator that does not speculate (a side that "
                     "runs a checkout from before speculative decoding has no such call: use its default there)")
+    ap.add_argument("--sampled", dest="call", action="store_const", const="generate_sampled",
+                    help="sampled tokens (bench/runtimes.py's SAMPLED: temperature 0.7, top_p 0.9) instead of greedy")
     a = ap.parse_args()
     sides = {"A": a.a if a.a is not None else ["GLIBC_TUNABLES=glibc.malloc.hugetlb=0"], "B": a.b or []}
     python = {"A": a.a_python, "B": a.b_python}

@@ -130,6 +130,7 @@ def run(artifacts: str, stages: list[str], listen: str, metrics_port: int | None
     engine = Engine(pipeline, metrics, truncate_to_context, artifacts=artifacts, max_concurrent=max_concurrent,
                     **({} if draft_tokens is None else {"draft_tokens": draft_tokens}))
     heap.trim()
+    heap.keep_freed()
     served = serve_coordinator(engine, listen, max_workers=max_concurrent + 8)
     stop = threading.Event()
     threading.Thread(target=watch_stages, args=(pipeline, served, stop), name="stage-watch", daemon=True).start()
