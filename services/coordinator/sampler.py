@@ -142,7 +142,6 @@ class Sampler:
         p = self.params
         values = self._penalized(logits, history)
         ids = None if logits.ids is None else np.asarray(logits.ids, np.int64)
-        keep = None
         if 0 < p.top_k < values.size:
             keep = top_k_indices(values, p.top_k)
             values, ids = values[keep], keep if ids is None else ids[keep]
