@@ -196,16 +196,15 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         entries = [e for e in decoded if isinstance(e, Entry)]
         trace.event(request.step_id, "run")
         t0 = time.perf_counter()
-        ran = iter(self.rt.forward_many(entries))
-        outs = [e if isinstance(e, ServiceError) else next(ran) for e in decoded]
+        results = iter(self.rt.forward_many(entries))
+        outs = [e if isinstance(e, ServiceError) else next(results) for e in decoded]
         seconds = time.perf_counter() - t0
         trace.event(request.step_id, "ran")
-        # rows of the entries that ran: those passed the runtime's checks (any other may lack a row dimension)
+        # the entries that ran: those passed the runtime's checks (any other may lack a row dimension)
         ran = [e for e, out in zip(decoded, outs, strict=True) if not isinstance(out, ServiceError)]
-        rows_ran = [e.data.shape[0] for e in ran]
         mode = "prompt" if any(e.data.shape[0] > 1 and e.logit_rows == 1 for e in ran) else "token"
         if mode == "prompt":
-            self.row_seconds = seconds / sum(rows_ran)
+            self.row_seconds = seconds / sum(e.data.shape[0] for e in ran)
         answer = stage_pb2.ForwardResponse(step_id=request.step_id)
         nxt = None if self.rt.is_last else stage_pb2.ForwardRequest(
             route=request.route[1:], step_id=request.step_id, reply_to=request.reply_to)
