@@ -3,12 +3,12 @@
 
     python bench/speculation_ab.py --rounds 3
 
-`splitllm serve`'s pipeline, plus a second coordinator on the same stages with `--draft-tokens 0` (one token a
-step). For each round, chat prompt and sampling setting, both coordinators answer the same request (max
---max-tokens tokens, the round's seed) in turns whose order alternates. Prints, per sampling setting, the median of
-the answers' time ratios (speculating / one token a step) and how many answers had the same tokens on both sides
-(all of them should: a kept guess is the token the sampler draws anyway, with the same draws). Writes
-bench/results/speculation_ab.json. Figures, never pass/fail.
+The bench's pipeline (bench/runtimes.py): `splitllm serve`'s processes, plus a second coordinator on the same stages
+with `--draft-tokens 0` (one token a step). For each round, chat prompt and sampling setting, both coordinators
+answer the same request (max --max-tokens tokens, the round's seed) in turns whose order alternates. Prints, per
+sampling setting, the median of the answers' time ratios (speculating / one token a step) and how many answers had
+the same tokens on both sides (all of them should: a kept guess is the token the sampler draws anyway, with the same
+draws). Writes bench/results/speculation_ab.json. Figures, never pass/fail.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
-from splitllm.bench.runtimes import free_port_block
-from splitllm.services.client.client import Client
-from splitllm.services.client.launcher import Pipeline, Service, cli, wait_serving
+from splitllm.bench.runtimes import Pipeline
+from splitllm.services.client.launcher import STAGE_THREADS, spins_by_default
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speculation_ab.json"
 SAMPLING = {"greedy": {}, "temperature 0.7, top_k 40": {"temperature": 0.7, "top_k": 40},
@@ -39,33 +37,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
     a = ap.parse_args()
-    base = free_port_block(6)
-    with Pipeline(a.artifacts, base_port=base, coordinator_port=base + 4, metrics_base=None) as p:
-        plain_address = f"127.0.0.1:{base + 5}"
-        args = p.coordinator_args(plain_address, [s.address for s in p.stages])
-        plain = Service("coordinator, one token a step", plain_address, 0,
-                        subprocess.Popen(cli(*args, "--draft-tokens", "0")))
-        try:
-            wait_serving(plain, time.monotonic() + 60)
-            clients = {"speculating": Client(p.coordinator.address), "one token a step": Client(plain_address)}
-            rows = []
-            for r in range(a.rounds):
-                for prompt in PROMPTS:
-                    for name, sampling in SAMPLING.items():
-                        seconds, tokens = {}, {}
-                        for side in list(clients)[:: 1 if r % 2 else -1]:
-                            t0 = time.perf_counter()
-                            out = clients[side].generate(prompt=prompt, max_tokens=a.max_tokens, seed=r, **sampling)
-                            seconds[side], tokens[side] = time.perf_counter() - t0, list(out.token_ids)
-                        rows.append({"round": r, "prompt": prompt, "sampling": name, "seconds": seconds,
-                                     "tokens": len(tokens["speculating"]),
-                                     "same_tokens": tokens["speculating"] == tokens["one token a step"]})
-                print(f"round {r + 1}/{a.rounds}", flush=True)
-            for c in clients.values():
-                c.close()
-        finally:
-            plain.proc.terminate()
-            plain.proc.wait()
+    pipeline = Pipeline(a.artifacts, spin=spins_by_default(STAGE_THREADS))  # as `splitllm serve` starts the stages
+    try:
+        clients = {"speculating": pipeline.client, "one token a step": pipeline.plain_client}
+        rows = []
+        for r in range(a.rounds):
+            for prompt in PROMPTS:
+                for name, sampling in SAMPLING.items():
+                    seconds, tokens = {}, {}
+                    for side in list(clients)[:: 1 if r % 2 else -1]:
+                        t0 = time.perf_counter()
+                        out = clients[side].generate(prompt=prompt, max_tokens=a.max_tokens, seed=r, **sampling)
+                        seconds[side], tokens[side] = time.perf_counter() - t0, list(out.token_ids)
+                    rows.append({"round": r, "prompt": prompt, "sampling": name, "seconds": seconds,
+                                 "tokens": len(tokens["speculating"]),
+                                 "same_tokens": tokens["speculating"] == tokens["one token a step"]})
+            print(f"round {r + 1}/{a.rounds}", flush=True)
+    finally:
+        pipeline.close()
     print(f"{a.rounds} rounds x {len(PROMPTS)} chat prompts, max {a.max_tokens} tokens; time speculating / one token "
           "a step, median (min-max), answers with the same tokens:")
     summary = {}
