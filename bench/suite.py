@@ -291,8 +291,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
             print(f"[{elapsed()}] {f'repetition {rep}/{plan.reps}' if rep else 'warm-up'} done, load average "
                   f"{loads[-1]:.1f}, other processes {outside.share():.0%} of the CPU; ~{clock(left)} left", flush=True)
         for r in runtimes:
-            results[r]["figures"] = {k: report.summarize(v) for k, v in samples[r].items()
-                                     if k not in ("tokens", "tokens_1", "tokens_sampled", "steps")}
+            results[r]["figures"] = {k: report.summarize(v) for k, v in samples[r].items() if k in report.FIGURES}
             results[r]["rss_streams"] = children[r].call("rss")["value"]
         # The pipeline runs the chain's graphs, and the other llama.cpp does the same sums as this one.
         for r in [r for r in runtimes if r in ("chain", "llamacpp")]:
