@@ -16,7 +16,7 @@ from splitllm.services.common.manifest import ManifestError
 from splitllm.services.common.metrics import CoordinatorMetrics
 from splitllm.services.coordinator.engine import Engine
 from splitllm.services.coordinator.pipeline import LocalPipeline, Logits, top_k_logits
-from splitllm.services.coordinator.sampler import Sampler, SamplingParams, draw, nucleus, top_k_indices, top_k_needed
+from splitllm.services.coordinator.sampler import Sampler, SamplingParams, draw, nucleus, top_k_needed
 from splitllm.services.coordinator.server import SERVICE_NAME, serve_coordinator
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -297,12 +297,6 @@ def test_keep_freed_spares_the_sampler_its_page_faults():
     faults = {mode: float(subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, mode], check=True,
                                          capture_output=True, text=True).stdout) for mode in ("mmap", "keep")}
     assert faults["keep"] < 1 and faults["mmap"] > 20, faults
-
-
-def test_top_k_indices_take_the_lower_ids_at_a_tie():
-    assert top_k_indices(np.array([1, 3, 2, 3, 3, 0], np.float32), 2).tolist() == [1, 3]
-    assert top_k_indices(np.array([1, 3, 2, 3, 3, 0], np.float32), 4).tolist() == [1, 2, 3, 4]
-    assert top_k_indices(np.array([5, 4], np.float32), 3).tolist() == [0, 1]
 
 
 def test_top_k_needed():

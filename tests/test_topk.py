@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from splitllm.services.common.topk import CHUNK, top_k
+from splitllm.services.common.topk import CHUNK, largest, top_k
 
 
 @pytest.mark.parametrize("n", [1, 7, CHUNK * 3 + 5, 49152, 49152 + 77])
@@ -16,9 +16,15 @@ def test_top_k_matches_a_full_sort(n, k, ties):
     if k == 0 or k >= n:
         assert ids is None and values is x
         return
-    assert ids.dtype == np.int32 and len(set(ids.tolist())) == k
+    assert ids.dtype == np.int32
     np.testing.assert_array_equal(x[ids], values)
-    np.testing.assert_array_equal(np.sort(values), np.sort(x)[-k:])
+    expected = np.sort(np.lexsort((np.arange(n), -x))[:k])  # by value, then the lower id first
+    np.testing.assert_array_equal(ids, expected)
+
+
+def test_largest_takes_the_lower_positions_at_a_tie():
+    assert largest(np.array([1, 3, 2, 3, 3, 0], np.float32), 2).tolist() == [1, 3]
+    assert largest(np.array([1, 3, 2, 3, 3, 0], np.float32), 4).tolist() == [1, 2, 3, 4]
 
 
 def test_greedy_takes_the_lowest_id_of_a_tie():

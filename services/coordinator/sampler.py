@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitllm.services.common.errors import invalid
+from splitllm.services.common.topk import largest
 from splitllm.services.coordinator.pipeline import Logits
 
 
@@ -59,16 +60,6 @@ def top_k_needed(params: SamplingParams) -> int:
     if params.temperature == 0:
         return 1
     return params.top_k
-
-
-def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
-    """Ascending indices of the k largest values; at a tie on the boundary the lower indices."""
-    n = values.size
-    if k >= n:
-        return np.arange(n)
-    boundary = np.partition(values, n - k)[n - k]
-    above = np.flatnonzero(values > boundary)
-    return np.sort(np.concatenate([above, np.flatnonzero(values == boundary)[: k - above.size]]))
 
 
 def nucleus(weights: np.ndarray, ids: np.ndarray | None, top_p: float) -> np.ndarray:
@@ -143,7 +134,7 @@ class Sampler:
         values = self._penalized(logits, history)
         ids = None if logits.ids is None else np.asarray(logits.ids, np.int64)
         if 0 < p.top_k < values.size:
-            keep = top_k_indices(values, p.top_k)
+            keep = largest(values, p.top_k)
             values, ids = values[keep], keep if ids is None else ids[keep]
         if 0 < p.top_p < 1 or p.min_p > 0:
             weights = np.exp(values - values.max())  # the largest is 1
@@ -151,7 +142,8 @@ class Sampler:
             if p.min_p > 0:
                 keep = keep[weights[keep] >= p.min_p]
             values, ids = values[keep], keep if ids is None else ids[keep]
-        if ids is not None and ids.size > 1 and np.any(ids[1:] < ids[:-1]):  # the stage's top k come by value
+        if ids is not None and ids.size > 1 and np.any(ids[1:] < ids[:-1]):  # an earlier release's stage
+            # sent its top k by value
             order = np.argsort(ids, kind="stable")
             values, ids = values[order], ids[order]
         return ids, values
