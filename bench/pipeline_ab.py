@@ -48,7 +48,7 @@ def main() -> None:
                     default="generate", help="generate through a coordinator that does not speculate (a side that "
                     "runs a checkout from before speculative decoding has no such call: use its default there)")
     ap.add_argument("--sampled", dest="call", action="store_const", const="generate_sampled",
-                    help="sampled tokens (bench/runtimes.py's SAMPLED: temperature 0.7, top_p 0.9) instead of greedy")
+                    help="sampled tokens (bench/report.py's SAMPLED: temperature 0.7, top_p 0.9) instead of greedy")
     a = ap.parse_args()
     sides = {"A": a.a if a.a is not None else ["GLIBC_TUNABLES=glibc.malloc.hugetlb=0"], "B": a.b or []}
     python = {"A": a.a_python, "B": a.b_python}

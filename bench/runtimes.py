@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from splitllm.bench.machine import cpu_flags
+from splitllm.bench.report import SAMPLED, SAMPLED_SEED
 from splitllm.services.common.heap import proc_bytes
 from splitllm.services.coordinator.sampler import Sampler, SamplingParams
 
@@ -62,11 +63,6 @@ def free_port_block(n: int) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError(f"found no {n} free consecutive ports on 127.0.0.1")
-
-
-# generate_sampled's request: a chat client's usual setting, whose top_p needs the whole vocabulary each row
-SAMPLED = {"temperature": 0.7, "top_p": 0.9}
-SAMPLED_SEED = 1
 
 
 class Chain:

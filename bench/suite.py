@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitllm.bench import machine, report
-from splitllm.bench.runtimes import SAMPLED, SAMPLED_SEED
 from splitllm.services.client.launcher import STAGE_THREADS, spins_by_default, stage_cpus, stage_env
 
 REFERENCE = Path(__file__).resolve().parents[1] / "../shared/reference/smollm2"
@@ -154,7 +153,7 @@ def speculation_notes(samples: dict[str, dict], results: dict, tokens: int) -> l
                      f"chain took {steps} steps for the {tokens - 1} greedy tokens after the first "
                      f"({(tokens - 1) / max(steps, 1):.2f} a step); 'one token a step' rows: the same without")
     if "tokens_sampled" in samples.get("chain", {}):
-        notes.append(f"sampled rows: {', '.join(f'{k} {v}' for k, v in SAMPLED.items())}, seed {SAMPLED_SEED}, "
+        notes.append(f"sampled rows: {report.SAMPLED_LABEL}, seed {report.SAMPLED_SEED}, "
                      "the bench's prompt; the pipeline and the chain draw with our sampler (a guess is kept when the "
                      "draw is the guess), llama.cpp with its own sampler chain (top_k and min_p off): other random "
                      "numbers, so other tokens")
