@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -64,6 +67,48 @@ def waits_and_pages() -> dict:
             "guest_halt_poll_ns": int(poll) if poll and poll.isdigit() else None}
 
 
+# A process that answers every byte on one pipe with a byte on another, on one CPU, until the first pipe closes.
+_ECHO = ("import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nr, w = int(sys.argv[2]), int(sys.argv[3])\n"
+         "while os.read(r, 1):\n    os.write(w, b'x')\n")
+
+
+def wake_round_trip_us(cpu: int, other: int, rounds: int = 200, gap: float = 300e-6) -> float:
+    """Median microseconds for a byte to go to a sleeping process on CPU `other` and back to this thread on `cpu`,
+    after `gap` s idle each time (an idle vCPU has halted by then): two wake-ups. A pipeline token waits on ~15
+    wake-ups of sleeping threads, a chained one on none; on the project's VM those across CPUs cost 8-10x those on
+    one (bench/PERFORMANCE.md)."""
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    child = subprocess.Popen([sys.executable, "-c", _ECHO, str(other), str(r1), str(w2)], pass_fds=(r1, w2))
+    os.close(r1)
+    os.close(w2)
+    mask = os.sched_getaffinity(0)
+    times = []
+    try:
+        os.sched_setaffinity(0, {cpu})
+        for _ in range(rounds + 20):  # the first ones wait for the child to start
+            time.sleep(gap)
+            t0 = time.perf_counter()
+            os.write(w1, b"x")
+            os.read(r2, 1)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.sched_setaffinity(0, mask)
+        os.close(w1)
+        child.wait()
+        os.close(r2)
+    return statistics.median(times[20:]) * 1e6
+
+
+def wake_round_trips() -> dict[str, float] | None:
+    """wake_round_trip_us on one CPU and across the first two this process may use; None with fewer than two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {"same_cpu": round(wake_round_trip_us(cpus[0], cpus[0]), 1),
+            "across_cpus": round(wake_round_trip_us(cpus[0], cpus[1]), 1)}
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -71,7 +116,8 @@ def _version(package: str) -> str | None:
         return None
 
 
-def describe() -> dict:
+def describe(measure: bool = False) -> dict:
+    """`measure`: also time wake-ups between processes (wake_round_trips, ~0.3 s)."""
     cpu = _cpuinfo()
     flags = cpu_flags()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
@@ -86,6 +132,7 @@ def describe() -> dict:
         "onnxruntime": _version("onnxruntime"),
         "llama_cpp_python": _version("llama_cpp_python"),
         **waits_and_pages(),
+        **({"wake_us": wake_round_trips()} if measure else {}),
     }
 
 
@@ -98,6 +145,8 @@ def summary(m: dict) -> str:
     if m.get("cpuidle"):
         poll = m.get("guest_halt_poll_ns")
         host.append(f"cpuidle {m['cpuidle']}" + (f" (halt poll {poll} ns)" if poll is not None else ""))
+    if wake := m.get("wake_us"):
+        host.append(f"wake-up round trip {wake['same_cpu']:.0f} us on one CPU, {wake['across_cpus']:.0f} across two")
     return (f"{m['cpu']}, {m['cores']} cores ({isa}{l3}), {m['memory_gib']} GiB; "
             f"onnxruntime {m['onnxruntime']}{llama}" + (f"; {', '.join(host)}" if host else ""))
 

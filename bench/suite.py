@@ -252,7 +252,7 @@ def run(artifacts: str, quick: bool = False, reps: int | None = None, gguf: str 
         runtimes = [r for r in runtimes if r not in llamacpps]
     print(f"splitllm bench{' --quick' if quick else ''}: {', '.join(runtimes)}; 1 warm-up + {plan.reps} "
           f"repetitions; expect about {expected_minutes(plan):.0f} min (longer when the machine is busy)", flush=True)
-    host = machine.describe()
+    host = machine.describe(measure=True)
     print(f"machine: {machine.summary(host)}", flush=True)
     if spin:  # the warning is about spinning threads: sample others' load only then
         before = machine.OutsideCpu()

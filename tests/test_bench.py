@@ -234,6 +234,20 @@ def test_machine_names_the_thp_mode_and_how_idle_cpus_wait(monkeypatch, tmp_path
     assert machine.summary(machine.describe()).endswith("; THP madvise, cpuidle haltpoll (halt poll 0 ns)")
 
 
+def test_machine_times_wake_ups_on_one_cpu_and_across_two(monkeypatch):
+    import os
+
+    from splitllm.bench import machine
+
+    cpu = min(os.sched_getaffinity(0))
+    assert machine.wake_round_trip_us(cpu, cpu, rounds=5, gap=0) > 0  # the echo process answered, and has exited
+    monkeypatch.setattr(machine, "wake_round_trips", lambda: {"same_cpu": 7.2, "across_cpus": 53.4})
+    assert machine.summary(machine.describe(measure=True)).endswith(
+        ", wake-up round trip 7 us on one CPU, 53 across two")
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert set(machine.wake_round_trips()) == {"same_cpu", "across_cpus"}
+
+
 def test_llamacpp_models_load_without_extra_buffer_types_when_patched():
     from types import SimpleNamespace
 
