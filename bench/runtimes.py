@@ -172,7 +172,7 @@ class Pipeline:
         """Stages as `splitllm serve` starts them (2 threads each), their threads spinning within a step or not."""
         from splitllm.services.client.client import Client
         from splitllm.services.client.launcher import Pipeline as Processes
-        from splitllm.services.client.launcher import Service, cli, wait_serving
+        from splitllm.services.client.launcher import Service, spawn, wait_serving
 
         base = free_port_block(5)
         self.processes = Processes(artifacts, base_port=base, coordinator_port=base + 4, metrics_base=None,
@@ -182,7 +182,7 @@ class Pipeline:
         addr = f"127.0.0.1:{free_port_block(1)}"
         args = self.processes.coordinator_args(addr, [s.address for s in self.processes.stages])
         self.plain = Service("coordinator, one token a step", addr, 0,
-                             subprocess.Popen(cli(*args, "--draft-tokens", "0")))
+                             spawn([*args, "--draft-tokens", "0"]))
         try:
             wait_serving(self.plain, time.monotonic() + 60)
         except BaseException:

@@ -1,6 +1,12 @@
-"""The launcher's choices for `splitllm serve` (no processes here)."""
+"""The launcher's choices for `splitllm serve`, and that the processes it starts end with it."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -51,3 +57,46 @@ def test_stage_env_adds_the_huge_page_tunable_and_keeps_the_callers():
     assert env == {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{launcher.HUGE_PAGES}", "PATH": "/bin"}
     off = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}  # the caller's own choice stands
     assert launcher.stage_env(off) == off
+
+
+SPAWNING_PARENT = """
+import sys, time
+from splitllm.services.client.launcher import spawn
+child = spawn(["stage", "--artifacts", sys.argv[1], "--stage", "1", "--listen", sys.argv[2], "--threads", "1"])
+print(child.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Neither gone nor a zombie (this sandbox's init may not reap the orphans it adopts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_spawned_stage_ends_when_its_parent_is_killed(tiny_artifacts):
+    """A stage that `splitllm serve` (or the bench) started does not outlive it as an orphan holding its port, even
+    when the parent dies by SIGKILL and cannot stop it."""
+    from splitllm.bench.runtimes import free_port_block
+
+    address = f"127.0.0.1:{free_port_block(1)}"
+    parent = subprocess.Popen([sys.executable, "-c", SPAWNING_PARENT, str(tiny_artifacts), address],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        launcher.wait_serving(launcher.Service("stage 1", address, 0, parent), time.monotonic() + 60)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(child)
+    finally:
+        if _running(child):
+            os.kill(child, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()

@@ -78,8 +78,10 @@ def cpu_list(text: str) -> tuple[int, ...]:
 def cmd_stage(a: argparse.Namespace) -> int:
     import asyncio
 
+    from splitllm.services.client.launcher import follow_parent
     from splitllm.services.stage.server import stage_process
 
+    follow_parent()
     asyncio.run(stage_process(a.artifacts, a.stage - 1, a.listen, a.backend, a.kv_capacity, a.metrics_port,
                               a.session_ttl, a.threads, allow_cpu_fallback=a.allow_cpu_fallback, spin=a.spin,
                               cpus=a.cpus))
@@ -87,8 +89,10 @@ def cmd_stage(a: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(a: argparse.Namespace) -> int:
+    from splitllm.services.client.launcher import follow_parent
     from splitllm.services.coordinator.server import run
 
+    follow_parent()
     stages = [x.strip() for x in a.stages.split(",") if x.strip()]
     run(a.artifacts, stages, a.listen, a.metrics_port, a.max_concurrent, a.truncate_to_context, a.wait_stages,
         a.prompt_chunks == "spread", a.batches_in_flight, a.prompt_window, a.draft_tokens)
