@@ -101,7 +101,10 @@ def wake_round_trip_us(cpu: int, other: int, rounds: int = 200, gap: float = 300
 
 
 def wake_round_trips() -> dict[str, float] | None:
-    """wake_round_trip_us on one CPU and across the first two this process may use; None with fewer than two."""
+    """wake_round_trip_us on one CPU and across the first two this process may use; None with fewer than two, or
+    where a process cannot be pinned (not Linux)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return None
