@@ -1,4 +1,5 @@
-"""Shared test material: a tiny Llama-3-style Hugging Face checkpoint written by the tests themselves."""
+"""Shared test material: a tiny Llama-3-style Hugging Face checkpoint written by the tests themselves, and whether a
+process still runs."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ LLAMA3_TEMPLATE = (
 )
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 MULTIBYTE = "Grüße, naïve café 😀🚀 日本語のテキスト 한국어 👩‍👩‍👧 ok"
+
+
+def running(pid: int) -> bool:
+    """Neither gone nor a zombie (this sandbox's init may not reap the orphans it adopts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def tiny_llama3_tokenizer() -> Tokenizer:

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+from helpers import running
 
 from splitllm.bench import report
 from splitllm.bench.suite import REFERENCE, first_divergence, greedy_note, oversubscribed, reference_perplexity
@@ -132,7 +133,6 @@ def test_cpu_time_of_our_tree_leaves_out_other_processes():
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     from splitllm.bench.machine import busy_cpu_seconds, tree_cpu_seconds
 
@@ -145,12 +145,7 @@ def test_cpu_time_of_our_tree_leaves_out_other_processes():
     starter = f"import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', {burn!r}]).pid)"
     orphan = int(subprocess.run([sys.executable, "-c", starter], check=True, capture_output=True, text=True).stdout)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # until it has exited (a zombie, if nobody reaps orphans here)
-        try:
-            if Path(f"/proc/{orphan}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                break
-        except OSError:
-            break
+    while running(orphan) and time.monotonic() < deadline:  # until it has exited (a zombie, if nobody reaps orphans)
         time.sleep(0.05)
     assert busy_cpu_seconds() - busy >= 0.45
     assert tree_cpu_seconds() - before < 0.3  # the starter's own start-up only

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from helpers import running
 
 from splitllm.services.client import launcher
 
@@ -68,15 +69,6 @@ time.sleep(300)
 """
 
 
-def _running(pid: int) -> bool:
-    """Neither gone nor a zombie (this sandbox's init may not reap the orphans it adopts)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_spawned_stage_ends_when_its_parent_is_killed(tiny_artifacts):
     """A stage that `splitllm serve` (or the bench) started does not outlive it as an orphan holding its port, even
@@ -92,11 +84,11 @@ def test_a_spawned_stage_ends_when_its_parent_is_killed(tiny_artifacts):
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 30
-        while _running(child) and time.monotonic() < deadline:
+        while running(child) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _running(child)
+        assert not running(child)
     finally:
-        if _running(child):
+        if running(child):
             os.kill(child, signal.SIGKILL)
         if parent.poll() is None:
             parent.kill()
