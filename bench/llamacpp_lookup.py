@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
+from splitllm.bench.runtimes import timed
 from splitllm.bench.suite import first_divergence, reference_tokens
 from splitllm.export.sources import smollm2_gguf
 
@@ -28,13 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "llamacpp_lookup.json"
 
 def tpot(llm: object, prompt: list[int], n: int) -> tuple[float, list[int]]:
     """Seconds per token after the first, and the tokens: greedy through Llama.generate from an empty cache."""
-    out, times = [], []
-    t0 = time.perf_counter()
-    for token in llm.generate(prompt, temp=0.0, reset=True):  # type: ignore[attr-defined]
-        out.append(token)
-        times.append(time.perf_counter() - t0)
-        if len(out) == n:
-            break
+    out, times = timed(llm.generate(prompt, temp=0.0, reset=True), n)  # type: ignore[attr-defined]
     return (times[-1] - times[0]) / (n - 1), out
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -63,6 +64,18 @@ def free_port_block(n: int) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError(f"found no {n} free consecutive ports on 127.0.0.1")
+
+
+def timed(tokens: Iterable[int], n: int) -> tuple[list[int], list[float]]:
+    """The first n tokens of a generator and the seconds from the call to each."""
+    out, times = [], []
+    t0 = time.perf_counter()
+    for token in tokens:
+        out.append(token)
+        times.append(time.perf_counter() - t0)
+        if len(out) == n:
+            break
+    return out, times
 
 
 class Chain:
@@ -341,15 +354,8 @@ class LlamaCpp:
         """llama.cpp's own sampler chain (llama-cpp-python's Llama.generate) at SAMPLED's settings: top_k and min_p
         off as in ours."""
         self.llm.set_seed(SAMPLED_SEED)
-        out, times = [], []
-        t0 = time.perf_counter()
-        for token in self.llm.generate(tokens, top_k=0, top_p=SAMPLED["top_p"], min_p=0.0,
-                                       temp=SAMPLED["temperature"], repeat_penalty=1.0, reset=True):
-            out.append(token)
-            times.append(time.perf_counter() - t0)
-            if len(out) == n:
-                break
-        return out, times
+        return timed(self.llm.generate(tokens, top_k=0, top_p=SAMPLED["top_p"], min_p=0.0,
+                                       temp=SAMPLED["temperature"], repeat_penalty=1.0, reset=True), n)
 
     def streams(self, prompts: list[list[int]], n: int) -> int:
         return sum(len(self.generate(p, n)[0]) for p in prompts)
