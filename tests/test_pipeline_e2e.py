@@ -200,6 +200,32 @@ def test_two_coordinators_share_the_stages(exact):
         second.proc.wait(10)
 
 
+def test_a_stage_replica_on_asyncios_own_loop_serves_a_route(pipeline, reference):
+    """Stages run on uvloop by default; `--event-loop asyncio` is the fallback (Windows, or uvloop missing). A replica
+    of stage 2 on it, in the route of a second coordinator, gives the greedy text, and its log says which loop."""
+    replica, coordinator = (f"127.0.0.1:{port}" for port in (free_port_block(1), free_port_block(1)))
+    stage = subprocess.Popen(cli("stage", "--artifacts", pipeline.artifacts, "--stage", "2", "--listen", replica,
+                                 "--event-loop", "asyncio"), stderr=subprocess.PIPE, text=True)
+    route = [s.address for s in pipeline.stages]
+    route[1] = replica
+    second = None
+    try:
+        wait_serving(Service("stage 2 replica", replica, 0, stage), time.monotonic() + 60)
+        second = subprocess.Popen(cli("coordinator", "--artifacts", pipeline.artifacts, "--stages", ",".join(route),
+                                      "--listen", coordinator))
+        wait_serving(Service("coordinator 2", coordinator, 0, second), time.monotonic() + 60)
+        p = reference["prompts"][1]
+        with Client(coordinator) as c:
+            assert c.generate(prompt=p["prompt"], max_tokens=30).text == p["greedy_text"]
+    finally:
+        for proc in (second, stage):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+    assert "asyncio event loop" in stage.stderr.read()
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+
+
 def test_stream_deltas_and_usage(client, reference):
     p = reference["prompts"][1]
     msgs = list(client.stream(prompt=p["prompt"], max_tokens=30))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -82,9 +83,14 @@ def cmd_stage(a: argparse.Namespace) -> int:
     from splitllm.services.stage.server import stage_process
 
     follow_parent()
-    asyncio.run(stage_process(a.artifacts, a.stage - 1, a.listen, a.backend, a.kv_capacity, a.metrics_port,
-                              a.session_ttl, a.threads, allow_cpu_fallback=a.allow_cpu_fallback, spin=a.spin,
-                              cpus=a.cpus))
+    main = stage_process(a.artifacts, a.stage - 1, a.listen, a.backend, a.kv_capacity, a.metrics_port, a.session_ttl,
+                         a.threads, allow_cpu_fallback=a.allow_cpu_fallback, spin=a.spin, cpus=a.cpus)
+    if a.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
     return 0
 
 
@@ -264,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "cores)")
     st.add_argument("--allow-cpu-fallback", action="store_true",
                     help="qnn: run nodes the HTP backend rejects on the CPU (logged) instead of failing")
+    st.add_argument("--event-loop", choices=["uvloop", "asyncio"],
+                    default="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+                    help="the loop that receives, runs and sends the steps: uvloop (libuv's, in C; the default where "
+                    "it is installed: it is a dependency except on Windows) or asyncio's own, which spends more CPU "
+                    "a message")
     st.set_defaults(run=cmd_stage)
 
     co = sub.add_parser("coordinator", help="serve the Generate API over a pipeline of stages")

@@ -450,9 +450,10 @@ async def stage_process(artifacts: str, stage: int, listen: str, backend: str = 
     servicer.metrics, servicer.runtime = metrics, runtime
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("stage %d (layers %d..%d) serving on %s; %d MB on transparent huge pages; %s CPU kernels; compute %s",
-             stage + 1, runtime.first, runtime.last - 1, listen, huge_page_bytes() >> 20, cpu_kernels.kernels(),
-             f"pinned to CPUs {','.join(map(str, cpus))}" if cpus and backend == "cpu" else "unpinned")
+    log.info("stage %d (layers %d..%d) serving on %s; %d MB on transparent huge pages; %s CPU kernels; compute %s; "
+             "%s event loop", stage + 1, runtime.first, runtime.last - 1, listen, huge_page_bytes() >> 20,
+             cpu_kernels.kernels(), f"pinned to CPUs {','.join(map(str, cpus))}" if cpus and backend == "cpu" else
+             "unpinned", type(asyncio.get_running_loop()).__module__.split(".")[0])
     if backend == "cpu":
         for warning in export_again(runtime.manifest, runtime.graph.batched, cpu_kernels.kernels()):
             log.warning(warning)
