@@ -10,8 +10,8 @@
 On this project's noisy 2-core hosts a change to the serving path moves TPOT by less than the host moves it
 from minute to minute, so two full `splitllm bench` runs cannot tell it. Here two bench runners
 (bench/runner.py) each start a pipeline of their own on free ports and stay up; round after round, in turns
-whose order alternates, each answers a 32-token prompt with max_tokens=1 (TTFT at the client) and then
-generates --tokens greedy tokens after it (TPOT). Each side has its own environment (this process's plus
+whose order alternates, each answers a 32-token prompt (--prompt-tokens) with max_tokens=1 (TTFT at the client)
+and then generates --tokens greedy tokens after it (TPOT). Each side has its own environment (this process's plus
 NAME=VALUE pairs, repeatable; the stages get it through the launcher) and may run another interpreter
 (--a-python / --b-python: a venv whose editable install is another checkout, for a same-run code A/B).
 Prints each side's medians, the median of the rounds' B/A ratios, in how many rounds B's figure was the lower,
@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--b-python", default=sys.executable)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens a round (TPOT)")
+    ap.add_argument("--prompt-tokens", type=int, default=32,
+                    help="the prompt's tokens (of ppl_text.txt), for TTFT and before the generated tokens")
     ap.add_argument("--no-spin", dest="spin", action="store_false", help="(default: spin, as serve's stages)")
     ap.add_argument("--one-token-a-step", dest="call", action="store_const", const="generate_plain",
                     default="generate", help="generate through a coordinator that does not speculate (a side that "
@@ -52,7 +54,7 @@ def main() -> None:
     a = ap.parse_args()
     sides = {"A": a.a if a.a is not None else ["GLIBC_TUNABLES=glibc.malloc.hugetlb=0"], "B": a.b or []}
     python = {"A": a.a_python, "B": a.b_python}
-    prompt = reference_tokens(Path(a.artifacts))[:32]
+    prompt = reference_tokens(Path(a.artifacts))[: a.prompt_tokens]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     artifacts = {"A": a.a_artifacts or a.artifacts, "B": a.b_artifacts or a.artifacts}
     kids = {s: Child("pipeline", RESULTS.parent / f"pipeline_ab_{s}.log", "--artifacts", artifacts[s],
