@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -223,6 +227,34 @@ def test_a_stage_replica_on_asyncios_own_loop_serves_a_route(pipeline, reference
                 proc.terminate()
                 proc.wait(10)
     assert "asyncio event loop" in stage.stderr.read()
+    assert wait_released(pipeline) == [0, 0, 0, 0]
+
+
+TGKILL = {"x86_64": 234, "aarch64": 131}.get(platform.machine())  # syscall numbers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or TGKILL is None, reason="tgkill: Linux on x86_64, aarch64")
+def test_a_coordinator_stops_on_sigterm_whichever_thread_the_kernel_hands_it_to(pipeline):
+    """The kernel may deliver a SIGTERM sent to the process to any of its threads. Python runs the handler in the main
+    thread once that thread runs Python again: an untimed wait there missed a third of the SIGTERMs of `splitllm
+    coordinator` (`splitllm serve` then killed it after 10 s). Here the signal goes to one of gRPC's threads."""
+    import ctypes
+
+    addr = f"127.0.0.1:{free_port_block(1)}"
+    proc = subprocess.Popen(cli("coordinator", "--artifacts", pipeline.artifacts, "--listen", addr,
+                                "--stages", ",".join(s.address for s in pipeline.stages)))
+    try:
+        wait_serving(Service("coordinator 2", addr, 0, proc), time.monotonic() + 60)
+        with Client(addr) as c:
+            c.generate(prompt="hi", max_tokens=2)
+        thread = max(int(t) for t in os.listdir(f"/proc/{proc.pid}/task"))  # not the main thread (tid == pid)
+        assert thread != proc.pid
+        assert ctypes.CDLL(None, use_errno=True).syscall(TGKILL, proc.pid, thread, signal.SIGTERM) == 0
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert wait_released(pipeline) == [0, 0, 0, 0]
 
 

@@ -137,7 +137,10 @@ def run(artifacts: str, stages: list[str], listen: str, metrics_port: int | None
     log.info("coordinator serving on %s, stages %s", listen, ",".join(stages))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    # Timed: a signal that the kernel hands to one of gRPC's threads runs its Python handler only once the main
+    # thread runs Python again, and an untimed wait never returns to it (a third of the SIGTERMs were missed so).
+    while not stop.wait(0.2):
+        pass
     served.stop(grace=2)
     if not pipeline.wait_releases(timeout=5):
         log.warning("stopping with sessions not yet released on every stage (the stages expire them)")
