@@ -207,7 +207,8 @@ def test_two_coordinators_share_the_stages(exact):
 def test_a_stage_replica_on_asyncios_own_loop_serves_a_route(pipeline, reference):
     """Stages run on uvloop by default; `--event-loop asyncio` is the fallback (Windows, or uvloop missing). A replica
     of stage 2 on it, in the route of a second coordinator, gives the greedy text, and its log says which loop."""
-    replica, coordinator = (f"127.0.0.1:{port}" for port in (free_port_block(1), free_port_block(1)))
+    base = free_port_block(2)
+    replica, coordinator = f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"
     stage = subprocess.Popen(cli("stage", "--artifacts", pipeline.artifacts, "--stage", "2", "--listen", replica,
                                  "--event-loop", "asyncio"), stderr=subprocess.PIPE, text=True)
     route = [s.address for s in pipeline.stages]
