@@ -60,6 +60,7 @@ import grpc
 import numpy as np
 
 from splitllm.protos import stage_pb2, stage_pb2_grpc, tensor_pb2
+from splitllm.services.client.launcher import stop
 
 HERE = Path(__file__).resolve().parent
 PROTOS = HERE.parent / "protos"
@@ -1028,16 +1029,7 @@ class Children:
         return p
 
     def kill_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.time() + 3
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(self.procs, timeout=3)
         self.procs.clear()
 
 

@@ -20,7 +20,7 @@ from splitllm.bench.machine import waits_and_pages
 from splitllm.bench.runtimes import free_port_block
 from splitllm.protos import stage_pb2, stage_pb2_grpc, tensor_pb2
 from splitllm.services.client.client import Client
-from splitllm.services.client.launcher import Pipeline, Service, cli, wait_serving
+from splitllm.services.client.launcher import Pipeline, Service, cli, stop, wait_serving
 from splitllm.services.common.tensor import to_proto
 from splitllm.services.coordinator.remote import prefill_chunk
 from splitllm.services.stage.chain import LocalChain
@@ -196,12 +196,11 @@ def test_two_coordinators_share_the_stages(exact):
             assert together[:3] == solo[:3] and together[3] is None
             assert wait_released(pipeline) == [0, 0, 0, 0]
             other.generate(**kwargs[0])  # its release runs after the call: stopping now must not leak it
-        second.proc.terminate()
-        assert second.proc.wait(10) == 0
+        stop([second.proc])
+        assert second.proc.returncode == 0
         assert wait_released(pipeline) == [0, 0, 0, 0]
     finally:
-        second.proc.kill()
-        second.proc.wait(10)
+        stop([second.proc])
 
 
 def test_a_stage_replica_on_asyncios_own_loop_serves_a_route(pipeline, reference):
@@ -225,12 +224,7 @@ def test_a_stage_replica_on_asyncios_own_loop_serves_a_route(pipeline, reference
     finally:
         for proc in (second, stage):  # the coordinator first: it releases its session through the replica
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:  # never left behind, holding its port and memory
-                    proc.kill()
-                    proc.wait()
+                stop([proc])
     assert (second.returncode, stage.returncode) == (0, 0)
     assert "asyncio event loop" in stage.stderr.read()
     assert wait_released(pipeline) == [0, 0, 0, 0]
@@ -258,9 +252,7 @@ def test_a_coordinator_stops_on_sigterm_whichever_thread_the_kernel_hands_it_to(
         assert ctypes.CDLL(None, use_errno=True).syscall(TGKILL, proc.pid, thread, signal.SIGTERM) == 0
         assert proc.wait(10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop([proc])
     assert wait_released(pipeline) == [0, 0, 0, 0]
 
 

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +71,20 @@ def follow_parent() -> None:
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != int(parent):  # it died before the prctl
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stop(procs: Sequence[subprocess.Popen], timeout: float = 10.0) -> None:
+    """SIGTERM (a clean stop) to each of `procs` still running, in order; then wait for each, and kill one that has
+    not exited within `timeout`: none is left behind holding its port and memory. Exit codes: Popen.returncode."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def stage_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -214,15 +228,7 @@ class Pipeline:
         serve; then the stages."""
         coordinators = [s for s in self.services if s.name == "coordinator"]
         for group in (coordinators, [s for s in self.services if s not in coordinators]):
-            for s in reversed(group):
-                if s.proc.poll() is None:
-                    s.proc.send_signal(signal.SIGTERM)
-            for s in group:
-                try:
-                    s.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    s.proc.kill()
-                    s.proc.wait()
+            stop([s.proc for s in reversed(group)])
 
     def __enter__(self) -> Pipeline:
         return self.start()

@@ -142,8 +142,8 @@ class Sampler:
             if p.min_p > 0:
                 keep = keep[weights[keep] >= p.min_p]
             values, ids = values[keep], keep if ids is None else ids[keep]
-        if ids is not None and ids.size > 1 and np.any(ids[1:] < ids[:-1]):  # an earlier release's stage
-            # sent its top k by value
+        # An earlier release's stage sent its top k in order of value: put the candidates in order of id.
+        if ids is not None and ids.size > 1 and np.any(ids[1:] < ids[:-1]):
             order = np.argsort(ids, kind="stable")
             values, ids = values[order], ids[order]
         return ids, values
