@@ -181,9 +181,9 @@ AVX2 static void quantize_row_avx2(const float* a, const Layout* l, uint8_t* out
 
 /* weight rows ahead that a row kernel asks the cache for. Zen 3 (bench/kernel_ab.py, 30 layers, one row): 4 and 8 rows
  * ahead 10 % faster than none, 16 slower. Zen 5, where the AVX-512 kernels consume rows faster than DRAM answers 4
- * rows ahead (1.4 KB at K = 576): 8 against 4 -8.0 % (46 of 60 rounds; AVX2 kernels -2.1 %), 12 against 8 -4.9 % (23
- * of 40), several rows of A unchanged; the chain's decode step -5.1 % paired (bench/env_ab.py, 16 of 20), the
- * pipeline's TPOT -9.2 % paired (bench/pipeline_ab.py, 37 of 40). */
+ * rows ahead (1.4 KB at K = 576): 8 against 4 -8.0 % (46 of 60 rounds; AVX2 kernels -2.1 %), several rows of A
+ * unchanged; the chain's decode step -5.1 % paired (bench/env_ab.py, 16 of 20), the pipeline's TPOT -9.2 % paired
+ * (bench/pipeline_ab.py, 37 of 40). 12 against 8: -4.9 % (23 of 40) alone, the chain's decode -0.8 % (10 of 20). */
 enum { PREFETCH_ROWS = 8 };
 
 /* weight rows n + PREFETCH_ROWS .. n + PREFETCH_ROWS + count - 1 (those before n1) asked for in the cache: their codes,
