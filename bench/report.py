@@ -80,6 +80,15 @@ def overhead_ms(r: dict, _: str = "", key: str = "tpot") -> float | None:
     return (a - b) * 1e3 if a is not None and b is not None else None
 
 
+def overhead_by_repetition(r: dict, key: str = "tpot") -> dict | None:
+    """The pipeline's TPOT minus the chain's within each repetition (they take turns in it), summarized: the spread
+    that the target's difference of two medians does not show. None unless both have one sample a repetition."""
+    a, b = (r.get(x, {}).get("figures", {}).get(key) for x in ("pipeline", "chain"))
+    if not a or not b or len(a["samples"]) != len(b["samples"]):
+        return None
+    return summarize([(x - y) * 1e3 for x, y in zip(a["samples"], b["samples"], strict=True)])
+
+
 def ppl_delta_percent(r: dict, _: str = "") -> float | None:
     q = ratio(ppl(r, "chain"), ppl(r, "llamacpp"))
     return 100 * (q - 1) if q is not None else None

@@ -170,6 +170,12 @@ def speculation_notes(samples: dict[str, dict], results: dict, tokens: int) -> l
         notes.append(f"one token a step: {shown}")
     if (over := report.overhead_ms(results, key="tpot_1")) is not None:
         notes.append(f"one token a step: pipeline overhead {over:.2f} ms a token")
+    spreads = {label: report.overhead_by_repetition(results, key) for key, label in
+               (("tpot", "as served"), ("tpot_1", "one token a step"))}
+    if shown := "; ".join(f"{label} {s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f} ms"
+                          for label, s in spreads.items() if s):
+        notes.append(f"overhead within each repetition (the pipeline's TPOT minus the chain's, taking turns), min / "
+                     f"median / max: {shown}")
     return notes
 
 

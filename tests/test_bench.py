@@ -52,6 +52,18 @@ def test_targets_ratios_and_verdicts():
     assert t["peak RSS, pipeline (5 processes) / llama.cpp"]["value"] == pytest.approx(2.4)
 
 
+def test_overhead_by_repetition_pairs_the_pipeline_and_the_chain_of_each_repetition():
+    r = results({"pipeline": 150.0, "chain": 150.0}, {"pipeline": 7.0, "chain": 6.0})
+    r["pipeline"]["figures"]["tpot"] = report.summarize([0.007, 0.009, 0.006])
+    r["chain"]["figures"]["tpot"] = report.summarize([0.006, 0.005, 0.006])
+    s = report.overhead_by_repetition(r)
+    assert s["samples"] == pytest.approx([1.0, 4.0, 0.0]) and s["median"] == pytest.approx(1.0)
+    assert report.overhead_ms(r) == pytest.approx(1.0)  # medians 7 and 6 ms: the same here, not in general
+    r["chain"]["figures"]["tpot"] = report.summarize([0.006, 0.005])  # not one sample a repetition each
+    assert report.overhead_by_repetition(r) is None
+    assert report.overhead_by_repetition({"pipeline": r["pipeline"]}) is None
+
+
 def test_targets_without_llamacpp_are_not_applicable():
     r = results({"pipeline": 150.0, "chain": 160.0, "llamacpp": 1.0}, {"pipeline": 8.0, "chain": 6.0, "llamacpp": 1})
     r["llamacpp"] = {"perplexity": {"second_half": 13.5, "all_tokens": 14.5}}  # quoted from the reference
